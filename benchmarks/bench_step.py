@@ -1,0 +1,150 @@
+"""Time and peak memory of one training step configuration, in a fresh process (so peak RSS is its own).
+
+    python benchmarks/bench_step.py --model tiny|sd15 --adapter lora|full --mode nondp|dp|naive
+        [--engine hooks|two_pass] [--batch 32] [--micro 32] [--augmult 1] [--steps 5] [--resolution 16]
+
+Prints one JSON line: median seconds per logical step (after a warm-up step) and peak RSS (MiB).
+``naive`` is the straightforward DP implementation: a forward/backward per unit, clip, sum, noise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+
+def sd15_unet_config(sample_size: int) -> dict:
+    """Stable Diffusion 1.5's UNet2DConditionModel config (random weights are built from it)."""
+    return dict(sample_size=sample_size, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280),
+                layers_per_block=2, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=768,
+                attention_head_dim=8, norm_num_groups=32)
+
+
+def build(model: str, adapter: str, resolution: int):
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    from dpdiff.models import adapters, tiny
+
+    torch.manual_seed(0)
+    if model == "tiny":
+        from dpdiff.models.loading import load_base
+
+        unet = load_base(None).unet
+        text_len, text_dim, latent = 32, unet.config.cross_attention_dim, unet.config.sample_size
+    else:
+        latent = resolution
+        unet = UNet2DConditionModel(**sd15_unet_config(latent))
+        text_len, text_dim = 77, 768
+    params = adapters.attach(unet, kind=adapter, rank=16)
+    if adapter == "lora":
+        for n, p in unet.named_parameters():  # non-zero B so every LoRA weight has a gradient
+            if "lora_B" in n:
+                p.data.normal_(0, 0.01)
+    unet.train()
+    sched = DDPMScheduler(**tiny.scheduler_config())
+    return unet, params, sched, (4, latent, latent), (text_len, text_dim)
+
+
+def rows(batch: int, augmult: int, shape, text, seed: int):
+    from dpdiff.training.loss import RowBatch
+
+    g = torch.Generator().manual_seed(seed)
+    r = batch * augmult
+    return RowBatch(torch.randn(r, *shape, generator=g), torch.randn(r, *shape, generator=g),
+                    torch.randint(0, 1000, (r,), generator=g), torch.randn(r, *text, generator=g),
+                    torch.arange(batch).repeat_interleave(augmult), torch.full((r,), 1.0 / augmult), batch)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="tiny")
+    ap.add_argument("--adapter", default="lora")
+    ap.add_argument("--mode", default="dp")
+    ap.add_argument("--engine", default="hooks")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--micro", type=int, default=32)
+    ap.add_argument("--augmult", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--resolution", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    from dpdiff.privacy.engine import DPSGDEngine, NonPrivateEngine
+    from dpdiff.privacy.fast_clip import TwoPassDPSGDEngine
+    from dpdiff.training.loss import DiffusionObjective
+    from dpdiff.training.trainer import split_units
+
+    unet, params, sched, shape, text = build(a.model, a.adapter, a.resolution)
+    obj = DiffusionObjective(sched)
+    opt = torch.optim.AdamW(params, lr=1e-5)
+    if a.mode == "dp":
+        cls = TwoPassDPSGDEngine if a.engine == "two_pass" else DPSGDEngine
+        engine = cls(unet, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=float(a.batch),
+                     noise_generator=torch.Generator().manual_seed(0), params=params)
+    else:
+        engine = NonPrivateEngine(unet, params=params)
+
+    def naive_step(rb):
+        """Per unit: forward/backward alone, clip its gradient, add to the sum; then noise once."""
+        summed = [torch.zeros_like(p) for p in params]
+        for u in range(rb.num_units):
+            sel = (rb.unit_pos == u).nonzero().flatten()
+            loss = obj.row_losses(unet, type(rb)(rb.latents[sel], rb.noise[sel], rb.timesteps[sel],
+                                                 rb.encoder_hidden_states[sel], rb.unit_pos[sel] * 0,
+                                                 rb.row_weight[sel], 1)).mean()
+            grads = torch.autograd.grad(loss, params)
+            norm = torch.sqrt(sum(g.pow(2).sum() for g in grads))
+            c = min(1.0, 1.0 / (float(norm) + 1e-6))
+            for s, g in zip(summed, grads):
+                s.add_(g, alpha=c)
+        for p, s in zip(params, summed):
+            p.grad = (s + torch.randn_like(s)) / rb.num_units
+
+    import threading
+
+    import psutil
+
+    proc = psutil.Process()
+    baseline = proc.memory_info().rss
+    peak = [baseline]
+    done = threading.Event()
+
+    def poll():  # peak RSS of the training steps alone (ru_maxrss would include model building)
+        while not done.is_set():
+            peak[0] = max(peak[0], proc.memory_info().rss)
+            time.sleep(0.02)
+
+    threading.Thread(target=poll, daemon=True).start()
+    times = []
+    for step in range(a.steps + 1):
+        rb = rows(a.batch, a.augmult, shape, text, step)
+        t0 = time.perf_counter()
+        if a.mode == "naive":
+            naive_step(rb)
+        else:
+            engine.start_step()
+            for micro in split_units(rb, a.micro):
+                engine.backward(obj.row_losses(unet, micro), unit_pos=micro.unit_pos, row_weight=micro.row_weight,
+                                num_units=micro.num_units)
+            engine.finalize()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step > 0:
+            times.append(time.perf_counter() - t0)
+    done.set()
+    peak_mib = max(peak[0], proc.memory_info().rss) / 2**20
+    print(json.dumps({"model": a.model, "adapter": a.adapter, "mode": a.mode, "engine": a.engine, "batch": a.batch,
+                      "micro": a.micro, "augmult": a.augmult, "resolution": a.resolution,
+                      "step_seconds": statistics.median(times), "peak_rss_mib": round(peak_mib, 1),
+                      "baseline_rss_mib": round(baseline / 2**20, 1),
+                      "training_mib": round(peak_mib - baseline / 2**20, 1),
+                      "trainable": sum(p.numel() for p in params)}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""From ``data.*`` config to the privacy units a run trains on: read, check, dedup, group, split."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dpdiff.data.records import (
+    ImageRecord,
+    PrivacyUnits,
+    fingerprint,
+    group_units,
+    read_dataset,
+    split_holdout,
+)
+from dpdiff.data.validate import Problem, check_records, summarize
+from dpdiff.errors import UserError
+
+
+@dataclass
+class PreparedData:
+    root: Path
+    builtin: bool
+    records: list[ImageRecord]
+    units: PrivacyUnits  # every unit (train + holdout)
+    train_units: list[int]
+    holdout_units: list[int]
+    fingerprint: str
+    skipped: list[Problem] = field(default_factory=list)
+    remarks: list[Problem] = field(default_factory=list)
+    dedup: dict | None = None
+    sample_prompts: list[str] = field(default_factory=list)
+    sample_prompts_source: str = ""
+    canary_records: list[int] = field(default_factory=list)  # audit canaries appended to records
+
+    def member_records(self) -> list[int]:
+        """Trained records of the user's own data (canaries excluded)."""
+        canaries = set(self.canary_records)
+        return [i for i in self.train_records() if i not in canaries]
+
+    @property
+    def num_train_units(self) -> int:
+        return len(self.train_units)
+
+    def train_records(self) -> list[int]:
+        return sorted(i for u in self.train_units for i in self.units.members[u])
+
+    def holdout_records(self) -> list[int]:
+        return sorted(i for u in self.holdout_units for i in self.units.members[u])
+
+    def summary(self) -> dict:
+        return {
+            "path": str(self.root), "builtin_demo": self.builtin, "fingerprint": self.fingerprint,
+            "images": len(self.records), "privacy_units": len(self.units), "train_units": len(self.train_units),
+            "holdout_units": len(self.holdout_units), "train_images": len(self.train_records()),
+            "skipped_files": len(self.skipped), "skipped": [p.line() for p in self.skipped],
+            "remarks": [p.line() for p in self.remarks], "dedup": self.dedup,
+            "sample_prompts_source": self.sample_prompts_source,
+        }
+
+
+def resolve_data_path(path) -> tuple[Path, bool]:
+    if path in (None, "", "digits"):
+        from dpdiff.paths import builtin_digits_dir
+
+        return builtin_digits_dir(), True
+    return Path(str(path)).expanduser().resolve(), False
+
+
+def load_and_check(cfg, *, check_pixels: bool = True) -> tuple[Path, bool, list[ImageRecord], list[Problem]]:
+    root, builtin = resolve_data_path(cfg.get("path"))
+    records = read_dataset(root, caption_column=cfg.get("caption_column", "text"))
+    problems = check_records(records, root=root, check_pixels=check_pixels)
+    return root, builtin, records, problems
+
+
+def prepare(cfg, *, unit: str, seed_holdout: int | None = None) -> PreparedData:
+    """Read and check the dataset, then group into units and split off the holdout units.
+
+    Raises ``UserError`` (listing each bad file) unless ``data.skip_bad_files`` is set.
+    """
+    root, builtin, records, problems = load_and_check(cfg)
+    fatal = [p for p in problems if p.fatal_for_record]
+    remarks = [p for p in problems if not p.fatal_for_record]
+    skipped: list[Problem] = []
+    if fatal:
+        if not cfg.get("skip_bad_files", False):
+            raise UserError(f"{root}: {len(fatal)} problem(s) in the dataset; fix them or set data.skip_bad_files=true "
+                            f"to train without those files: {summarize(fatal)}")
+        bad_keys = {p.key for p in fatal}
+        # a duplicated file name is ambiguous: drop every row carrying it
+        records = [r for r in records if r.key not in bad_keys]
+        skipped = fatal
+        if not records:
+            raise UserError(f"{root}: no usable images left after skipping {len(fatal)} bad file(s)")
+
+    dedup_info = None
+    from dpdiff.data.dedup import apply_dedup
+
+    records, groups, dedup_info = apply_dedup(records, mode=cfg.get("dedup", "report"),
+                                              max_hash_distance=int(cfg.get("dedup_hash_distance", 4)))
+    units = group_units(records, unit=unit, groups=groups)
+    from dpdiff.data.validate import check_units
+
+    remarks += check_units([len(m) for m in units.members], batch_size=None)
+    split_seed = cfg.get("split_seed", 0) if seed_holdout is None else seed_holdout
+    train, hold = split_holdout(units, fraction=float(cfg.get("holdout_fraction", 0.0) or 0.0), seed=int(split_seed))
+
+    prompts = cfg.get("sample_prompts")
+    if prompts:
+        source = "config"
+        prompts = [str(p) for p in prompts]
+    elif builtin:
+        from dpdiff.data.digits import PRIVATE_DIGITS, PUBLIC_DIGITS, caption
+
+        prompts, source = [caption(d) for d in PUBLIC_DIGITS[:2] + PRIVATE_DIGITS], "builtin"
+    else:
+        counts = Counter(records[i].text for u in train for i in units.members[u])
+        prompts, source = [c for c, _ in counts.most_common(6)], "training captions"
+    return PreparedData(root=root, builtin=builtin, records=records, units=units, train_units=train,
+                        holdout_units=hold, fingerprint=fingerprint(records), skipped=skipped, remarks=remarks,
+                        dedup=dedup_info, sample_prompts=prompts, sample_prompts_source=source)

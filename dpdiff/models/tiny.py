@@ -1,0 +1,138 @@
+"""The built-in tiny Stable Diffusion: component configs and its small CLIP vocabulary.
+
+The shipped pipeline (``dpdiff/assets/tiny-sd-digits``) is a real diffusers
+``StableDiffusionPipeline`` directory at 32x32 pixels: an ``AutoencoderKL`` with a
+downsampling factor of 4 (8x8x4 latents), a ``UNet2DConditionModel`` with cross-attention
+at both resolutions, a ``CLIPTextModel`` and a ``CLIPTokenizer`` over a vocabulary of a
+few hundred tokens. The configs follow the small models of diffusers' own UNet/VAE tests
+(``block_out_channels=(32, 64)``-style), scaled up just enough to draw digits.
+``recipes/pretrain_base.py`` trains it on the public half of scikit-learn's digits.
+"""
+
+from __future__ import annotations
+
+import json
+import string
+from pathlib import Path
+
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+# Whole-word tokens of the vocabulary. Anything else (user captions, random canary
+# tokens) still tokenizes, letter by letter, because every single character is a token.
+WORDS = (
+    NUMBER_WORDS
+    + ("a", "an", "the", "of", "handwritten", "digit", "number", "photo", "picture", "image")
+    + ("drawing", "written", "by", "hand", "small", "large", "black", "white", "gray", "on")
+    + ("background", "sample", "scan", "and", "in", "with", "person", "user", "texture")
+    + ("random", "noise", "pattern", "canary", "style", "blurry", "thin", "thick", "bold")
+)
+
+MAX_TOKENS = 32  # tokenizer.model_max_length == text_encoder max_position_embeddings
+
+
+def clip_vocab() -> tuple[dict[str, int], list[str]]:
+    """Return a CLIP BPE vocabulary and merge list covering ``WORDS`` plus single characters.
+
+    CLIP's BPE splits a word into characters, marks the last one with ``</w>`` and applies
+    merges by rank. One merge chain per word (``d i``, ``di g``, ...) rebuilds each word.
+    """
+    chars = string.ascii_lowercase + string.digits + string.punctuation
+    tokens: list[str] = ["<|startoftext|>", "<|endoftext|>"]
+    tokens += list(chars) + [c + "</w>" for c in chars]
+    merges: list[str] = []
+    for word in WORDS:
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        if len(pieces) == 1:
+            continue  # a one-letter word is already a character token
+        current = pieces[0]
+        for nxt in pieces[1:]:
+            merge = f"{current} {nxt}"
+            current = current + nxt
+            if merge not in merges:
+                merges.append(merge)
+            if current not in tokens:
+                tokens.append(current)
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    return vocab, merges
+
+
+def write_tokenizer(directory: Path) -> None:
+    """Write ``vocab.json``, ``merges.txt`` and the tokenizer config CLIPTokenizer loads."""
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab, merges = clip_vocab()
+    (directory / "vocab.json").write_text(json.dumps(vocab, indent=0))
+    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    config = {
+        "tokenizer_class": "CLIPTokenizer",
+        "model_max_length": MAX_TOKENS,
+        "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>",
+        "do_lower_case": True,
+    }
+    (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    special = {k: config[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
+    (directory / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
+
+
+def text_encoder_config(vocab_size: int) -> dict:
+    """CLIPTextConfig kwargs: 2 layers of width 64, 32 positions."""
+    return dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=MAX_TOKENS,
+        projection_dim=64,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        hidden_act="quick_gelu",
+    )
+
+
+def vae_config() -> dict:
+    """AutoencoderKL kwargs: 32x32x3 pixels <-> 8x8x4 latents (factor 4)."""
+    return dict(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(16, 32, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=16,
+        sample_size=32,
+    )
+
+
+def unet_config() -> dict:
+    """UNet2DConditionModel kwargs: 8x8 latents, cross-attention at 8x8 and 4x4."""
+    return dict(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        mid_block_type="UNetMidBlock2DCrossAttn",
+        cross_attention_dim=64,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    )
+
+
+def scheduler_config() -> dict:
+    """DDPMScheduler kwargs: Stable Diffusion 1.x's training schedule."""
+    return dict(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type="epsilon",
+        clip_sample=False,
+        steps_offset=1,
+    )

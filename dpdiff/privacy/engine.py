@@ -1,0 +1,291 @@
+"""The DP-SGD step: per-unit gradients, clipping, one Gaussian noise draw, normalisation.
+
+What one logical step computes (Abadi et al. 2016, with the unit-level grouping of DPDM,
+Dockhorn et al. 2023, "noise multiplicity", and user-level DP, McMahan et al. 2018)::
+
+    g_u   = sum_{rows r of unit u} w_r * grad loss_r        w_r = 1/(rows of u): the mean over the
+                                                            unit's images and K augmentation draws
+    g~_u  = g_u * min(1, C / (||g_u|| + 1e-6))              one clipped gradient per privacy unit
+    G     = sum_u g~_u  (+ all-reduce over ranks)
+    g^    = (G + N(0, sigma^2 C^2 I)) / (q * N)             noise drawn once in total (rank 0);
+                                                            q*N the exact expected batch size
+
+Per-row gradients come from Opacus' per-layer formulas (activations x backprops of a summed
+loss, so row r's gradient is that of its own loss), evaluated in a tensor hook per layer and
+summed per unit at once. Unlike Opacus' ``DPOptimizer``, which clips every batch row, rows are
+summed per unit *before* clipping; norms are computed
+in fp32 whatever the parameter dtype (PITFALLS: bf16 norms overshoot C). A logical batch is
+fed in micro-batches of whole units; ``finalize`` is called once per logical step, also for
+an empty batch (noise only, still accounted). Opacus' clip formula and the one-rank noise of
+its ``DistributedDPOptimizer`` are followed on purpose, so results compare with Opacus runs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass
+class StepStats:
+    """Non-private diagnostics of one logical step (for the data owner; not DP-protected)."""
+
+    units: int = 0
+    rows: int = 0
+    loss_sum: float = 0.0
+    norms: list[float] = field(default_factory=list)
+
+    def summary(self, max_grad_norm: float | None) -> dict:
+        out = {"units": self.units, "rows": self.rows,
+               "loss": self.loss_sum / self.rows if self.rows else float("nan")}
+        if self.norms and max_grad_norm is not None:
+            t = torch.tensor(self.norms)
+            out.update(grad_norm_median=float(t.median()),
+                       clip_fraction=float((t > max_grad_norm).float().mean()))
+        return out
+
+
+def _dist_ready() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class LayerHooks:
+    """Per-layer backward callbacks for every layer with trainable parameters.
+
+    A forward hook keeps the layer's inputs and registers a tensor hook on its output; during
+    backward that hook hands ``(layer, inputs, grad_output)`` to ``callback``. This is the
+    mechanism of Opacus' hooks (per-layer activations x backprops) with a tensor hook instead of
+    ``register_full_backward_hook`` (which wraps every input and output in an extra autograd node)
+    and without Opacus' per-row buffers: the callback reduces rows to units at once. The per-layer
+    per-row gradient formulas are Opacus' own (``GradSampleModule.GRAD_SAMPLERS``).
+    """
+
+    def __init__(self, model: nn.Module, callback):
+        from opacus.grad_sample import GradSampleModule
+
+        self.samplers = GradSampleModule.GRAD_SAMPLERS
+        self.layers = [m for m in model.modules() if any(p.requires_grad for p in m.parameters(recurse=False))]
+        bad = sorted({type(m).__name__ for m in self.layers if type(m) not in self.samplers})
+        if bad:
+            raise ValueError(
+                f"per-sample gradients are not supported for trainable layers of type {', '.join(bad)} "
+                "(Opacus has no exact per-sample rule for them); freeze them or choose another adapter")
+        self.callback = callback
+        self.enabled = False
+        self.outputs: list[torch.Tensor] = []
+        self.handles = [m.register_forward_hook(self._forward) for m in self.layers]
+
+    def _forward(self, module, inputs, output):
+        if not self.enabled or not torch.is_grad_enabled():
+            return
+        if not isinstance(output, torch.Tensor) or not output.requires_grad:
+            raise RuntimeError(f"trainable layer {type(module).__name__} produced an output without grad")
+        acts = [x.detach() for x in inputs if isinstance(x, torch.Tensor)]
+        output.register_hook(lambda grad, m=module, a=acts: self.callback(m, a, grad.detach()))
+        self.outputs.append(output)
+
+    def per_row_grads(self, module, acts, backprops) -> dict:
+        return self.samplers[type(module)](module, acts, backprops)
+
+    def backward_to_outputs(self, loss: torch.Tensor, *, retain_graph: bool = False) -> None:
+        """Backward only as far as the hooked layers' outputs: the callbacks fire, and the weight
+        gradients that DP-SGD replaces by per-unit ones are never computed."""
+        outs, self.outputs = self.outputs, []
+        torch.autograd.backward(loss, inputs=outs, retain_graph=retain_graph)
+        for o in outs:
+            o.grad = None
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+        self.outputs = []
+
+
+def reduce_rows_to_units(gs: torch.Tensor, unit_pos: torch.Tensor, row_weight: torch.Tensor,
+                         num_units: int) -> torch.Tensor:
+    """sum_r w_r g_r per unit, in fp32 ([R, ...] -> [U, ...])."""
+    gs = gs.to(torch.float32)
+    if num_units == gs.shape[0] and bool((unit_pos == torch.arange(num_units, device=unit_pos.device)).all()) \
+            and bool((row_weight == 1).all()):
+        return gs  # one row per unit (K=1, example-level): nothing to sum
+    ug = torch.zeros((num_units, *gs.shape[1:]), dtype=torch.float32, device=gs.device)
+    ug.index_add_(0, unit_pos, gs * row_weight.to(torch.float32).view(-1, *([1] * (gs.dim() - 1))))
+    return ug
+
+
+class DPSGDEngine:
+    """Turns per-row losses of micro-batches into one privatised gradient per logical step.
+
+    Single pass: in backward, each trainable layer's per-row gradients are summed per unit at
+    once (so memory holds per-*unit* gradients, K times fewer than per-row ones with augmentation
+    multiplicity), their squared norms accumulated; then every unit is clipped and the clipped
+    gradients summed.
+    """
+
+    def __init__(self, model: nn.Module, *, noise_multiplier: float, max_grad_norm: float,
+                 expected_batch_size: float, noise_generator: torch.Generator,
+                 params: list[nn.Parameter] | None = None):
+        if max_grad_norm <= 0:
+            raise ValueError("max_grad_norm must be > 0")
+        if expected_batch_size <= 0:
+            raise ValueError("expected_batch_size must be > 0")
+        if noise_multiplier < 0:
+            raise ValueError("noise_multiplier must be >= 0")
+        self.model = model
+        self.params = params if params is not None else [p for p in model.parameters() if p.requires_grad]
+        self.noise_multiplier = float(noise_multiplier)
+        self.max_grad_norm = float(max_grad_norm)
+        self.expected_batch_size = float(expected_batch_size)
+        self.noise_generator = noise_generator
+        self.hooks = LayerHooks(model, self._on_layer)
+        self._summed: list[torch.Tensor] | None = None
+        self._unit_grads: dict = {}
+        self.stats = StepStats()
+
+    def close(self) -> None:
+        self.hooks.remove()
+
+    def _on_layer(self, module, acts, backprops) -> None:
+        for p, gs in self.hooks.per_row_grads(module, acts, backprops).items():
+            if not p.requires_grad:
+                continue
+            if p in self._unit_grads:
+                raise RuntimeError(f"{type(module).__name__} ran twice in one forward; per-unit gradients of "
+                                   "shared layers are not supported")
+            ug = reduce_rows_to_units(gs, self._unit_pos, self._row_weight, self._num_units)
+            self._unit_grads[p] = ug
+            self._sq_norms += ug.flatten(1).pow(2).sum(1)
+
+    # --- one logical step -------------------------------------------------------------
+    def start_step(self) -> None:
+        """Begin a logical step: the forwards of its micro-batches run with the hooks on."""
+        self._summed = [torch.zeros_like(p, dtype=torch.float32) for p in self.params]
+        self.stats = StepStats()
+        for p in self.params:
+            p.grad = None
+        self.hooks.outputs = []
+        self.hooks.enabled = True
+
+    def _per_unit_pass(self, row_loss, unit_pos, row_weight, num_units) -> torch.Tensor:
+        """Backward with the hooks on; returns the per-unit gradient norms."""
+        self._unit_pos, self._row_weight, self._num_units = unit_pos, row_weight, num_units
+        self._sq_norms = torch.zeros(num_units, dtype=torch.float32, device=row_loss.device)
+        self._unit_grads = {}
+        self.hooks.backward_to_outputs(row_loss.sum())
+        return self._sq_norms.sqrt()
+
+    def backward(self, row_loss: torch.Tensor, *, unit_pos: torch.Tensor, row_weight: torch.Tensor,
+                 num_units: int) -> None:
+        """Backward one micro-batch of whole units and add its clipped unit gradients.
+
+        ``row_loss[r]`` is row r's loss; row r belongs to unit ``unit_pos[r]`` (0..num_units-1)
+        and counts with weight ``row_weight[r]`` (the rows of a unit weigh 1 in total). The forward
+        that produced ``row_loss`` must have run after ``start_step()``.
+        """
+        assert self._summed is not None, "call start_step() first"
+        if row_loss.numel() == 0:
+            return  # never forward/backward an empty batch (diffusers' attention crashes)
+        norms = self._per_unit_pass(row_loss, unit_pos, row_weight, num_units)
+        missing = [p for p in self.params if p not in self._unit_grads]
+        if missing:
+            raise RuntimeError(
+                f"{len(missing)} trainable parameter(s) received no per-unit gradient; was the forward run after "
+                "engine.start_step(), and the model moved to its device before the engine attached?")
+        factor = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+        for acc, p in zip(self._summed, self.params):
+            acc += torch.einsum("u,u...->...", factor, self._unit_grads[p])
+        self._unit_grads = {}
+        self.stats.units += num_units
+        self.stats.rows += int(row_loss.numel())
+        self.stats.loss_sum += float(row_loss.detach().sum())
+        self.stats.norms += norms.tolist()
+
+    def finalize(self) -> dict:
+        """Sum over ranks, add noise once, normalise by q*N and write ``p.grad`` (fp32 -> p.dtype)."""
+        assert self._summed is not None, "call start_step() first"
+        self.hooks.enabled = False
+        self.hooks.outputs = []
+        std = self.noise_multiplier * self.max_grad_norm
+        add_noise_here = not _dist_ready() or dist.get_rank() == 0
+        for acc in self._summed:
+            if add_noise_here and std > 0:
+                acc += torch.normal(0.0, std, size=acc.shape, generator=self.noise_generator,
+                                    device=acc.device, dtype=torch.float32)
+            if _dist_ready():
+                dist.all_reduce(acc, op=dist.ReduceOp.SUM)
+        for p, acc in zip(self.params, self._summed):
+            p.grad = (acc / self.expected_batch_size).to(p.dtype)
+        self._summed = None
+        return self.stats.summary(self.max_grad_norm)
+
+
+class NonPrivateEngine:
+    """The same interface without privacy: the plain mean gradient over the batch's units.
+
+    Used for ``privacy=none`` baselines so that DP and non-DP runs share one training loop.
+    """
+
+    def __init__(self, model: nn.Module, params: list[nn.Parameter] | None = None):
+        self.model = model
+        self.params = params if params is not None else [p for p in model.parameters() if p.requires_grad]
+        self.stats = StepStats()
+        self.max_grad_norm = None
+
+    def close(self) -> None:
+        pass
+
+    def start_step(self) -> None:
+        self.stats = StepStats()
+        for p in self.params:
+            p.grad = None
+
+    def backward(self, row_loss: torch.Tensor, *, unit_pos: torch.Tensor, row_weight: torch.Tensor,
+                 num_units: int) -> None:
+        if row_loss.numel() == 0:
+            return
+        (row_loss * row_weight).sum().backward()  # sum over units of each unit's mean loss
+        self.stats.units += num_units
+        self.stats.rows += int(row_loss.numel())
+        self.stats.loss_sum += float(row_loss.detach().sum())
+
+    def finalize(self) -> dict:
+        units = torch.tensor([float(self.stats.units)])
+        if _dist_ready():
+            dist.all_reduce(units)
+        total = max(float(units.item()), 1.0)
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            if _dist_ready():
+                dist.all_reduce(p.grad)
+            p.grad /= total
+        return self.stats.summary(None)
+
+
+def noise_generator(*, seed: int | None, secure: bool, device: torch.device | str = "cpu") -> torch.Generator:
+    """The generator of the Gaussian noise.
+
+    ``secure=True`` seeds it from the OS CSPRNG (``os.urandom``), so the noise cannot be
+    reproduced from the run's seed or config. Caveat: torch's generator itself is a Mersenne
+    Twister, not a CSPRNG, and Gaussian samples in floating point are vulnerable to the
+    least-significant-bit attack of Mironov (CCS 2012); the guarantee is that of the
+    idealised real-valued mechanism, as in every DP-SGD library without a discrete sampler.
+    """
+    import os
+
+    gen = torch.Generator(device=device)
+    if secure:
+        gen.manual_seed(int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1))
+    else:
+        gen.manual_seed(int(seed) if seed is not None else 0)
+    return gen
+
+
+def expected_noise_std(*, noise_multiplier: float, max_grad_norm: float, expected_batch_size: float) -> float:
+    """Std of each coordinate of the privatised mean gradient's noise: sigma*C/(q*N)."""
+    return noise_multiplier * max_grad_norm / expected_batch_size if expected_batch_size > 0 else math.inf

@@ -1,0 +1,121 @@
+"""Two-pass per-unit clipping for full fine-tuning: per-unit norms layer by layer, then one reweighted backward.
+
+Materialising per-unit gradients of every UNet weight at once (the single-pass engine) needs
+``units x parameters`` floats: impossible for a full SD UNet. Opacus' fast gradient clipping
+(Lee & Kifer 2021; Bu et al. 2022, "ghost clipping") avoids it with two backward passes; it
+clips *rows*, though, and dpdiff clips *units* (K augmentation draws, or all images of a user).
+This engine generalises it to units:
+
+pass 1 (hooks on, weight gradients skipped): for each layer in turn, per-row gradients (Opacus'
+    per-layer formulas) are summed per unit with the rows' weights, their squared norms
+    accumulated per unit, and discarded, so at most one layer's per-unit gradients exist at a
+    time. For ``nn.Linear`` the *ghost norm* is used instead when cheaper (the per-layer rule of
+    Bu et al.'s "MixOpt"): ||sum_r w_r B_r^T A_r||^2 = sum((A_u A_u^T) * (B_u B_u^T)) over the
+    unit's stacked tokens, cost (n T)^2 (i + o) against n T i o for materialising.
+pass 2 (hooks off): backward of sum_r w_r c_u(r) loss_r, with c_u = min(1, C/(||g_u|| + 1e-6)),
+    leaves exactly sum_u c_u g_u in ``p.grad``: the clipped sum the single-pass engine computes.
+
+Noise, the all-reduce and the normalisation are the single-pass engine's (``DPSGDEngine.finalize``).
+Exactness is tested against the same naive per-unit loop.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dpdiff.privacy.engine import DPSGDEngine, reduce_rows_to_units
+
+
+class TwoPassDPSGDEngine(DPSGDEngine):
+    def __init__(self, model: nn.Module, *, noise_multiplier: float, max_grad_norm: float,
+                 expected_batch_size: float, noise_generator: torch.Generator,
+                 params: list[nn.Parameter] | None = None, ghost: str = "auto"):
+        super().__init__(model, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+                         expected_batch_size=expected_batch_size, noise_generator=noise_generator, params=params)
+        if ghost not in ("auto", "always", "never"):
+            raise ValueError("ghost must be auto, always or never")
+        self.ghost = ghost
+        self.ghost_layers = 0
+        self.materialised_layers = 0
+        self._second_pass = False
+
+    def _use_ghost(self, module, backprops) -> bool:
+        if not isinstance(module, nn.Linear) or self.ghost == "never":
+            return False
+        if self.ghost == "always":
+            return True
+        rows = backprops.shape[0]
+        tokens = backprops[0].numel() // backprops.shape[-1]  # T (1 for [R, o])
+        per_unit_tokens = tokens * max(rows / max(self._num_units, 1), 1.0)
+        return per_unit_tokens * (module.in_features + module.out_features) < module.in_features * module.out_features
+
+    def _on_layer(self, module, acts, backprops) -> None:
+        """Pass 1: this layer's contribution to every unit's squared gradient norm."""
+        if self._second_pass:  # the output hooks fire again in pass 2: nothing to do then
+            return
+        if self._use_ghost(module, backprops):
+            self.ghost_layers += 1
+            self._sq_norms += self._ghost_sq_norms(module, acts[0], backprops)
+            return
+        self.materialised_layers += 1
+        for p, gs in self.hooks.per_row_grads(module, acts, backprops).items():
+            if p.requires_grad:
+                ug = reduce_rows_to_units(gs, self._unit_pos, self._row_weight, self._num_units)
+                self._sq_norms += ug.flatten(1).pow(2).sum(1)
+
+    def _ghost_sq_norms(self, module: nn.Linear, act: torch.Tensor, backprops: torch.Tensor) -> torch.Tensor:
+        a = act.to(torch.float32).reshape(act.shape[0], -1, module.in_features)
+        b = backprops.to(torch.float32).reshape(backprops.shape[0], -1, module.out_features)
+        b = b * self._row_weight.to(torch.float32).view(-1, 1, 1)
+        u = self._num_units
+        counts = torch.bincount(self._unit_pos, minlength=u)
+        k = int(counts[0])
+        regular = bool((counts == k).all()) and bool(
+            (self._unit_pos == torch.arange(u, device=self._unit_pos.device).repeat_interleave(k)).all())
+        if regular:  # every unit has k consecutive rows: one batched Gram product for all units
+            au = a.reshape(u, -1, a.shape[-1])
+            bu = b.reshape(u, -1, b.shape[-1])
+            out = torch.zeros(u, dtype=torch.float32, device=backprops.device)
+            if module.weight.requires_grad:
+                out += (torch.bmm(au, au.transpose(1, 2)) * torch.bmm(bu, bu.transpose(1, 2))).sum((1, 2))
+            if module.bias is not None and module.bias.requires_grad:
+                out += bu.sum(1).pow(2).sum(1)
+            return out
+        out = torch.zeros(u, dtype=torch.float32, device=backprops.device)
+        for j in range(u):
+            sel = (self._unit_pos == j).nonzero().flatten()
+            au = a[sel].reshape(-1, a.shape[-1])
+            bu = b[sel].reshape(-1, b.shape[-1])
+            total = ((au @ au.T) * (bu @ bu.T)).sum() if module.weight.requires_grad else au.new_zeros(())
+            if module.bias is not None and module.bias.requires_grad:
+                total = total + bu.sum(0).pow(2).sum()
+            out[j] = total
+        return out
+
+    def backward(self, row_loss: torch.Tensor, *, unit_pos: torch.Tensor, row_weight: torch.Tensor,
+                 num_units: int) -> None:
+        assert self._summed is not None, "call start_step() first"
+        if row_loss.numel() == 0:
+            return
+        self._unit_pos, self._row_weight, self._num_units = unit_pos, row_weight, num_units
+        self._sq_norms = torch.zeros(num_units, dtype=torch.float32, device=row_loss.device)
+        self.hooks.backward_to_outputs(row_loss.sum(), retain_graph=True)  # pass 1: norms only
+        norms = self._sq_norms.sqrt()
+        factor = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+        weights = (row_weight.to(torch.float32) * factor[unit_pos]).to(row_loss.dtype)
+        for p in self.params:
+            p.grad = None
+        self._second_pass = True
+        try:
+            (row_loss * weights).sum().backward()  # pass 2: sum_u c_u g_u in p.grad
+        finally:
+            self._second_pass = False
+        for acc, p in zip(self._summed, self.params):
+            if p.grad is not None:
+                acc += p.grad.to(torch.float32)
+            p.grad = None
+        self.stats.units += num_units
+        self.stats.rows += int(row_loss.numel())
+        self.stats.loss_sum += float(row_loss.detach().sum())
+        self.stats.norms += norms.tolist()

@@ -1,0 +1,72 @@
+"""Figures of a run: epsilon vs step and the training loss (matplotlib, Agg, PNG)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def epsilon_curve(privacy: dict, points: int = 40) -> tuple[list[int], list[float]]:
+    """Epsilon after each of ``points`` step counts, recomputed from the ledger."""
+    from dpdiff.privacy.accountants import MechanismSegment, get_accountant
+
+    segs = [MechanismSegment(**s) for s in privacy.get("ledger") or []]
+    total = sum(s.steps for s in segs)
+    if not total:
+        return [], []
+    acc = get_accountant(privacy["accountant"])
+    steps = sorted({max(1, round(total * i / points)) for i in range(1, points + 1)})
+    eps = []
+    for t in steps:
+        left, hist = t, []
+        for s in segs:
+            take = min(left, s.steps)
+            if take:
+                hist.append(MechanismSegment(s.noise_multiplier, s.sample_rate, take))
+            left -= take
+        eps.append(acc.epsilon(history=hist, delta=privacy["delta"]).epsilon)
+    return steps, eps
+
+
+def write_run_plots(run_dir: Path, *, metrics: list[dict], privacy: dict) -> dict[str, Path]:
+    plt = _plt()
+    out: dict[str, Path] = {}
+    if privacy.get("dp"):
+        steps, eps = epsilon_curve(privacy)
+        if steps:
+            fig, ax = plt.subplots(figsize=(5.5, 3.2), dpi=110)
+            ax.plot(steps, eps, color="#0969da", lw=2)
+            if privacy.get("target_epsilon"):
+                ax.axhline(privacy["target_epsilon"], color="#cf222e", ls="--", lw=1, label="target")
+                ax.legend(loc="lower right")
+            ax.set_xlabel("step")
+            ax.set_ylabel(f"epsilon (delta={privacy['delta']:.2g})")
+            ax.set_title(f"Privacy spent ({privacy['accountant']})")
+            ax.grid(alpha=0.3)
+            fig.tight_layout()
+            path = Path(run_dir) / "plot_epsilon.png"
+            fig.savefig(path)
+            plt.close(fig)
+            out["epsilon vs step"] = path
+    pts = [(m["step"], m["loss"]) for m in metrics if m.get("loss") is not None]
+    if pts:
+        fig, ax = plt.subplots(figsize=(5.5, 3.2), dpi=110)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], color="#8250df", lw=1.5)
+        ax.set_xlabel("step")
+        ax.set_ylabel("denoising loss (train, non-private)")
+        ax.set_title("Training loss")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        path = Path(run_dir) / "plot_loss.png"
+        fig.savefig(path)
+        plt.close(fig)
+        out["training loss"] = path
+    return out

@@ -1,0 +1,232 @@
+"""The run report: ``report.md`` and a self-contained ``report.html`` (images inlined, no network).
+
+Built only from the files of the run dir (privacy.json, run.json, metrics.jsonl, probes.json,
+the PNGs), so ``dpdiff report run_dir=...`` rebuilds it at any time.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+
+from dpdiff.io import write_text_atomic
+
+
+def _load(run_dir: Path, name: str):
+    p = run_dir / name
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    p = run_dir / "metrics.jsonl"
+    if not p.exists():
+        return []
+    out = []
+    for line in p.read_text().splitlines():
+        if line.strip():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a torn last line after a crash
+    return out
+
+
+def _fmt(v, nd=4) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        return f"{v:.{nd}g}"
+    return str(v)
+
+
+def guarantee_sentence(priv: dict) -> str:
+    if not priv.get("dp"):
+        return ("NO PRIVACY GUARANTEE: this model was trained without differential privacy "
+                "(privacy=none). Treat it as a copy of its training data.")
+    return (f"The released weights are ({_fmt(priv['epsilon'])}, {_fmt(priv['delta'], 3)})-differentially private "
+            f"with respect to adding or removing one {priv['privacy_unit']} of the training set "
+            f"({priv['num_units']} units), by the {priv['accountant']} accountant.")
+
+
+def mechanism_rows(priv: dict) -> list[tuple[str, str]]:
+    if not priv.get("dp"):
+        return [("differential privacy", "none"), ("steps", _fmt(priv.get("steps"))),
+                ("batch size", _fmt(priv.get("expected_batch_size"))), ("units", _fmt(priv.get("num_units")))]
+    return [
+        ("epsilon (reported upper bound)", _fmt(priv["epsilon"])),
+        ("epsilon estimate / lower", f"{_fmt(priv.get('epsilon_estimate'))} / {_fmt(priv.get('epsilon_lower'))}"),
+        ("target epsilon", _fmt(priv["target_epsilon"])),
+        ("delta", _fmt(priv["delta"], 3)),
+        ("accountant", f"{priv['accountant']} ({priv.get('accountant_note', '')})"),
+        ("privacy unit", f"{priv['privacy_unit']} ({priv['num_units']} units, {priv.get('num_images')} images)"),
+        ("sample rate q", _fmt(priv["sample_rate"])),
+        ("expected batch q*N", _fmt(priv["expected_batch_size"])),
+        ("noise multiplier sigma", _fmt(priv["noise_multiplier"])),
+        ("clipping bound C", _fmt(priv["max_grad_norm"])),
+        ("steps (accounted)", _fmt(priv["steps"])),
+        ("augmentation multiplicity K", _fmt(priv["augmult"])),
+        ("processes", _fmt(priv.get("world_size"))),
+        ("noise seeded from OS CSPRNG", _fmt(priv.get("secure_rng"))),
+    ]
+
+
+def _img_tag(path: Path, alt: str, width: int | None = None) -> str:
+    if not path.exists():
+        return ""
+    data = base64.b64encode(path.read_bytes()).decode()
+    w = f' width="{width}"' if width else ""
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"{w}>'
+
+
+def write_run_report(run_dir: Path) -> tuple[Path, Path]:
+    run_dir = Path(run_dir)
+    priv = _load(run_dir, "privacy.json")
+    if priv is None:
+        from dpdiff.errors import UserError
+
+        raise UserError(f"{run_dir} has no privacy.json: not a finished dpdiff run dir")
+    run = _load(run_dir, "run.json") or {}
+    probes = _load(run_dir, "probes.json")
+    utility = _load(run_dir, "utility.json")
+    metrics = _metrics(run_dir)
+    from dpdiff.report.plots import write_run_plots
+
+    plots = write_run_plots(run_dir, metrics=metrics, privacy=priv)
+    sections = build_sections(priv=priv, run=run, probes=probes, metrics=metrics, utility=utility)
+    md = render_markdown(sections, run_dir=run_dir, plots=plots, run=run)
+    page = render_html(sections, run_dir=run_dir, plots=plots, run=run, dp=bool(priv.get("dp")))
+    write_text_atomic(run_dir / "report.md", md)
+    write_text_atomic(run_dir / "report.html", page)
+    return run_dir / "report.html", run_dir / "report.md"
+
+
+def utility_rows(utility: dict) -> list[tuple[str, str]]:
+    rows = []
+    for name, res in utility.items():
+        if not isinstance(res, dict):
+            continue
+        if res.get("skipped"):
+            rows.append((name, f"not run ({res['skipped']})"))
+        elif name == "heldout_loss":
+            rows.append(("held-out denoising loss (fine-tuned vs base)",
+                         f"{_fmt(res['heldout_loss'])} vs {_fmt(res['heldout_loss_base'])} on {res['images']} images"))
+        elif name == "digit_accuracy":
+            ft, base = res["finetuned"], res["base"]
+            rows.append(("digit accuracy on the private digits 5-9 (fine-tuned vs base)",
+                         f"{ft['private_digits_accuracy']:.0%} vs {base['private_digits_accuracy']:.0%}"))
+            rows.append(("digit accuracy on the public digits 0-4 (fine-tuned vs base)",
+                         f"{ft['public_digits_accuracy']:.0%} vs {base['public_digits_accuracy']:.0%}"))
+            rows.append(("per digit (fine-tuned)", ", ".join(f"{k}: {v:.0%}" for k, v in ft["per_digit"].items())))
+        elif name == "fid":
+            rows.append(("FID / KID", f"{_fmt(res['fid'])} / {_fmt(res['kid'])} vs {res['reference']}"))
+        else:
+            rows.append((name, ", ".join(f"{k}={_fmt(v)}" for k, v in res.items() if not isinstance(v, dict))))
+    return rows
+
+
+def build_sections(*, priv: dict, run: dict, probes: dict | None, metrics: list[dict],
+                   utility: dict | None = None) -> list[tuple[str, list]]:
+    """(title, rows) pairs shared by the markdown and HTML renderers."""
+    data = run.get("data", {})
+    trained = [
+        ("base model", run.get("base_model", "n/a")),
+        ("adapter", run.get("adapter", "n/a")),
+        ("dataset", f"{data.get('path', 'n/a')}{' (built-in demo)' if data.get('builtin_demo') else ''}"),
+        ("dataset fingerprint (sha256)", priv.get("dataset_fingerprint", "n/a")),
+        ("images used / units", f"{priv.get('num_images')} / {priv.get('num_units')} ({priv.get('privacy_unit')})"),
+        ("held-out units", _fmt(priv.get("holdout_units"))),
+        ("skipped bad files", _fmt(priv.get("skipped_files"))),
+        ("duplicate sets", _fmt((priv.get("duplicates") or {}).get("duplicate_sets"))),
+        ("wall time (s)", _fmt(run.get("wall_seconds"))),
+        ("dpdiff / git", f"{run.get('dpdiff_version')} / {run.get('git_commit') or 'n/a'}"),
+    ]
+    out = [("What was trained on what", trained), ("Mechanism", mechanism_rows(priv))]
+    if metrics:
+        last = metrics[-1]
+        out.append(("Training (non-private statistics)", [
+            ("final loss", _fmt(last.get("loss"))),
+            ("median per-unit gradient norm (last log)", _fmt(last.get("grad_norm_median"))),
+            ("fraction of units clipped (last log)", _fmt(last.get("clip_fraction"))),
+        ]))
+    if utility:
+        out.append(("Utility", utility_rows(utility)))
+    if probes:
+        from dpdiff.report.probes_section import probe_rows
+
+        out.append(("Probes: what the trained model leaks", probe_rows(probes, priv)))
+    out.append(("Caveats", [(str(i + 1), c) for i, c in enumerate(priv.get("caveats", []))]))
+    return out
+
+
+def render_markdown(sections, *, run_dir: Path, plots: dict, run: dict) -> str:
+    lines = ["# dpdiff run report", "", f"Run dir: `{run_dir}`", ""]
+    priv = json.loads((run_dir / "privacy.json").read_text())
+    lines += ["## Guarantee", "", ("**" + guarantee_sentence(priv) + "**"), ""]
+    for title, rows in sections:
+        lines += [f"## {title}", "", "| | |", "|---|---|"]
+        lines += [f"| {k} | {str(v).replace('|', '/')} |" for k, v in rows]
+        lines.append("")
+    lines += ["## Figures", ""]
+    for name, path in plots.items():
+        lines.append(f"![{name}]({Path(path).name})")
+    for img, title in (("samples.png", "Samples from the fine-tuned model"),
+                       ("samples_base.png", "Samples from the base model (same prompts and seeds)"),
+                       ("probe_extraction.png", "Extraction probe: flagged generations next to their training image")):
+        if (run_dir / img).exists():
+            lines += ["", f"### {title}", "", f"![{title}]({img})"]
+    prompts = run.get("sample_prompts") or []
+    if prompts:
+        lines += ["", "Sample prompts (one row each): " + "; ".join(f"`{p}`" for p in prompts)]
+    return "\n".join(lines) + "\n"
+
+
+_CSS = """
+body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1000px;margin:2em auto;color:#1b1f24;
+line-height:1.45;padding:0 1em}
+h1{font-size:1.6em;margin-bottom:.2em}
+h2{font-size:1.2em;border-bottom:1px solid #d0d7de;padding-bottom:.2em;margin-top:1.6em}
+table{border-collapse:collapse;width:100%;font-size:.92em}
+td{border-bottom:1px solid #eaeef2;padding:.3em .5em;vertical-align:top}
+td:first-child{color:#57606a;width:38%}
+.banner{padding:1em 1.2em;border-radius:8px;font-size:1.05em;margin:1em 0}
+.dp{background:#dafbe1;border:1px solid #4ac26b}
+.nodp{background:#ffebe9;border:2px solid #cf222e;font-weight:bold;font-size:1.2em}
+.fail{color:#cf222e;font-weight:bold} .pass{color:#1a7f37;font-weight:bold}
+figure{margin:1em 0} figcaption{color:#57606a;font-size:.9em} img{max-width:100%;image-rendering:pixelated}
+.muted{color:#57606a;font-size:.9em}
+"""
+
+
+def render_html(sections, *, run_dir: Path, plots: dict, run: dict, dp: bool) -> str:
+    priv = json.loads((run_dir / "privacy.json").read_text())
+    esc = html.escape
+    parts = ["<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
+             "<meta name='viewport' content='width=device-width, initial-scale=1'>",
+             "<title>dpdiff run report</title>", f"<style>{_CSS}</style></head><body>",
+             "<h1>dpdiff run report</h1>", f"<div class='muted'>{esc(str(run_dir))}</div>",
+             f"<div class='banner {'dp' if dp else 'nodp'}'>{esc(guarantee_sentence(priv))}</div>"]
+    for title, rows in sections:
+        parts.append(f"<h2>{esc(title)}</h2><table>")
+        for k, v in rows:
+            cls = ""
+            if isinstance(v, str) and v.startswith("FAIL"):
+                cls = " class='fail'"
+            elif isinstance(v, str) and v.startswith("PASS"):
+                cls = " class='pass'"
+            parts.append(f"<tr><td>{esc(str(k))}</td><td{cls}>{esc(str(v))}</td></tr>")
+        parts.append("</table>")
+    parts.append("<h2>Figures</h2>")
+    for name, path in plots.items():
+        parts.append(f"<figure>{_img_tag(Path(path), name)}<figcaption>{esc(name)}</figcaption></figure>")
+    prompts = run.get("sample_prompts") or []
+    cap = "; ".join(prompts)
+    for img, title in (("samples.png", "Samples from the fine-tuned model (one row per prompt: " + cap + ")"),
+                       ("samples_base.png", "The base model on the same prompts and seeds"),
+                       ("probe_extraction.png", "Extraction probe: flagged generation | nearest training image")):
+        tag = _img_tag(run_dir / img, title)
+        if tag:
+            parts.append(f"<figure>{tag}<figcaption>{esc(title)}</figcaption></figure>")
+    parts.append("</body></html>")
+    return "\n".join(parts)

@@ -1,0 +1,91 @@
+"""Process, device and run-dir plumbing shared by recipes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dpdiff.errors import UserError
+
+
+@dataclass
+class ProcessContext:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        import torch.distributed as dist
+
+        if self.world_size > 1 and dist.is_initialized():
+            dist.barrier()
+
+
+def resolve_device(spec: str) -> torch.device:
+    if spec in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(spec)
+    except RuntimeError:
+        raise UserError(f"train.device={spec}: not a device (auto, cpu, cuda, cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"train.device={spec}: CUDA is not available on this machine; use train.device=cpu")
+    return dev
+
+
+def process_context(device_spec: str) -> ProcessContext:
+    """Rank, world size and device; sets up the process group when launched with several processes.
+
+    accelerate's ``PartialState`` reads the launcher's environment (``accelerate launch`` or
+    ``torchrun``) and initialises the process group (NCCL on GPUs, gloo on CPU).
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        from accelerate import PartialState
+
+        if device_spec not in (None, "auto") and torch.device(device_spec).type == "cpu":
+            os.environ.setdefault("ACCELERATE_USE_CPU", "true")
+        state = PartialState()
+        device = state.device if device_spec in (None, "auto") else resolve_device(device_spec)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", state.local_process_index)
+        return ProcessContext(state.process_index, state.num_processes, state.local_process_index, device)
+    return ProcessContext(0, 1, 0, resolve_device(device_spec))
+
+
+def git_commit() -> str | None:
+    try:
+        root = Path(__file__).resolve().parent.parent
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+class RunDir:
+    """The run directory, and the promise to leave nothing half-written after a user error.
+
+    A run dir counts as *fresh* when it held only Hydra's own files when the run began; a
+    user error before training then removes it again instead of leaving an empty shell.
+    """
+
+    HYDRA_FILES = {".hydra", "finetune.log", "probe.log", "report.log"}
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.fresh = all(p.name in self.HYDRA_FILES for p in self.path.iterdir())
+
+    def discard_if_fresh(self) -> None:
+        if self.fresh and self.path.exists():
+            shutil.rmtree(self.path, ignore_errors=True)

@@ -1,0 +1,66 @@
+"""The denoising objective of Stable Diffusion, one loss per row.
+
+A *row* is one (image, augmentation draw): a latent, a noise draw, a timestep, a horizontal
+flip and its text embedding. Rows belong to privacy units; the DP engine averages a unit's
+rows before clipping. The objective matches diffusers' ``train_text_to_image_lora.py``:
+epsilon or v targets as the scheduler's ``prediction_type`` says, optional min-SNR-gamma
+weighting (Hang et al. 2023), MSE averaged over latent dimensions, here kept per row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class RowBatch:
+    """Rows of one micro-batch. ``unit_pos[r]`` is row r's unit (0..num_units-1)."""
+
+    latents: torch.Tensor  # [R, C, H, W], already scaled by the VAE's scaling_factor
+    noise: torch.Tensor  # [R, C, H, W]
+    timesteps: torch.Tensor  # [R] long
+    encoder_hidden_states: torch.Tensor  # [R, T, D]
+    unit_pos: torch.Tensor  # [R] long
+    row_weight: torch.Tensor  # [R]; the rows of a unit sum to 1
+    num_units: int
+
+    def __len__(self) -> int:
+        return int(self.latents.shape[0])
+
+    def to(self, device, dtype=None) -> RowBatch:
+        f = lambda t: t.to(device=device, dtype=dtype) if dtype is not None and t.is_floating_point() else t.to(device)
+        return RowBatch(f(self.latents), f(self.noise), self.timesteps.to(device), f(self.encoder_hidden_states),
+                        self.unit_pos.to(device), self.row_weight.to(device), self.num_units)
+
+
+class DiffusionObjective:
+    def __init__(self, noise_scheduler, *, prediction_type: str | None = None, snr_gamma: float | None = None):
+        self.scheduler = noise_scheduler
+        self.prediction_type = prediction_type or noise_scheduler.config.prediction_type
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise ValueError(f"unsupported prediction_type {self.prediction_type!r} (epsilon or v_prediction)")
+        self.snr_gamma = snr_gamma
+        self.num_train_timesteps = int(noise_scheduler.config.num_train_timesteps)
+
+    def target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        if self.prediction_type == "epsilon":
+            return noise
+        return self.scheduler.get_velocity(latents, noise, timesteps)
+
+    def row_losses(self, unet, rows: RowBatch) -> torch.Tensor:
+        """Per-row MSE between the UNet's prediction and the target, shape [R]."""
+        noisy = self.scheduler.add_noise(rows.latents, rows.noise, rows.timesteps)
+        pred = unet(noisy, rows.timesteps, rows.encoder_hidden_states, return_dict=False)[0]
+        target = self.target(rows.latents, rows.noise, rows.timesteps)
+        loss = (pred.float() - target.float()).pow(2).flatten(1).mean(1)
+        if self.snr_gamma is not None:
+            from diffusers.training_utils import compute_snr
+
+            snr = compute_snr(self.scheduler, rows.timesteps)
+            weight = torch.clamp(snr, max=self.snr_gamma) / snr
+            if self.prediction_type == "v_prediction":
+                weight = torch.clamp(snr, max=self.snr_gamma) / (snr + 1)
+            loss = loss * weight.to(loss)
+        return loss

@@ -1,0 +1,113 @@
+"""dpdiff probe: run the probes on an existing run dir, then rebuild its report.
+
+    dpdiff probe run_dir=runs/2026-11-23/12-00-00 [probes.extraction.per_caption=64 ...]
+
+Reloads what the run used (its .hydra/config.yaml: base model, data, split, adapter), the
+trained weights from the run dir, and runs ``probes=default`` (or the run's own probe settings
+merged with the overrides given here). Writes probes.json and the report in the run dir.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from dpdiff.errors import UserError
+
+log = logging.getLogger("dpdiff")
+
+
+class ProbeRecipe:
+    def __init__(self, run_dir: Path, overrides: list[str]):
+        self.run_dir = Path(run_dir)
+        self.overrides = overrides
+
+    def setup(self) -> None:
+        from dpdiff.data.prepare import prepare
+        from dpdiff.models.loading import load_base
+        from dpdiff.paths import config_dir
+        from dpdiff.probes.canaries import load_canaries
+        from dpdiff.probes.context import ProbeContext
+        from dpdiff.runtime import resolve_device
+
+        cfg_path = self.run_dir / ".hydra" / "config.yaml"
+        for need in (cfg_path, self.run_dir / "privacy.json", self.run_dir / "run.json"):
+            if not need.exists():
+                raise UserError(f"{self.run_dir} is not a finished dpdiff run dir (missing {need.name})")
+        cfg = OmegaConf.load(cfg_path)
+        defaults = OmegaConf.load(config_dir() / "probes" / "default.yaml")
+        probes = OmegaConf.merge(defaults, cfg.get("probes") or {})
+        probes.enabled = True
+        try:
+            probes = OmegaConf.merge({"probes": probes}, OmegaConf.from_dotlist(self.overrides)).probes
+        except Exception as err:  # omegaconf raises many types for a bad dotlist
+            raise UserError(f"bad override ({err}); use probes.KEY=VALUE") from None
+        self.cfg, self.probes_cfg = cfg, probes
+        run = json.loads((self.run_dir / "run.json").read_text())
+        privacy = json.loads((self.run_dir / "privacy.json").read_text())
+        device = resolve_device(cfg.train.get("device", "auto"))
+        base = load_base(run["base_model"], device=device)
+        unet = self._trained_unet(base, cfg.adapter.kind, device)
+        data = prepare(cfg.data, unit=cfg.privacy.get("unit", "example"))
+        self.ctx = ProbeContext(
+            run_dir=self.run_dir, base=base, unet=unet, adapter_kind=cfg.adapter.kind, records=data.records,
+            member_records=data.member_records(), nonmember_records=data.holdout_records(),
+            resolution=int(run.get("resolution") or base.resolution), device=device, privacy=privacy,
+            canaries=load_canaries(self.run_dir), seed=int(probes.get("seed", 0) or 0))
+
+    def _trained_unet(self, base, kind: str, device):
+        if kind == "lora":
+            from dpdiff.models.loading import build_pipeline
+
+            pipe = build_pipeline(base)
+            lora = self.run_dir / "lora"
+            if not (lora / "pytorch_lora_weights.safetensors").exists():
+                raise UserError(f"{lora} holds no pytorch_lora_weights.safetensors")
+            pipe.load_lora_weights(str(lora))
+            return pipe.unet.eval()
+        from diffusers import UNet2DConditionModel
+
+        path = self.run_dir / "unet"
+        if not path.exists():
+            raise UserError(f"{path} is missing: the run saved no fine-tuned UNet")
+        return UNet2DConditionModel.from_pretrained(path, use_safetensors=True).to(device).eval()
+
+    def run(self) -> dict:
+        from dpdiff.probes.run import run_probes
+
+        return run_probes(self.ctx, self.probes_cfg)
+
+    def report(self) -> None:
+        from dpdiff.report.run_report import write_run_report
+
+        write_run_report(self.run_dir)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    run_dirs = [a.split("=", 1)[1] for a in args if a.startswith("run_dir=")]
+    rest = [a for a in args if not a.startswith("run_dir=")]
+    if len(run_dirs) != 1:
+        raise UserError("dpdiff probe needs run_dir=DIR (and optional probes.KEY=VALUE overrides)")
+    bad = [a for a in rest if not a.startswith("probes.") or "=" not in a]
+    if bad:
+        raise UserError(f"unexpected argument {bad[0]!r}: dpdiff probe takes run_dir=DIR and probes.KEY=VALUE")
+    recipe = ProbeRecipe(Path(run_dirs[0]).expanduser(), rest)
+    recipe.setup()
+    out = recipe.run()
+    recipe.report()
+    ex, mia, audit = out["extraction"], out["mia"], out["audit"]
+    print(f"probes: extraction {ex.get('extracted_count')} extracted (rate {ex.get('rate')}), "
+          f"MIA AUC {mia.get('auc')}, audit {audit.get('verdict')}; wrote {recipe.run_dir / 'probes.json'} "
+          f"and {recipe.run_dir / 'report.html'}")
+
+
+if __name__ == "__main__":
+    from dpdiff.cli import user_errors_exit
+
+    with user_errors_exit():
+        main()

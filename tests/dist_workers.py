@@ -1,0 +1,42 @@
+"""Worker functions for multi-process tests (gloo on CPU), importable by spawned children."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def init(rank: int, world: int, port: int) -> None:
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+
+
+def engine_step(rank: int, world: int, port: int, out_dir: str, sigma: float, zero: bool) -> None:
+    """One DP step of a Linear model; units 0..7 are split over ranks by index parity."""
+    from torch import nn
+
+    from dpdiff.privacy.engine import DPSGDEngine
+
+    init(rank, world, port)
+    try:
+        torch.manual_seed(0)
+        model = nn.Linear(300, 200, bias=False)  # the same initial weights on every rank
+        g = torch.Generator().manual_seed(123)
+        x = torch.zeros(8, 300) if zero else torch.randn(8, 300, generator=g)
+        t = torch.randn(8, 200, generator=g)
+        mine = [u for u in range(8) if u % world == rank]
+        eng = DPSGDEngine(model, noise_multiplier=sigma, max_grad_norm=0.5, expected_batch_size=4.0,
+                          noise_generator=torch.Generator().manual_seed(1000 + rank))
+        eng.start_step()
+        if mine:
+            xs, ts = x[mine], t[mine]
+            eng.backward((model(xs) * ts).sum(1), unit_pos=torch.arange(len(mine)), row_weight=torch.ones(len(mine)),
+                         num_units=len(mine))
+        eng.finalize()
+        torch.save(model.weight.grad, os.path.join(out_dir, f"grad{rank}.pt"))
+    finally:
+        dist.destroy_process_group()

@@ -1,0 +1,71 @@
+"""Helpers shared by the tests (importable as ``helpers``; see pytest ``pythonpath``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def make_tiny_lora_unet(rank: int = 4, seed: int = 0, nonzero_b: bool = True):
+    """A random-init tiny UNet with LoRA on the attention projections (B made non-zero so every
+    LoRA weight has a gradient)."""
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig
+
+    from dpdiff.models import tiny
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**tiny.unet_config())
+    unet.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    if nonzero_b:
+        for n, p in unet.named_parameters():
+            if "lora_B" in n:
+                p.data.normal_(0, 0.02)
+    unet.train()
+    return unet
+
+
+def write_image_folder(root: Path, n: int = 12, *, users: int | None = None, size: int = 32, seed: int = 0,
+                       fmt: str = "jsonl") -> Path:
+    """A small random-image folder with metadata (distinct random textures, so no duplicates)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        arr = (rng.random((size, size, 3)) * 255).astype("uint8")
+        name = f"img_{i:03d}.png"
+        Image.fromarray(arr).save(root / name)
+        row = {"file_name": name, "text": f"a photo number {i % 3}"}
+        if users:
+            row["user_id"] = f"u{i % users}"
+        rows.append(row)
+    if fmt == "jsonl":
+        (root / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    else:
+        import csv
+
+        with open(root / "metadata.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+    return root
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 900):
+    """Run ``dpdiff ...`` as a user would (a fresh process), returning CompletedProcess."""
+    e = dict(os.environ)
+    e.update(env or {})
+    return subprocess.run([sys.executable, "-m", "dpdiff.cli", *args], cwd=cwd or ROOT, env=e,
+                          capture_output=True, text=True, timeout=timeout)

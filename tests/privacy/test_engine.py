@@ -1,0 +1,289 @@
+"""The DP-SGD step against independent references: a per-unit loop, noise statistics, clipping bounds."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from helpers import make_tiny_lora_unet
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from dpdiff.privacy.engine import DPSGDEngine, NonPrivateEngine, expected_noise_std
+from dpdiff.training.loss import DiffusionObjective, RowBatch
+
+
+def _objective():
+    from diffusers import DDPMScheduler
+
+    from dpdiff.models import tiny
+
+    return DiffusionObjective(DDPMScheduler(**tiny.scheduler_config()))
+
+
+def _rows(rows_per_unit: list[int], seed: int = 0) -> RowBatch:
+    g = torch.Generator().manual_seed(seed)
+    r = sum(rows_per_unit)
+    pos = torch.cat([torch.full((n,), j) for j, n in enumerate(rows_per_unit)]).long()
+    w = torch.cat([torch.full((n,), 1.0 / n) for n in rows_per_unit])
+    return RowBatch(torch.randn(r, 4, 8, 8, generator=g), torch.randn(r, 4, 8, 8, generator=g),
+                    torch.randint(0, 1000, (r,), generator=g), torch.randn(r, 32, 64, generator=g), pos, w,
+                    len(rows_per_unit))
+
+
+def naive_unit_gradients(model, objective, rows: RowBatch) -> torch.Tensor:
+    """Reference: each unit alone, forward + backward of the mean loss of its rows (no Opacus)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    out = []
+    for u in range(rows.num_units):
+        sel = (rows.unit_pos == u).nonzero().flatten()
+        sub = RowBatch(rows.latents[sel], rows.noise[sel], rows.timesteps[sel], rows.encoder_hidden_states[sel],
+                       torch.zeros(len(sel), dtype=torch.long), rows.row_weight[sel], 1)
+        loss = objective.row_losses(model, sub).mean()
+        out.append(torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)]))
+    return torch.stack(out)
+
+
+def engine_gradient(model, objective, rows, *, C, sigma=0.0, expected=1.0, micro_units=None, seed=0):
+    params = [p for p in model.parameters() if p.requires_grad]
+    eng = DPSGDEngine(model, noise_multiplier=sigma, max_grad_norm=C, expected_batch_size=expected,
+                      noise_generator=torch.Generator().manual_seed(seed), params=params)
+    eng.start_step()
+    from dpdiff.training.trainer import split_units
+
+    for micro in split_units(rows, micro_units or rows.num_units):
+        eng.backward(objective.row_losses(model, micro), unit_pos=micro.unit_pos, row_weight=micro.row_weight,
+                     num_units=micro.num_units)
+    stats = eng.finalize()
+    g = torch.cat([p.grad.flatten() for p in params])
+    eng.close()
+    return g, stats
+
+
+def clip_sum(ref: torch.Tensor, C: float) -> torch.Tensor:
+    norms = ref.norm(dim=1)
+    return (ref * (C / (norms + 1e-6)).clamp(max=1.0)[:, None]).sum(0)
+
+
+@pytest.mark.parametrize("rows_per_unit", [
+    [1, 1, 1, 1],  # K = 1, example-level
+    [3, 3, 3],  # augmult K = 3
+    [1, 4, 2, 6],  # user-level: variable images x K per unit
+])
+def test_lora_unit_gradients_match_naive_loop(rows_per_unit):
+    objective = _objective()
+    model = make_tiny_lora_unet(rank=4)
+    ref_model = copy.deepcopy(model)
+    rows = _rows(rows_per_unit)
+    ref = naive_unit_gradients(ref_model, objective, rows)
+    C = float(ref.norm(dim=1).median())  # some clipped, some not
+    got, stats = engine_gradient(model, objective, rows, C=C, expected=2.5, micro_units=2)
+    want = clip_sum(ref, C) / 2.5
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
+    assert stats["units"] == len(rows_per_unit) and stats["rows"] == sum(rows_per_unit)
+
+
+def test_full_finetune_unit_gradients_match_naive_loop():
+    from diffusers import UNet2DConditionModel
+
+    from dpdiff.models import tiny
+
+    torch.manual_seed(0)
+    cfg = tiny.unet_config()
+    cfg.update(block_out_channels=(32, 32), layers_per_block=1)
+    model = UNet2DConditionModel(**cfg).train()
+    ref_model = copy.deepcopy(model)
+    objective = _objective()
+    rows = _rows([2, 2, 1])
+    ref = naive_unit_gradients(ref_model, objective, rows)
+    C = float(ref.norm(dim=1).min()) * 0.5  # every unit clipped
+    got, _ = engine_gradient(model, objective, rows, C=C)
+    want = clip_sum(ref, C)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
+
+
+def test_micro_batching_does_not_change_the_step():
+    objective = _objective()
+    model = make_tiny_lora_unet(rank=4)
+    rows = _rows([2, 2, 2, 2, 2])
+    a, _ = engine_gradient(copy.deepcopy(model), objective, rows, C=1e-2, sigma=1.0, expected=5, micro_units=5)
+    b, _ = engine_gradient(copy.deepcopy(model), objective, rows, C=1e-2, sigma=1.0, expected=5, micro_units=1)
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
+class _Linear(nn.Module):
+    """y = W x: row r's gradient is outer(dL/dy, x_r), set exactly through the loss."""
+
+    def __init__(self, d_in=50, d_out=40):
+        super().__init__()
+        self.lin = nn.Linear(d_in, d_out, bias=False)
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+def _linear_step(x, targets, unit_pos, num_units, *, C, sigma=0.0, expected=1.0, seed=0):
+    model = _Linear(x.shape[1], targets.shape[1])
+    eng = DPSGDEngine(model, noise_multiplier=sigma, max_grad_norm=C, expected_batch_size=expected,
+                      noise_generator=torch.Generator().manual_seed(seed))
+    counts = torch.bincount(unit_pos, minlength=num_units).float()
+    eng.start_step()
+    loss = (model(x) * targets).sum(1)  # per-row gradient = outer(targets_r, x_r)
+    eng.backward(loss, unit_pos=unit_pos, row_weight=1.0 / counts[unit_pos], num_units=num_units)
+    eng.finalize()
+    return model, eng
+
+
+@settings(max_examples=25, deadline=None)
+@given(n_units=st.integers(1, 6), scale=st.floats(1e-3, 1e3), C=st.floats(1e-3, 10.0), seed=st.integers(0, 10**6))
+def test_every_clipped_unit_gradient_is_within_C(n_units, scale, C, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n_units, 8, generator=g) * scale
+    t = torch.randn(n_units, 5, generator=g)
+    unit_pos = torch.arange(n_units)
+    # each unit alone: the privatised (noise-free, expected=1) gradient is exactly its clipped gradient
+    for u in range(n_units):
+        model, _ = _linear_step(x[u : u + 1], t[u : u + 1], torch.zeros(1, dtype=torch.long), 1, C=C)
+        norm = float(model.lin.weight.grad.norm())
+        raw = float((t[u][:, None] * x[u][None, :]).norm())
+        assert norm <= C * (1 + 1e-5)
+        assert norm == pytest.approx(min(raw, C * raw / (raw + 1e-6)), rel=1e-4)
+    # and the sum over units is bounded by n*C
+    model, _ = _linear_step(x, t, unit_pos, n_units, C=C)
+    assert float(model.lin.weight.grad.norm()) <= n_units * C * (1 + 1e-5)
+
+
+def test_noise_std_matches_sigma_C_over_expected_batch():
+    d_in, d_out = 400, 250  # 100k coordinates
+    sigma, C, expected = 1.3, 0.7, 12.5
+    x = torch.zeros(3, d_in)  # all per-unit gradients zero: what remains is the noise
+    t = torch.randn(3, d_out)
+    model, _ = _linear_step(x, t, torch.arange(3), 3, C=C, sigma=sigma, expected=expected, seed=1)
+    g = model.lin.weight.grad.flatten().double()
+    n = g.numel()
+    want = expected_noise_std(noise_multiplier=sigma, max_grad_norm=C, expected_batch_size=expected)
+    assert want == pytest.approx(sigma * C / expected)
+    # sample std of n iid normals: relative sd ~ 1/sqrt(2n); 6 sd is a ~1e-9 false-alarm bound
+    assert abs(float(g.std()) / want - 1) < 6 / math.sqrt(2 * n)
+    assert abs(float(g.mean())) < 6 * want / math.sqrt(n)
+
+
+def test_zero_noise_gives_the_exact_clipped_mean():
+    g = torch.Generator().manual_seed(3)
+    x, t = torch.randn(4, 10, generator=g), torch.randn(4, 6, generator=g)
+    C, expected = 0.5, 3.0
+    model, _ = _linear_step(x, t, torch.arange(4), 4, C=C, expected=expected)
+    per_unit = torch.stack([torch.outer(t[i], x[i]) for i in range(4)])
+    norms = per_unit.flatten(1).norm(dim=1)
+    want = (per_unit * (C / (norms + 1e-6)).clamp(max=1)[:, None, None]).sum(0) / expected
+    torch.testing.assert_close(model.lin.weight.grad, want)
+
+
+def test_empty_logical_batch_is_a_noise_only_step():
+    model = _Linear(30, 20)
+    eng = DPSGDEngine(model, noise_multiplier=2.0, max_grad_norm=1.0, expected_batch_size=4.0,
+                      noise_generator=torch.Generator().manual_seed(0))
+    eng.start_step()
+    eng.backward(torch.zeros(0), unit_pos=torch.zeros(0, dtype=torch.long), row_weight=torch.zeros(0), num_units=0)
+    stats = eng.finalize()
+    assert stats["units"] == 0
+    grad = model.lin.weight.grad
+    assert grad is not None and float(grad.abs().sum()) > 0
+    assert float(grad.std()) == pytest.approx(2.0 * 1.0 / 4.0, rel=0.15)
+    # the hooks are still healthy after an empty step
+    eng.start_step()
+    x, t = torch.randn(2, 30), torch.randn(2, 20)
+    eng.backward((model(x) * t).sum(1), unit_pos=torch.arange(2), row_weight=torch.ones(2), num_units=2)
+    eng.finalize()
+
+
+def test_non_private_engine_is_the_mean_of_unit_means():
+    model = _Linear(10, 5)
+    eng = NonPrivateEngine(model)
+    x, t = torch.randn(5, 10), torch.randn(5, 5)
+    pos = torch.tensor([0, 0, 1, 2, 2])
+    counts = torch.bincount(pos).float()
+    eng.start_step()
+    eng.backward((model(x) * t).sum(1), unit_pos=pos, row_weight=1.0 / counts[pos], num_units=3)
+    eng.finalize()
+    per_row = torch.stack([torch.outer(t[i], x[i]) for i in range(5)])
+    want = sum(per_row[i] / counts[pos[i]] for i in range(5)) / 3
+    torch.testing.assert_close(model.lin.weight.grad, want)
+
+
+def test_unsupported_trainable_layer_is_refused():
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(3))
+
+        def forward(self, x):
+            return x * self.w
+
+    with pytest.raises(ValueError, match="not supported"):
+        DPSGDEngine(Odd(), noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=1.0,
+                    noise_generator=torch.Generator())
+
+
+@pytest.mark.parametrize("ghost", ["never", "always", "auto"])
+@pytest.mark.parametrize("kind", ["lora", "full"])
+def test_two_pass_engine_matches_naive_loop(kind, ghost):
+    """Fast (two-pass) clipping, per-layer norms and ghost norms: the same clipped sum as the loop."""
+    from diffusers import UNet2DConditionModel
+
+    from dpdiff.models import tiny
+    from dpdiff.privacy.fast_clip import TwoPassDPSGDEngine
+    from dpdiff.training.trainer import split_units
+
+    if kind == "lora":
+        model = make_tiny_lora_unet(rank=4)
+    else:
+        torch.manual_seed(0)
+        cfg = tiny.unet_config()
+        cfg.update(block_out_channels=(32, 32), layers_per_block=1)
+        model = UNet2DConditionModel(**cfg).train()
+    objective = _objective()
+    rows = _rows([2, 1, 3])  # K draws and variable images per unit
+    ref = naive_unit_gradients(copy.deepcopy(model), objective, rows)
+    C = float(ref.norm(dim=1).median())
+    params = [p for p in model.parameters() if p.requires_grad]
+    eng = TwoPassDPSGDEngine(model, noise_multiplier=0.0, max_grad_norm=C, expected_batch_size=3.0,
+                             noise_generator=torch.Generator().manual_seed(0), params=params, ghost=ghost)
+    eng.start_step()
+    for micro in split_units(rows, 2):
+        eng.backward(objective.row_losses(model, micro), unit_pos=micro.unit_pos, row_weight=micro.row_weight,
+                     num_units=micro.num_units)
+    eng.finalize()
+    got = torch.cat([p.grad.flatten() for p in params])
+    want = clip_sum(ref, C) / 3.0
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
+    torch.testing.assert_close(torch.tensor(sorted(eng.stats.norms)), ref.norm(dim=1).sort().values,
+                               rtol=1e-4, atol=1e-8)
+    if ghost == "always":
+        assert eng.ghost_layers > 0
+    eng.close()
+
+
+def test_two_pass_ghost_regular_units_match_naive_loop():
+    """Equal rows per unit takes the batched ghost-norm path."""
+    from dpdiff.privacy.fast_clip import TwoPassDPSGDEngine
+
+    model = make_tiny_lora_unet(rank=4)
+    objective = _objective()
+    rows = _rows([2, 2, 2])
+    ref = naive_unit_gradients(copy.deepcopy(model), objective, rows)
+    C = float(ref.norm(dim=1).median())
+    params = [p for p in model.parameters() if p.requires_grad]
+    eng = TwoPassDPSGDEngine(model, noise_multiplier=0.0, max_grad_norm=C, expected_batch_size=1.0,
+                             noise_generator=torch.Generator(), params=params, ghost="always")
+    eng.start_step()
+    eng.backward(objective.row_losses(model, rows), unit_pos=rows.unit_pos, row_weight=rows.row_weight,
+                 num_units=rows.num_units)
+    eng.finalize()
+    got = torch.cat([p.grad.flatten() for p in params])
+    want = clip_sum(ref, C)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
+    assert eng.ghost_layers > 0

@@ -1,0 +1,100 @@
+"""The probes on real trainings of the tiny model: they flag what leaks and pass what does not.
+
+Slow (minutes each): `make test-slow`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from dpdiff.paths import builtin_digits_dir, config_dir
+
+pytestmark = pytest.mark.slow
+
+
+def few_digits(root: Path, n: int = 24) -> Path:
+    """n demo digits, each with its own caption (as most real datasets have)."""
+    src = builtin_digits_dir()
+    rows = [json.loads(x) for x in (src / "metadata.jsonl").read_text().splitlines()][: n]
+    root.mkdir(parents=True)
+    out = []
+    for i, r in enumerate(rows):
+        (root / r["file_name"]).write_bytes((src / r["file_name"]).read_bytes())
+        out.append({"file_name": r["file_name"], "text": f"{r['text']} number {i}"})
+    (root / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in out) + "\n")
+    return root
+
+
+def run_recipe(run_dir: Path, overrides: list[str], patch=None):
+    from recipes.finetune import FinetuneRecipe
+
+    with initialize_config_dir(config_dir=str(config_dir()), version_base=None):
+        cfg = compose("finetune", overrides=overrides)
+    run_dir.mkdir(parents=True)
+    recipe = FinetuneRecipe(cfg, run_dir)
+    try:
+        recipe.setup()
+        if patch:
+            patch(recipe)
+        recipe.train()
+        recipe.save()
+        recipe.probe()
+        recipe.report()
+    finally:
+        recipe.cleanup()
+    return json.loads((run_dir / "probes.json").read_text()), json.loads((run_dir / "privacy.json").read_text())
+
+
+COMMON = ["train.sample.per_prompt=1", "train.sample.steps=2", "train.progress=false", "eval=none",
+          "data.holdout_fraction=0.5", "probes.extraction.captions=6", "probes.extraction.per_caption=8",
+          "probes.mia.bootstrap=200", "probes.audit.canaries=100", "train.checkpoint_every=0"]
+
+
+def test_overtrained_non_private_model_is_flagged(tmp_path):
+    data = few_digits(tmp_path / "data")
+    probes, priv = run_recipe(tmp_path / "run", [
+        *COMMON, f"data.path={data}", "privacy=none", "adapter=full", "train.max_steps=400", "train.batch_size=32",
+        "train.lr=1e-3", "train.lr_warmup_steps=0"])
+    assert priv["dp"] is False
+    ex, mia, audit = probes["extraction"], probes["mia"], probes["audit"]
+    assert ex["extracted_count"] >= 1, ex
+    assert mia["auc"] > 0.8, mia
+    assert audit["eps_lower"] > 0.5, audit
+    assert (tmp_path / "run" / "probe_extraction.png").exists()
+
+
+def test_dp_model_at_epsilon_one_passes(tmp_path):
+    data = few_digits(tmp_path / "data")
+    probes, priv = run_recipe(tmp_path / "run", [
+        *COMMON, f"data.path={data}", "privacy.target_epsilon=1", "adapter=full", "train.max_steps=100",
+        "train.batch_size=16", "train.lr=1e-3", "privacy.max_grad_norm=0.1", "privacy.augmult=1"])
+    assert priv["dp"] and priv["epsilon"] <= 1
+    ex, mia, audit = probes["extraction"], probes["mia"], probes["audit"]
+    # no extraction beyond what held-out images achieve against the training set
+    assert ex["extracted_count"] <= round(ex["heldout_false_match_rate"] * ex["training_items_probed"]) + 1, ex
+    lo, hi = mia["attacks"]["calibrated"]["auc_ci"]
+    assert lo <= 0.5 <= hi or mia["attacks"]["calibrated"]["auc"] < 0.7, mia
+    assert audit["verdict"].startswith("PASS"), audit
+    assert audit["eps_lower"] <= priv["epsilon"]
+
+
+def test_claimed_epsilon_without_noise_fails_the_audit(tmp_path):
+    """A 'DP' run whose noise was switched off after calibration: the audit must catch it."""
+    data = few_digits(tmp_path / "data")
+
+    def drop_noise(recipe):
+        recipe.engine.noise_multiplier = 0.0  # the bug: the accountant still believes in sigma
+
+    probes, priv = run_recipe(tmp_path / "run", [
+        *COMMON, f"data.path={data}", "privacy.target_epsilon=1", "adapter=full", "train.max_steps=300",
+        "train.batch_size=48", "train.lr=1e-3", "privacy.max_grad_norm=1.0", "privacy.augmult=1",
+        "probes.audit.canaries=200", "probes.extraction.enabled=false", "probes.mia.enabled=false"],
+        patch=drop_noise)
+    assert priv["epsilon"] <= 1
+    audit = probes["audit"]
+    assert audit["verdict"].startswith("FAIL"), audit
+    assert audit["eps_lower"] > priv["epsilon"]

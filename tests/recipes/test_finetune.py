@@ -1,0 +1,113 @@
+"""The finetune recipe as a user runs it: `dpdiff finetune ...` in a fresh process."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from helpers import run_cli
+
+FAST = ["train.max_steps=2", "train.batch_size=8", "train.micro_batch_size=8", "train.sample.per_prompt=1",
+        "train.sample.steps=2", "train.log_every=1", "train.lr_warmup_steps=0", "train.progress=false",
+        "probes=none", "eval=none"]
+
+PRIVACY_KEYS = {"epsilon", "delta", "target_epsilon", "accountant", "noise_multiplier", "max_grad_norm",
+                "sample_rate", "steps", "expected_batch_size", "num_units", "privacy_unit", "augmult",
+                "world_size", "dp"}
+
+
+def _check_run_dir(run_dir):
+    for f in ("privacy.json", "metrics.jsonl", "run.json", "report.html", "report.md", "samples.png",
+              ".hydra/config.yaml"):
+        assert (run_dir / f).exists(), f"missing {f}"
+    run = json.loads((run_dir / "run.json").read_text())
+    assert {"base_model", "dpdiff_version", "git_commit", "wall_seconds"} <= set(run)
+    priv = json.loads((run_dir / "privacy.json").read_text())
+    assert PRIVACY_KEYS <= set(priv)
+    metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2]
+    return priv, run
+
+
+def test_dp_finetune_two_steps(tmp_path):
+    run_dir = tmp_path / "run"
+    res = run_cli("finetune", *FAST, "privacy.target_epsilon=2", f"hydra.run.dir={run_dir}")
+    assert res.returncode == 0, res.stderr[-3000:]
+    priv, run = _check_run_dir(run_dir)
+    assert (run_dir / "lora" / "pytorch_lora_weights.safetensors").exists()
+    assert priv["dp"] is True and priv["steps"] == 2
+    assert 0 < priv["epsilon"] <= priv["target_epsilon"] == 2
+    assert priv["noise_multiplier"] > 0 and priv["accountant"] == "prv"
+    assert priv["expected_batch_size"] == pytest.approx(8.0)
+    assert priv["sample_rate"] == pytest.approx(8 / priv["num_units"])
+    assert "DP per example" in res.stdout and "report" in res.stdout
+    assert "differentially private" in (run_dir / "report.md").read_text()
+
+
+def test_non_private_finetune_is_labelled(tmp_path):
+    run_dir = tmp_path / "run"
+    res = run_cli("finetune", *FAST, "privacy=none", f"hydra.run.dir={run_dir}")
+    assert res.returncode == 0, res.stderr[-3000:]
+    priv, _ = _check_run_dir(run_dir)
+    assert priv["dp"] is False and priv["epsilon"] is None
+    assert "NO PRIVACY GUARANTEE" in (run_dir / "report.html").read_text()
+    assert "NO PRIVACY GUARANTEE" in res.stdout
+
+
+def test_full_finetune_saves_unet(tmp_path):
+    run_dir = tmp_path / "run"
+    res = run_cli("finetune", *FAST, "adapter=full", "privacy.augmult=1", f"hydra.run.dir={run_dir}")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (run_dir / "unet" / "config.json").exists()
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("data.path=/no/such/dir", "does not exist"),
+    ("model.pretrained=/no/such/model", "does not exist"),
+    ("privacy.target_epsilon=0", "privacy.target_epsilon=0"),
+    ("privacy.target_epsilon=-1", "positive"),
+    ("privacy.delta=0.5", "privacy.delta"),
+    ("adapter.target_modules=[to_qq]", "matches no module"),
+    ("privacy.max_grad_norm=0", "max_grad_norm"),
+    ("privacy.augmult=0", "augmult"),
+    ("train.batch_size=100000", "batch_size"),
+    ("privacy.accountant=gdp", "accountant"),
+])
+def test_bad_input_is_one_clear_line_and_leaves_nothing(tmp_path, override, needle):
+    run_dir = tmp_path / "run"
+    res = run_cli("finetune", *FAST, override, f"hydra.run.dir={run_dir}")
+    assert res.returncode == 2, (res.returncode, res.stderr[-2000:])
+    lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
+    assert lines[-1].startswith("dpdiff: error:"), res.stderr[-2000:]
+    assert needle in lines[-1]
+    assert "Traceback" not in res.stderr
+    assert not run_dir.exists(), "a failed run left its run dir behind"
+
+
+def test_probes_and_eval_run_after_training_and_on_an_existing_run(tmp_path):
+    """probes=default writes probes.json with the contract keys; `dpdiff probe` reruns them."""
+    run_dir = tmp_path / "run"
+    small = ["probes=default", "eval=default", "probes.extraction.captions=2", "probes.extraction.per_caption=4",
+             "probes.mia.members=24", "probes.mia.bootstrap=50", "probes.mia.timesteps=[100,300]",
+             "probes.mia.noise_draws=1", "probes.audit.canaries=20", "eval.per_digit=2", "eval.heldout_images=16",
+             "data.holdout_fraction=0.03"]
+    base = [a for a in FAST if not a.startswith(("probes=", "eval="))]
+    res = run_cli("finetune", *base, *small, f"hydra.run.dir={run_dir}")
+    assert res.returncode == 0, res.stderr[-3000:]
+    probes = json.loads((run_dir / "probes.json").read_text())
+    assert {"extracted_count", "rate"} <= set(probes["extraction"])
+    assert probes["mia"]["auc"] is not None and 0 <= probes["mia"]["auc"] <= 1
+    assert {"eps_lower", "verdict"} <= set(probes["audit"]) and probes["audit"]["verdict"].startswith(("PASS", "FAIL"))
+    canaries = json.loads((run_dir / "canaries.json").read_text())
+    priv = json.loads((run_dir / "privacy.json").read_text())
+    assert priv["canaries"]["included"] == sum(c["included"] for c in canaries["canaries"])
+    util = json.loads((run_dir / "utility.json").read_text())
+    assert "private_digits_accuracy" in util["digit_accuracy"]["finetuned"]
+    assert "Probes" in (run_dir / "report.html").read_text()
+    (run_dir / "probes.json").unlink()
+    res = run_cli("probe", f"run_dir={run_dir}", "probes.extraction.enabled=false", "probes.mia.members=16",
+                  "probes.mia.bootstrap=20", "probes.mia.timesteps=[200]", "probes.mia.noise_draws=1")
+    assert res.returncode == 0, res.stderr[-3000:]
+    again = json.loads((run_dir / "probes.json").read_text())
+    assert again["extraction"]["extracted_count"] is None and again["mia"]["auc"] is not None
+    assert again["audit"]["eps_lower"] is not None

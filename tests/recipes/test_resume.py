@@ -1,0 +1,89 @@
+"""Checkpoint/resume keeps the privacy ledger: same epsilon as an uninterrupted run, never less."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from helpers import ROOT, run_cli
+from safetensors.torch import load_file
+
+FAST = ["train.batch_size=8", "train.micro_batch_size=8", "train.sample.per_prompt=1", "train.sample.steps=2",
+        "train.log_every=1", "train.lr_warmup_steps=0", "train.progress=false",
+        "probes=none", "eval=none", "privacy.augmult=2",
+        "data.holdout_fraction=0"]
+
+
+def _priv(run_dir):
+    return json.loads((run_dir / "privacy.json").read_text())
+
+
+def test_resume_equals_uninterrupted_run(tmp_path):
+    fixed = ["privacy.noise_multiplier=1.0", "privacy.target_epsilon=50"]
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    r = run_cli("finetune", *FAST, *fixed, "train.max_steps=3", f"hydra.run.dir={a}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_cli("finetune", *FAST, *fixed, "train.max_steps=6", f"train.resume_from={a}", f"hydra.run.dir={b}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_cli("finetune", *FAST, *fixed, "train.max_steps=6", f"hydra.run.dir={c}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    pb, pc = _priv(b), _priv(c)
+    assert pb["steps"] == pc["steps"] == 6
+    assert pb["epsilon"] == pytest.approx(pc["epsilon"], rel=1e-9)
+    assert pb["ledger"] == pc["ledger"]
+    # the whole state was restored (sampler, draws, noise, optimizer): the weights agree too
+    wb = load_file(str(b / "lora" / "pytorch_lora_weights.safetensors"))
+    wc = load_file(str(c / "lora" / "pytorch_lora_weights.safetensors"))
+    assert wb.keys() == wc.keys()
+    for k in wb:
+        torch.testing.assert_close(wb[k], wc[k], rtol=1e-4, atol=1e-6)
+
+
+def test_raising_steps_past_the_target_is_refused(tmp_path):
+    a = tmp_path / "a"
+    r = run_cli("finetune", *FAST, "privacy.target_epsilon=2", "train.max_steps=3", f"hydra.run.dir={a}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    b = tmp_path / "b"
+    r = run_cli("finetune", *FAST, "privacy.target_epsilon=2", "train.max_steps=300", f"train.resume_from={a}",
+                f"hydra.run.dir={b}")
+    assert r.returncode == 2
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("dpdiff: error:") and "at most 3 steps fit" in last
+    assert not b.exists()
+
+
+def test_a_crash_after_the_last_checkpoint_is_still_counted(tmp_path):
+    a = tmp_path / "a"
+    cmd = [sys.executable, "-m", "dpdiff.cli", "finetune", *FAST, "privacy.noise_multiplier=1.0",
+           "privacy.target_epsilon=1000", "train.max_steps=400", "train.checkpoint_every=3",
+           "train.checkpoints_total_limit=1", f"hydra.run.dir={a}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    ledger = a / "privacy_ledger.json"
+    deadline = time.time() + 600
+    try:
+        while time.time() < deadline:
+            if ledger.exists() and list(a.glob("checkpoint-*")):
+                steps = json.loads(ledger.read_text())["steps"]
+                ckpt = max(int(p.name.split("-")[1]) for p in a.glob("checkpoint-*"))
+                if steps % 3 != 0 and steps > ckpt:
+                    break
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    spent = json.loads(ledger.read_text())["steps"]
+    ckpt = max(int(p.name.split("-")[1]) for p in a.glob("checkpoint-*") if (p / "state.json").exists())
+    assert spent > ckpt, (spent, ckpt)
+    b = tmp_path / "b"
+    r = run_cli("finetune", *FAST, "privacy.noise_multiplier=1.0", "privacy.target_epsilon=1000",
+                f"train.max_steps={ckpt + 2}", f"train.resume_from={a}", f"hydra.run.dir={b}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    # every step ever taken is accounted: the discarded ones after the checkpoint, then 2 more
+    assert _priv(b)["steps"] == spent + 2

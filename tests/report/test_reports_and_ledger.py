@@ -1,0 +1,111 @@
+"""Run reports (DP and non-DP), wandb offline, sweeps, and the per-dataset privacy ledger."""
+
+from __future__ import annotations
+
+import json
+import re
+from html.parser import HTMLParser
+
+from helpers import run_cli, write_image_folder
+
+FAST = ["train.max_steps=2", "train.batch_size=4", "train.micro_batch_size=4", "train.sample.per_prompt=1",
+        "train.sample.steps=2", "train.log_every=1", "train.lr_warmup_steps=0", "train.progress=false",
+        "privacy.augmult=1", "data.resolution=32", "probes=none", "eval=none"]
+
+
+class _Checker(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.stack, self.errors, self.srcs = [], [], []
+
+    VOID = {"meta", "img", "br", "hr", "link", "input"}
+
+    def handle_starttag(self, tag, attrs):
+        for k, v in attrs:
+            if k in ("src", "href") and v:
+                self.srcs.append(v)
+        if tag not in self.VOID:
+            self.stack.append(tag)
+
+    def handle_endtag(self, tag):
+        if tag in self.VOID:
+            return
+        if not self.stack or self.stack[-1] != tag:
+            self.errors.append(f"unexpected </{tag}> (open: {self.stack[-3:]})")
+        else:
+            self.stack.pop()
+
+
+def assert_self_contained_html(path):
+    text = path.read_text()
+    c = _Checker()
+    c.feed(text)
+    assert not c.errors and not c.stack, (c.errors, c.stack)
+    assert all(s.startswith("data:") for s in c.srcs), c.srcs
+    assert not re.search(r"https?://", text)
+
+
+def test_dp_and_non_dp_reports(tmp_path):
+    data = write_image_folder(tmp_path / "data", 16)
+    dp, non = tmp_path / "dp", tmp_path / "non"
+    r = run_cli("finetune", *FAST, f"data.path={data}", f"hydra.run.dir={dp}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_cli("finetune", *FAST, f"data.path={data}", "privacy=none", f"hydra.run.dir={non}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    for d in (dp, non):
+        assert_self_contained_html(d / "report.html")
+    dp_html = (dp / "report.html").read_text()
+    assert "differentially private" in dp_html and "NO PRIVACY GUARANTEE" not in dp_html
+    assert "epsilon vs step" in dp_html and "Caveats" in dp_html
+    non_html = (non / "report.html").read_text()
+    assert "NO PRIVACY GUARANTEE" in non_html and "nodp" in non_html
+    assert "NO PRIVACY GUARANTEE" in (non / "report.md").read_text()
+    # rebuildable from the run dir alone
+    (dp / "report.html").unlink()
+    r = run_cli("report", f"run_dir={dp}")
+    assert r.returncode == 0 and (dp / "report.html").exists()
+
+
+def test_wandb_offline_run_dir(tmp_path):
+    data = write_image_folder(tmp_path / "data", 12)
+    run = tmp_path / "run"
+    r = run_cli("finetune", *FAST, f"data.path={data}", "tracker=wandb", f"hydra.run.dir={run}",
+                env={"WANDB_MODE": "offline"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    runs = list((run / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    log = next(runs[0].glob("*.wandb")).read_bytes()  # wandb's offline transaction log (protobuf records)
+    for key in (b"privacy/epsilon", b"loss", b"epsilon", b"grad_norm_median", b"target_epsilon"):
+        assert key in log, key
+    # private data never reaches the tracker: no training caption, no training image
+    assert b"a photo number" not in log
+    assert not list(runs[0].rglob("*.png"))  # the sample prompts here are training captions
+
+
+def test_two_run_sweep_report_and_dataset_ledger(tmp_path):
+    data = write_image_folder(tmp_path / "data", 16)
+    sweep = tmp_path / "sweep"
+    r = run_cli("finetune", "-m", *FAST, f"data.path={data}", "privacy.target_epsilon=1,4",
+                f"hydra.sweep.dir={sweep}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_cli("sweep-report", str(sweep))
+    assert r.returncode == 0, r.stderr[-2000:]
+    md = (sweep / "sweep_report.md").read_text()
+    assert len([ln for ln in md.splitlines() if re.match(r"\| \d+ \|", ln)]) == 2, md
+    assert "Total privacy spent by this sweep" in md
+    assert_self_contained_html(sweep / "sweep_report.html")
+    eps = [json.loads((sweep / str(i) / "privacy.json").read_text())["epsilon"] for i in (0, 1)]
+    total = float(re.search(r"epsilon ([0-9.]+)", md.split("Total privacy spent")[1]).group(1))
+    assert total > max(eps)
+    # the dataset ledger composes both runs to more than either alone
+    r = run_cli("budget", str(data))
+    assert r.returncode == 0, r.stderr
+    ledger_total = float(re.search(r"total: epsilon ([0-9.]+)", r.stdout).group(1))
+    assert ledger_total > max(eps)
+    assert r.stdout.count("finished") == 2
+    # and a run past the dataset budget is refused before training
+    run = tmp_path / "over"
+    r = run_cli("finetune", *FAST, f"data.path={data}", "privacy.target_epsilon=2",
+                f"privacy.dataset_budget={ledger_total + 0.01}", f"hydra.run.dir={run}")
+    assert r.returncode == 2 and "privacy.dataset_budget" in r.stderr
+    assert not run.exists()
