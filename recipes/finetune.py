@@ -49,6 +49,7 @@ class FinetuneRecipe:
             raise UserError(f"adapter={cfg.adapter.kind}: must be one of {', '.join(KINDS)}")
         self.canaries = CanarySettings.from_config(cfg.probes)
         _check_train_config(cfg.train, privacy_enabled=self.privacy.enabled)
+        _check_data_config(cfg.data)
         # 2. the private data: read, check, group into units, split off the holdout
         self.data = prepare(cfg.data, unit=self.privacy.unit)
         if self.canaries.count:
@@ -83,6 +84,10 @@ class FinetuneRecipe:
                             "the checkpoint were spent even though their weights are discarded)",
                             on_disk.steps, ckpt["ledger"].steps, on_disk.steps)
                 ckpt["ledger"] = on_disk
+        fp = ckpt["state"].get("dataset_fingerprint")
+        if fp is not None and fp != self.data.fingerprint:
+            raise UserError(f"train.resume_from={spec}: that checkpoint was trained on another dataset (fingerprint "
+                            f"{fp[:12]}, this data {self.data.fingerprint[:12]}); its privacy ledger does not apply")
         if self.privacy.enabled and ckpt["ledger"] is None:
             raise UserError(f"train.resume_from={spec}: that checkpoint is from a non-private run; "
                             "a DP run cannot continue from it")
@@ -197,7 +202,8 @@ class FinetuneRecipe:
         cache_dir = Path(cfg.data.cache_dir).expanduser() if cfg.data.get("cache_dir") else home() / "cache"
         key = cache_key(records=records, base_path=self.base.path, dtype=str(cfg.model.frozen_dtype), **kw)
         path = cache_dir / f"features-{key}.safetensors"
-        if self.proc.is_main and load_encoded(path) is None:
+        # one process per machine encodes (the cache dir may be node-local); the others wait and read it
+        if self.proc.local_rank == 0 and load_encoded(path) is None:
             enc = encode_dataset(records, vae=self.base.vae, tokenizer=self.base.tokenizer,
                                  text_encoder=self.base.text_encoder, device=self.proc.device,
                                  progress=cfg.train.progress, **kw)
@@ -302,6 +308,7 @@ class FinetuneRecipe:
             secure_rng=secure, autocast_dtype=autocast_dtype(train.mixed_precision, proc.device),
             start_step=start, progress=bool(train.progress))
         self.trainer.run_id = getattr(self, "run_id", None)
+        self.trainer.dataset_fingerprint = self.data.fingerprint
 
     def _caption_mitigation(self):
         """Public-pool caption replacement / public-word insertion (see training.rows.CaptionMitigation)."""
@@ -312,9 +319,6 @@ class FinetuneRecipe:
 
         rp = float(self.cfg.data.get("caption_replace_prob", 0.0) or 0.0)
         ip = float(self.cfg.data.get("caption_insert_prob", 0.0) or 0.0)
-        if rp < 0 or ip < 0 or rp + ip > 1:
-            raise UserError(f"data.caption_replace_prob={rp} and data.caption_insert_prob={ip}: each must be >= 0 "
-                            "and their sum <= 1")
         if rp == 0 and ip == 0:
             return None
         rng = np.random.default_rng(int(self.cfg.train.seed) + 7)
@@ -463,6 +467,20 @@ def _check_train_config(train, *, privacy_enabled: bool) -> None:
                         "gradient); lower train.micro_batch_size to save memory instead")
     if str(train.mixed_precision) not in ("no", "bf16", "fp16", "False", "None"):
         raise UserError(f"train.mixed_precision={train.mixed_precision}: must be no, bf16 or fp16")
+
+
+def _check_data_config(data) -> None:
+    rp = float(data.get("caption_replace_prob", 0.0) or 0.0)
+    ip = float(data.get("caption_insert_prob", 0.0) or 0.0)
+    if rp < 0 or ip < 0 or rp + ip > 1:
+        raise UserError(f"data.caption_replace_prob={rp} and data.caption_insert_prob={ip}: each must be >= 0 "
+                        "and their sum <= 1")
+    res = data.get("resolution")
+    if res is not None and (not isinstance(res, int) or res < 8):
+        raise UserError(f"data.resolution={res}: must be an integer >= 8 (or null for the model's own)")
+    hf = data.get("holdout_fraction", 0.0) or 0.0
+    if not 0 <= float(hf) < 1:
+        raise UserError(f"data.holdout_fraction={hf}: must be in [0, 1)")
 
 
 def _flat_summary(privacy: dict, probes: dict | None) -> dict:

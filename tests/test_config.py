@@ -7,7 +7,7 @@ from hydra import compose, initialize_config_dir
 
 from dpdiff.paths import config_dir
 
-GROUPS = ["model", "data", "adapter", "privacy", "train", "probes", "tracker", "launcher"]
+GROUPS = ["model", "data", "adapter", "privacy", "train", "probes", "eval", "tracker", "launcher"]
 
 
 def _options(group: str) -> list[str]:
@@ -57,3 +57,11 @@ def test_defaults_are_the_private_demo():
 
 def test_privacy_none_is_labelled_non_private():
     assert _compose(["privacy=none"]).privacy.enabled is False
+
+
+@pytest.mark.parametrize("launcher", ["dpdiff_slurm", "dpdiff_local"])
+def test_cluster_launchers_compose(launcher):
+    with initialize_config_dir(config_dir=str(config_dir()), version_base=None):
+        cfg = compose("finetune", overrides=[f"hydra/launcher={launcher}"], return_hydra_config=True)
+    assert "submitit" in cfg.hydra.launcher._target_
+    assert cfg.hydra.launcher.timeout_min == 720

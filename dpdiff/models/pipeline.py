@@ -42,15 +42,38 @@ def generate(pipe, prompts: list[str], *, seeds: list[int], steps: int = 20,
     return out
 
 
+def label_rows(grid: Image.Image, labels: list[str], *, row_height: float, width: int = 220) -> Image.Image:
+    """Add a left margin with one text label per row (the prompt of that row)."""
+    from PIL import ImageDraw, ImageFont
+
+    out = Image.new("RGB", (grid.width + width, grid.height), "white")
+    out.paste(grid, (width, 0))
+    draw = ImageDraw.Draw(out)
+    try:
+        font = ImageFont.load_default(size=13)
+    except TypeError:  # Pillow < 10.1
+        font = ImageFont.load_default()
+    for i, text in enumerate(labels):
+        text = text if len(text) <= 32 else text[:31] + "..."
+        draw.text((6, int((i + 0.5) * row_height) - 7), text, fill=(40, 40, 40), font=font)
+    return out
+
+
 def sample_grid(pipe, prompts: list[str], *, per_prompt: int, seed: int, path: Path,
-                upscale: int = 2, **kwargs) -> Path:
-    """A grid with one row per prompt and ``per_prompt`` seeded samples per row, saved as PNG."""
+                upscale: int = 2, labels: bool = True, **kwargs) -> Path:
+    """A grid with one row per prompt (labelled with it) and ``per_prompt`` seeded samples per row, as PNG.
+
+    The same seeds are used in every row, so rows differ only by their prompt, and grids of two
+    models (e.g. fine-tuned and base) compare image by image.
+    """
     all_prompts = [p for p in prompts for _ in range(per_prompt)]
     seeds = [seed + j for _ in prompts for j in range(per_prompt)]
     images = generate(pipe, all_prompts, seeds=seeds, **kwargs)
     grid = image_grid(images, rows=len(prompts), cols=per_prompt)
     if upscale > 1:
         grid = grid.resize((grid.width * upscale, grid.height * upscale), Image.Resampling.NEAREST)
+    if labels:
+        grid = label_rows(grid, prompts, row_height=grid.height / len(prompts))
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     grid.save(path)
     return Path(path)

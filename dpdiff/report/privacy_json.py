@@ -23,8 +23,9 @@ def caveats(recipe) -> list[str]:
         out.append("The sample-grid prompts are the most frequent training captions: the captions themselves are "
                    "shown verbatim and are not protected by the guarantee.")
     if data.holdout_units:
-        out.append(f"{len(data.holdout_units)} privacy units were held out (never trained on) and used by the "
-                   "probes as non-members; the probes read them, so the report is for the data owner.")
+        out.append(f"{len(data.holdout_units)} privacy units were held out (never trained on); the probes (as "
+                   "non-members) and the utility metrics read them, outside the guarantee: the report is for the "
+                   "data owner.")
     out.append("The data checks (validation, deduplication) and the choice of hyperparameters read the private "
                "data without privacy accounting." if not data.builtin else
                "Hyperparameters of the built-in demo were chosen on this same demo data (not accounted).")

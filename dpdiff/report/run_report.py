@@ -156,6 +156,9 @@ def build_sections(*, priv: dict, run: dict, probes: dict | None, metrics: list[
         from dpdiff.report.probes_section import probe_rows
 
         out.append(("Probes: what the trained model leaks", probe_rows(probes, priv)))
+    else:
+        out.append(("Probes: what the trained model leaks",
+                    [("status", "not run (probes=none); run them later with dpdiff probe run_dir=...")]))
     out.append(("Caveats", [(str(i + 1), c) for i, c in enumerate(priv.get("caveats", []))]))
     return out
 
@@ -195,6 +198,7 @@ td:first-child{color:#57606a;width:38%}
 .nodp{background:#ffebe9;border:2px solid #cf222e;font-weight:bold;font-size:1.2em}
 .fail{color:#cf222e;font-weight:bold} .pass{color:#1a7f37;font-weight:bold}
 figure{margin:1em 0} figcaption{color:#57606a;font-size:.9em} img{max-width:100%;image-rendering:pixelated}
+.figs{display:flex;flex-wrap:wrap;gap:1.5em;align-items:flex-start} .figs figure{margin:0;flex:1 1 420px}
 .muted{color:#57606a;font-size:.9em}
 """
 
@@ -217,16 +221,22 @@ def render_html(sections, *, run_dir: Path, plots: dict, run: dict, dp: bool) ->
                 cls = " class='pass'"
             parts.append(f"<tr><td>{esc(str(k))}</td><td{cls}>{esc(str(v))}</td></tr>")
         parts.append("</table>")
-    parts.append("<h2>Figures</h2>")
+    parts.append("<h2>Figures</h2><div class='figs'>")
     for name, path in plots.items():
         parts.append(f"<figure>{_img_tag(Path(path), name)}<figcaption>{esc(name)}</figcaption></figure>")
-    prompts = run.get("sample_prompts") or []
-    cap = "; ".join(prompts)
-    for img, title in (("samples.png", "Samples from the fine-tuned model (one row per prompt: " + cap + ")"),
-                       ("samples_base.png", "The base model on the same prompts and seeds"),
-                       ("probe_extraction.png", "Extraction probe: flagged generation | nearest training image")):
-        tag = _img_tag(run_dir / img, title)
-        if tag:
+    parts.append("</div>")
+    pairs = [("samples.png", "fine-tuned model"), ("samples_base.png", "base model, same prompts and seeds")]
+    tags = [(title, _img_tag(run_dir / img, title)) for img, title in pairs]
+    tags = [(t, tag) for t, tag in tags if tag]
+    if tags:
+        parts.append("<h2>Samples</h2><div class='figs'>")
+        for title, tag in tags:
             parts.append(f"<figure>{tag}<figcaption>{esc(title)}</figcaption></figure>")
+        parts.append("</div>")
+    tag = _img_tag(run_dir / "probe_extraction.png", "flagged generations")
+    if tag:
+        parts.append("<h2>Extraction probe: flagged generations</h2>")
+        parts.append(f"<figure>{tag}<figcaption>each pair: generated image | red (extracted) or amber (near copy) "
+                     "| its nearest training image</figcaption></figure>")
     parts.append("</body></html>")
     return "\n".join(parts)

@@ -46,8 +46,12 @@ def maybe_launch(args: list[str]) -> bool:
         rest.append(f"hydra.run.dir={run_dir}")
     extra = _value(args, "launcher.extra_args")
     extra_args = shlex.split(extra.strip("[]").replace(",", " ")) if extra else []
+    machines = [] if "--num_machines" in extra_args else ["--num_machines", "1"]
+    if "--num_machines" in extra_args and _value(args, "hydra.run.dir") is None:
+        raise UserError("a multi-node run needs hydra.run.dir=DIR on a filesystem every node shares "
+                        "(each node would otherwise pick its own timestamped run dir)")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num),
-           "--num_machines", "1", *extra_args, "-m", "recipes.finetune", *rest]
+           *machines, *extra_args, "-m", "recipes.finetune", *rest]
     print(f"dpdiff: launching {num} processes: {' '.join(shlex.quote(c) for c in cmd)}", flush=True)
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // num)))

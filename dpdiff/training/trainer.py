@@ -67,6 +67,7 @@ class Trainer:
         self.stopped_for_budget = False
         self.history: list[dict] = []
         self.run_id: str | None = None  # the lineage id of the run in the dataset ledger
+        self.dataset_fingerprint: str | None = None  # what the ledger's steps were spent on
         self.last_lr = 0.0
 
     # ------------------------------------------------------------------------------------------
@@ -119,6 +120,8 @@ class Trainer:
                 log.warning("stopping at step %d: one more step would exceed privacy.target_epsilon", self.step)
                 break
             stats = self.train_step()
+            if self.ledger is not None and self.is_main:  # the spend is on disk before anything is logged
+                self.ledger.save(self.run_dir / "privacy_ledger.json")
             if before is not None and self.last_lr > 0:
                 self._check_weights_changed(before)
                 before = None
@@ -132,8 +135,6 @@ class Trainer:
                                                                 if "epsilon" in metrics else {}))
                 self.tracker.log(metrics, step=self.step)
                 self.history.append({"step": self.step, **metrics})
-            if self.ledger is not None and self.is_main:
-                self.ledger.save(self.run_dir / "privacy_ledger.json")
             if self.checkpoint_every and self.step % self.checkpoint_every == 0 and self.step < self.max_steps:
                 self.checkpoint()
         bar.close()
@@ -160,6 +161,7 @@ class Trainer:
         per_rank = gather_objects(local)
         return {
             "run_id": self.run_id,
+            "dataset_fingerprint": self.dataset_fingerprint,
             "world_size": len(per_rank),
             "ranks": per_rank,
             "noise_generator": None if (self.secure_rng or self.noise_generator is None)

@@ -72,10 +72,12 @@ def test_full_finetune_saves_unet(tmp_path):
     ("privacy.augmult=0", "augmult"),
     ("train.batch_size=100000", "batch_size"),
     ("privacy.accountant=gdp", "accountant"),
+    ("train.gradient_checkpointing=true", "gradient_checkpointing"),
+    ("data.caption_replace_prob=0.8 data.caption_insert_prob=0.5", "caption"),
 ])
 def test_bad_input_is_one_clear_line_and_leaves_nothing(tmp_path, override, needle):
     run_dir = tmp_path / "run"
-    res = run_cli("finetune", *FAST, override, f"hydra.run.dir={run_dir}")
+    res = run_cli("finetune", *FAST, *override.split(), f"hydra.run.dir={run_dir}")
     assert res.returncode == 2, (res.returncode, res.stderr[-2000:])
     lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
     assert lines[-1].startswith("dpdiff: error:"), res.stderr[-2000:]

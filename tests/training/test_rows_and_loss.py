@@ -1,0 +1,93 @@
+"""Rows of a micro-batch (augmentation multiplicity, user units, caption mitigations) and the loss targets."""
+
+from __future__ import annotations
+
+import torch
+
+from dpdiff.data.records import PrivacyUnits
+from dpdiff.training.encode import EncodedData
+from dpdiff.training.loss import DiffusionObjective
+from dpdiff.training.rows import PUBLIC_CAPTIONS, CaptionMitigation, RowBuilder, insert_random_word
+
+
+def _data(n_images=10, captions=3):
+    g = torch.Generator().manual_seed(0)
+    return EncodedData(latent_mean=torch.randn(n_images, 2, 4, 2, 2, generator=g),
+                       latent_std=torch.rand(n_images, 2, 4, 2, 2, generator=g) * 0.1,
+                       text_emb=torch.randn(captions, 5, 8, generator=g),
+                       text_index=torch.arange(n_images) % captions, captions=[f"c{i}" for i in range(captions)],
+                       scaling_factor=0.5, shift_factor=0.0)
+
+
+def test_augmult_and_user_units_weights():
+    units = PrivacyUnits("user", ((0, 1, 2), (3,), (4, 5, 6, 7, 8, 9)), ("a", "b", "c"))
+    rb = RowBuilder(_data(), units, augmult=3, random_flip=True, num_train_timesteps=1000,
+                    generator=torch.Generator().manual_seed(1), max_images_per_unit=4)
+    rows = rb.build([0, 1, 2])
+    counts = torch.bincount(rows.unit_pos, minlength=3).tolist()
+    assert counts == [9, 3, 12]  # 3 images x K, 1 x K, min(6, 4) x K
+    for u in range(3):  # the rows of a unit weigh 1 in total: the unit gradient is their mean
+        assert float(rows.row_weight[rows.unit_pos == u].sum()) == __import__("pytest").approx(1.0)
+    assert rows.num_units == 3 and len(rows) == 24
+
+
+def test_max_images_per_user_draws_a_random_subset():
+    units = PrivacyUnits("user", (tuple(range(10)),), ("a",))
+    rb = RowBuilder(_data(), units, augmult=1, random_flip=False, num_train_timesteps=1000,
+                    generator=torch.Generator().manual_seed(2), max_images_per_unit=3)
+    seen = set()
+    for _ in range(30):
+        imgs = rb.images_of(0)
+        assert len(imgs) == 3 and len(set(imgs)) == 3
+        seen |= set(imgs)
+    assert len(seen) == 10
+
+
+def test_caption_mitigation_uses_public_material_only():
+    data = _data()
+    variants = torch.randn(3, 4, 5, 8)
+    pool = torch.randn(len(PUBLIC_CAPTIONS), 5, 8)
+    mit = CaptionMitigation(caption_emb_variants=variants, pool_emb=pool, replace_prob=0.4, insert_prob=0.4)
+    text = data.text_emb[data.text_index]
+    out = mit.apply(text, data.text_index, torch.Generator().manual_seed(0))
+    n_pool = n_var = n_same = 0
+    for i in range(len(out)):
+        if any(torch.equal(out[i], p) for p in pool):
+            n_pool += 1
+        elif any(torch.equal(out[i], v) for v in variants[data.text_index[i]]):
+            n_var += 1  # a variant of the row's OWN caption, never another unit's
+        else:
+            assert torch.equal(out[i], text[i])
+            n_same += 1
+    assert n_pool + n_var + n_same == len(out) and n_pool > 0 and n_var > 0
+    import numpy as np
+
+    s = insert_random_word("a photo of a dog", np.random.default_rng(0))
+    assert len(s.split()) == 6
+
+
+def test_v_prediction_target_follows_the_scheduler():
+    from diffusers import DDPMScheduler
+
+    from dpdiff.models import tiny
+
+    cfg = tiny.scheduler_config()
+    eps_obj = DiffusionObjective(DDPMScheduler(**cfg))
+    v_obj = DiffusionObjective(DDPMScheduler(**{**cfg, "prediction_type": "v_prediction"}))
+    lat, noise = torch.randn(2, 4, 2, 2), torch.randn(2, 4, 2, 2)
+    t = torch.tensor([10, 900])
+    assert torch.equal(eps_obj.target(lat, noise, t), noise)
+    sched = v_obj.scheduler
+    a = sched.alphas_cumprod[t].sqrt().view(-1, 1, 1, 1)
+    s = (1 - sched.alphas_cumprod[t]).sqrt().view(-1, 1, 1, 1)
+    torch.testing.assert_close(v_obj.target(lat, noise, t), a * noise - s * lat)
+
+
+def test_secure_noise_is_not_reproducible_from_the_seed():
+    from dpdiff.privacy.engine import noise_generator
+
+    a = torch.randn(5, generator=noise_generator(seed=0, secure=True))
+    b = torch.randn(5, generator=noise_generator(seed=0, secure=True))
+    c = torch.randn(5, generator=noise_generator(seed=0, secure=False))
+    d = torch.randn(5, generator=noise_generator(seed=0, secure=False))
+    assert not torch.equal(a, b) and torch.equal(c, d)
