@@ -445,11 +445,28 @@ class FinetuneRecipe:
         pr = getattr(self, "probe_results", None)
         if pr:
             ex, mia, audit = pr.get("extraction") or {}, pr.get("mia") or {}, pr.get("audit") or {}
-            lines.append(f"  probes  : extraction {ex.get('extracted_count')} extracted (rate {ex.get('rate')}), "
-                         f"MIA AUC {mia.get('auc')}, audit {audit.get('verdict')} (eps_lower {audit.get('eps_lower')})")
+            lines.append("  probes  : " + "; ".join(_probe_summary(ex, mia, audit)))
         if self.trainer.stopped_for_budget:
             lines.append("  note    : training stopped early: one more step would exceed the target epsilon")
         print("\n".join(lines), flush=True)
+
+
+def _fmt(v, nd: int = 3) -> str:
+    return "n/a" if v is None else (f"{v:.{nd}g}" if isinstance(v, float) else str(v))
+
+
+def _probe_summary(ex: dict, mia: dict, audit: dict) -> list[str]:
+    """One short clause per probe that ran, with the baseline it must be read against."""
+    out = []
+    if ex and "extracted_count" in ex:
+        out.append(f"extraction {ex['extracted_count']} of {ex.get('training_items_probed')} training images matched "
+                   f"(held-out false-match rate {_fmt(ex.get('heldout_false_match_rate'), 2)}), "
+                   f"{ex.get('near_copy_count')} near copies")
+    if mia and mia.get("auc") is not None:
+        out.append(f"MIA AUC {_fmt(mia['auc'])}")
+    if audit and audit.get("verdict") is not None:
+        out.append(f"audit {audit['verdict']} (eps_lower {_fmt(audit.get('eps_lower'))})")
+    return out or ["none ran"]
 
 
 def _check_train_config(train, *, privacy_enabled: bool) -> None:
