@@ -32,6 +32,7 @@ test-all: test test-slow
 
 bench: setup
 	$(PY) benchmarks/run_all.py
+	$(PY) benchmarks/privacy_checks.py
 
 lint: setup
 	$(VENV)/bin/ruff check dpdiff recipes tests benchmarks

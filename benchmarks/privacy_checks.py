@@ -6,6 +6,7 @@ The tests assert tolerances; this records the actual figures for the privacy-bud
 - per-unit gradients of the engine vs a naive per-unit forward/backward loop (LoRA with K=1, K=3 and
   user units of unequal size; full fine-tuning; the two-pass engine), as max relative error;
 - the privatized gradient's empirical noise std over 10^6 coordinates / sigma*C/expected_batch;
+- the same noise std in a 2-process (gloo) step: noise must be added once in total, not per rank;
 - epsilon of each accountant vs Google's dp_accounting (PLD; RDP for ours RDP) over the test grid.
 The references are the test suite's own (tests/privacy), which use no dpdiff privacy code.
 """
@@ -80,6 +81,25 @@ def noise() -> dict:
             "mean_over_std": float(g.mean()) / want}
 
 
+def distributed_noise(tmp: Path) -> dict:
+    """Two gloo processes, all per-unit gradients zero: std of the all-reduced noisy gradient."""
+    import socket
+
+    import dist_workers
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    sigma, C, expected = 2.0, 0.5, 4.0  # as dist_workers.engine_step uses C=0.5, expected batch 4
+    mp.spawn(dist_workers.engine_step, args=(2, port, str(tmp), sigma, True), nprocs=2, join=True)
+    grads = [torch.load(tmp / f"grad{r}.pt") for r in range(2)]
+    g = grads[0].flatten().double()
+    return {"processes": 2, "coordinates": g.numel(), "ranks_identical": bool(torch.equal(grads[0], grads[1])),
+            "std_ratio": float(g.std()) / (sigma * C / expected),
+            "note": "1 = noise once in total; sqrt(2) = once per rank; 0 = none"}
+
+
 def accounting() -> dict:
     rows = []
     for q, sigma, steps, delta in GRID:
@@ -98,7 +118,11 @@ def accounting() -> dict:
 
 def main() -> None:
     torch.set_num_threads(2)
-    res = {**gradients(), "noise": noise(), "accounting": accounting()}
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        dist_noise = distributed_noise(Path(tmp))
+    res = {**gradients(), "noise": noise(), "noise_two_processes": dist_noise, "accounting": accounting()}
     out = HERE / "results" / "privacy_checks.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=2) + "\n")
