@@ -53,10 +53,19 @@ def process_context(device_spec: str) -> ProcessContext:
     if world > 1:
         from accelerate import PartialState
 
-        if device_spec not in (None, "auto") and torch.device(device_spec).type == "cpu":
-            os.environ.setdefault("ACCELERATE_USE_CPU", "true")
-        state = PartialState()
+        if device_spec in (None, "auto"):
+            cpu = not torch.cuda.is_available()
+        else:
+            cpu = torch.device(device_spec).type == "cpu"
+        # PartialState(cpu=True) is what makes a gloo process group on CPU: without it, accelerate
+        # 1.15 leaves a CPU process launched with WORLD_SIZE=2 un-distributed (every rank a "rank 0").
+        state = PartialState(cpu=cpu)
+        if state.num_processes != world:
+            raise RuntimeError(f"launched with WORLD_SIZE={world} but accelerate formed a group of "
+                               f"{state.num_processes}; refusing to train (ranks would not share one noise draw)")
         device = state.device if device_spec in (None, "auto") else resolve_device(device_spec)
+        if device.type == "cpu":
+            device = torch.device("cpu")  # accelerate says cpu:0
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", state.local_process_index)
         return ProcessContext(state.process_index, state.num_processes, state.local_process_index, device)

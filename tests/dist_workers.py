@@ -40,3 +40,16 @@ def engine_step(rank: int, world: int, port: int, out_dir: str, sigma: float, ze
         torch.save(model.weight.grad, os.path.join(out_dir, f"grad{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+def context_world(rank: int, world: int, port: int, out_dir: str) -> None:
+    """process_context under a launcher's environment (as accelerate launch / torchrun set it)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
+    from dpdiff.runtime import process_context
+
+    ctx = process_context("auto")
+    got = [ctx.rank, ctx.world_size, int(dist.is_initialized() and dist.get_world_size()), str(ctx.device)]
+    with open(os.path.join(out_dir, f"ctx{rank}.txt"), "w") as f:
+        f.write(" ".join(map(str, got)))
+    dist.destroy_process_group()

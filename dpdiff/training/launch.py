@@ -50,8 +50,10 @@ def maybe_launch(args: list[str]) -> bool:
     if "--num_machines" in extra_args and _value(args, "hydra.run.dir") is None:
         raise UserError("a multi-node run needs hydra.run.dir=DIR on a filesystem every node shares "
                         "(each node would otherwise pick its own timestamped run dir)")
+    # dpdiff does its own autocast (train.mixed_precision): accelerate's must stay off
+    quiet = [a for flag in ("--mixed_precision", "--dynamo_backend") if flag not in extra_args for a in (flag, "no")]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num),
-           *machines, *extra_args, "-m", "recipes.finetune", *rest]
+           *machines, *quiet, *extra_args, "-m", "recipes.finetune", *rest]
     print(f"dpdiff: launching {num} processes: {' '.join(shlex.quote(c) for c in cmd)}", flush=True)
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // num)))

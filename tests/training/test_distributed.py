@@ -43,3 +43,13 @@ def test_noise_is_added_once_in_total(tmp_path):
     ratio = float(g.std()) / want
     # once: ratio 1; once per rank: sqrt(2); never: 0
     assert abs(ratio - 1) < 6 / math.sqrt(2 * n), ratio
+
+
+def test_process_context_forms_one_group_on_cpu(tmp_path):
+    """Two launched CPU processes must form one gloo group: each thinking it is rank 0 of 1 would
+    train twice with two noise draws and write the same files."""
+    import dist_workers
+
+    mp.spawn(dist_workers.context_world, args=(2, _port(), str(tmp_path)), nprocs=2, join=True)
+    got = sorted((tmp_path / f"ctx{r}.txt").read_text() for r in range(2))
+    assert got == ["0 2 2 cpu", "1 2 2 cpu"], got
