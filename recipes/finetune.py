@@ -247,6 +247,7 @@ class FinetuneRecipe:
                                       mitigation=self._caption_mitigation(),
                                       random_flip=bool(cfg.data.random_flip),
                                       num_train_timesteps=int(self.base.noise_scheduler.config.num_train_timesteps),
+                                      timestep_range=self._timestep_range(),
                                       generator=row_gen, max_images_per_unit=self.privacy.max_images_per_user,
                                       caption_dropout=float(train.caption_dropout),
                                       empty_text_emb=self.empty_text.cpu())
@@ -309,6 +310,17 @@ class FinetuneRecipe:
             start_step=start, progress=bool(train.progress))
         self.trainer.run_id = getattr(self, "run_id", None)
         self.trainer.dataset_fingerprint = self.data.fingerprint
+
+    def _timestep_range(self) -> tuple[int, int] | None:
+        tr = self.cfg.train.get("timestep_range")
+        if tr is None:
+            return None
+        total = int(self.base.noise_scheduler.config.num_train_timesteps)
+        ok = len(tr) == 2 and all(isinstance(v, int) for v in tr) and 0 <= tr[0] < tr[1] <= total
+        if not ok:
+            raise UserError(f"train.timestep_range={list(tr)}: must be [lo, hi] with 0 <= lo < hi <= {total} "
+                            "(training timesteps drawn uniformly from lo..hi-1), or null for all")
+        return int(tr[0]), int(tr[1])
 
     def _caption_mitigation(self):
         """Public-pool caption replacement / public-word insertion (see training.rows.CaptionMitigation)."""
@@ -479,9 +491,9 @@ def _check_train_config(train, *, privacy_enabled: bool) -> None:
     if not (float(train.lr) > 0):
         raise UserError(f"train.lr={train.lr}: must be > 0")
     if train.get("gradient_checkpointing") and privacy_enabled:
-        raise UserError("train.gradient_checkpointing=true is not supported with DP: Opacus' per-sample gradient "
-                        "hooks miss the recomputed activations (most LoRA weights would get no per-sample "
-                        "gradient); lower train.micro_batch_size to save memory instead")
+        raise UserError("train.gradient_checkpointing=true is not supported with DP: per-sample gradient hooks "
+                        "and recomputed activations do not mix (with Opacus' hooks most LoRA weights got no "
+                        "per-sample gradient); lower train.micro_batch_size to save memory instead")
     if str(train.mixed_precision) not in ("no", "bf16", "fp16", "False", "None"):
         raise UserError(f"train.mixed_precision={train.mixed_precision}: must be no, bf16 or fp16")
 

@@ -42,20 +42,27 @@ def generate(pipe, prompts: list[str], *, seeds: list[int], steps: int = 20,
     return out
 
 
-def label_rows(grid: Image.Image, labels: list[str], *, row_height: float, width: int = 220) -> Image.Image:
-    """Add a left margin with one text label per row (the prompt of that row)."""
+def label_rows(grid: Image.Image, labels: list[str], *, row_height: float, max_chars: int = 32) -> Image.Image:
+    """Add a left margin with one text label per row (the prompt of that row).
+
+    The font scales with the row height, so labels stay readable when the grid is shown
+    scaled down (as in the report, where two grids sit side by side).
+    """
     from PIL import ImageDraw, ImageFont
 
+    size = max(13, int(row_height * 0.3))
+    labels = [t if len(t) <= max_chars else t[: max_chars - 1] + "..." for t in labels]
+    try:
+        font = ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: a fixed small bitmap font
+        font = ImageFont.load_default()
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    width = max(int(probe.textlength(t, font=font)) for t in labels) + 2 * 8 if labels else 0
     out = Image.new("RGB", (grid.width + width, grid.height), "white")
     out.paste(grid, (width, 0))
     draw = ImageDraw.Draw(out)
-    try:
-        font = ImageFont.load_default(size=13)
-    except TypeError:  # Pillow < 10.1
-        font = ImageFont.load_default()
     for i, text in enumerate(labels):
-        text = text if len(text) <= 32 else text[:31] + "..."
-        draw.text((6, int((i + 0.5) * row_height) - 7), text, fill=(40, 40, 40), font=font)
+        draw.text((8, int((i + 0.5) * row_height - size / 2)), text, fill=(40, 40, 40), font=font)
     return out
 
 

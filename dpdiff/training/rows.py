@@ -60,7 +60,8 @@ class RowBuilder:
     def __init__(self, data: EncodedData, units: PrivacyUnits, *, augmult: int, random_flip: bool,
                  num_train_timesteps: int, generator: torch.Generator,
                  max_images_per_unit: int | None = None, caption_dropout: float = 0.0,
-                 empty_text_emb: torch.Tensor | None = None, mitigation: CaptionMitigation | None = None):
+                 empty_text_emb: torch.Tensor | None = None, mitigation: CaptionMitigation | None = None,
+                 timestep_range: tuple[int, int] | None = None):
         if augmult < 1:
             raise ValueError("augmult must be >= 1")
         if random_flip and data.num_flips < 2:
@@ -70,6 +71,10 @@ class RowBuilder:
         self.data, self.units, self.augmult = data, units, augmult
         self.random_flip = random_flip
         self.num_train_timesteps = num_train_timesteps
+        lo, hi = timestep_range if timestep_range is not None else (0, num_train_timesteps)
+        if not 0 <= lo < hi <= num_train_timesteps:
+            raise ValueError(f"timestep_range must satisfy 0 <= lo < hi <= {num_train_timesteps}")
+        self.timestep_range = (int(lo), int(hi))
         self.generator = generator
         self.max_images_per_unit = max_images_per_unit
         self.caption_dropout = caption_dropout
@@ -105,7 +110,7 @@ class RowBuilder:
         std = self.data.latent_std[img_t, flip]
         eps = torch.randn(mean.shape, generator=g)
         latents = (mean + std * eps - self.data.shift_factor) * self.data.scaling_factor
-        timesteps = torch.randint(0, self.num_train_timesteps, (n,), generator=g)
+        timesteps = torch.randint(*self.timestep_range, (n,), generator=g)
         noise = torch.randn(mean.shape, generator=g)
         text = self.data.text_emb[self.data.text_index[img_t]]
         if self.mitigation is not None:

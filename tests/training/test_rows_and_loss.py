@@ -43,6 +43,22 @@ def test_max_images_per_user_draws_a_random_subset():
     assert len(seen) == 10
 
 
+def test_timestep_range_bounds_the_draws():
+    units = PrivacyUnits("example", tuple((i,) for i in range(10)), tuple(str(i) for i in range(10)))
+    rb = RowBuilder(_data(), units, augmult=50, random_flip=False, num_train_timesteps=1000,
+                    generator=torch.Generator().manual_seed(3), timestep_range=(300, 1000))
+    t = rb.build(list(range(10))).timesteps
+    assert int(t.min()) >= 300 and int(t.max()) <= 999 and int(t.max()) > 900  # 500 draws cover the range
+    full = RowBuilder(_data(), units, augmult=50, random_flip=False, num_train_timesteps=1000,
+                      generator=torch.Generator().manual_seed(3)).build(list(range(10))).timesteps
+    assert int(full.min()) < 300
+    import pytest
+
+    with pytest.raises(ValueError):
+        RowBuilder(_data(), units, augmult=1, random_flip=False, num_train_timesteps=1000,
+                   generator=torch.Generator(), timestep_range=(500, 1001))
+
+
 def test_caption_mitigation_uses_public_material_only():
     data = _data()
     variants = torch.randn(3, 4, 5, 8)
