@@ -17,7 +17,7 @@ from pathlib import Path
 
 import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from dpdiff.errors import UserError
 from dpdiff.paths import config_dir
@@ -57,10 +57,13 @@ class FinetuneRecipe:
         # 3. resume state and the mechanism (calibration, refusal past the target epsilon)
         self.resume = self._load_resume()
         self._resolve_privacy()
-        self._record_in_dataset_ledger(status="planned")
         # 4. models: base pipeline, trainable part, frozen features
         self._setup_model()
         self._setup_training()
+        # 5. the dataset ledger, last: a setup error (bad model path, bad option) leaves no planned
+        # entry that would count against the dataset's budget; nothing has been trained yet
+        self._record_in_dataset_ledger(status="planned")
+        self.trainer.run_id = getattr(self, "run_id", None)
         log.info("setup done: %s", self._describe())
 
     def _load_resume(self) -> dict | None:
@@ -308,7 +311,6 @@ class FinetuneRecipe:
             checkpoints_total_limit=train.checkpoints_total_limit, noise_generator=self.noise_gen,
             secure_rng=secure, autocast_dtype=autocast_dtype(train.mixed_precision, proc.device),
             start_step=start, progress=bool(train.progress))
-        self.trainer.run_id = getattr(self, "run_id", None)
         self.trainer.dataset_fingerprint = self.data.fingerprint
 
     def _timestep_range(self) -> tuple[int, int] | None:
@@ -316,11 +318,12 @@ class FinetuneRecipe:
         if tr is None:
             return None
         total = int(self.base.noise_scheduler.config.num_train_timesteps)
-        ok = len(tr) == 2 and all(isinstance(v, int) for v in tr) and 0 <= tr[0] < tr[1] <= total
+        seq = list(tr) if isinstance(tr, (list, tuple, ListConfig)) else [tr]
+        ok = len(seq) == 2 and all(isinstance(v, int) for v in seq) and 0 <= seq[0] < seq[1] <= total
         if not ok:
-            raise UserError(f"train.timestep_range={list(tr)}: must be [lo, hi] with 0 <= lo < hi <= {total} "
+            raise UserError(f"train.timestep_range={seq}: must be [lo, hi] with 0 <= lo < hi <= {total} "
                             "(training timesteps drawn uniformly from lo..hi-1), or null for all")
-        return int(tr[0]), int(tr[1])
+        return int(seq[0]), int(seq[1])
 
     def _caption_mitigation(self):
         """Public-pool caption replacement / public-word insertion (see training.rows.CaptionMitigation)."""

@@ -98,7 +98,7 @@ _EXTRA_RDP_ORDERS = [80, 96, 128, 192, 256, 384, 512, 1024]
 
 
 class RdpAccountant:
-    """Opacus' RDP accountant over the default Opacus orders."""
+    """Opacus' RDP accountant over Opacus' default orders plus orders up to 1024."""
 
     name = "rdp"
 

@@ -74,6 +74,7 @@ def test_full_finetune_saves_unet(tmp_path):
     ("privacy.accountant=gdp", "accountant"),
     ("train.gradient_checkpointing=true", "gradient_checkpointing"),
     ("data.caption_replace_prob=0.8 data.caption_insert_prob=0.5", "caption"),
+    ("train.timestep_range=[900,100]", "timestep_range"),
 ])
 def test_bad_input_is_one_clear_line_and_leaves_nothing(tmp_path, override, needle):
     run_dir = tmp_path / "run"

@@ -109,3 +109,9 @@ def test_two_run_sweep_report_and_dataset_ledger(tmp_path):
                 f"privacy.dataset_budget={ledger_total + 0.01}", f"hydra.run.dir={run}")
     assert r.returncode == 2 and "privacy.dataset_budget" in r.stderr
     assert not run.exists()
+    # a run that fails during setup (here: a bad option found with the model loaded) trained nothing
+    # and leaves no planned entry charged to the dataset
+    r = run_cli("finetune", *FAST, f"data.path={data}", "train.timestep_range=[900,100]", f"hydra.run.dir={run}")
+    assert r.returncode == 2 and "timestep_range" in r.stderr
+    r = run_cli("budget", str(data))
+    assert r.stdout.count("finished") == 2 and "planned" not in r.stdout, r.stdout
