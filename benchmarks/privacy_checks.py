@@ -22,14 +22,15 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE.parent / "tests"), str(HERE.parent / "tests" / "privacy")]
+sys.path[:0] = [str(HERE.parent / "tests" / d) for d in ("", "privacy", "training")]
 
 from helpers import make_tiny_lora_unet  # noqa: E402
 from test_accountants import GRID, google_pld, google_rdp  # noqa: E402
-from test_engine import _objective, _rows, clip_sum, engine_gradient, naive_unit_gradients  # noqa: E402
+from test_distributed import _run as run_processes  # noqa: E402
+from test_engine import _linear_step, _objective, _rows, clip_sum, engine_gradient, naive_unit_gradients  # noqa: E402
 
 from dpdiff.privacy.accountants import MechanismSegment, get_accountant  # noqa: E402
-from dpdiff.privacy.engine import DPSGDEngine, expected_noise_std  # noqa: E402
+from dpdiff.privacy.engine import expected_noise_std  # noqa: E402
 
 
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -64,16 +65,10 @@ def gradients() -> dict:
 
 
 def noise() -> dict:
-    lin = torch.nn.Linear(1000, 1000, bias=False)
     sigma, C, expected = 1.3, 0.7, 12.5
-    eng = DPSGDEngine(lin, noise_multiplier=sigma, max_grad_norm=C, expected_batch_size=expected,
-                      noise_generator=torch.Generator().manual_seed(1), params=[lin.weight])
-    eng.start_step()
     x = torch.zeros(3, 1000)  # per-unit gradients all zero: the step is pure noise
-    loss_rows = (lin(x) ** 2).sum(1)
-    eng.backward(loss_rows, unit_pos=torch.arange(3), row_weight=torch.ones(3), num_units=3)
-    eng.finalize()
-    g = lin.weight.grad.flatten().double()
+    model, eng = _linear_step(x, torch.randn(3, 1000), torch.arange(3), 3, C=C, sigma=sigma, expected=expected, seed=1)
+    g = model.lin.weight.grad.flatten().double()
     eng.close()
     want = expected_noise_std(noise_multiplier=sigma, max_grad_norm=C, expected_batch_size=expected)
     n = g.numel()
@@ -83,17 +78,8 @@ def noise() -> dict:
 
 def distributed_noise(tmp: Path) -> dict:
     """Two gloo processes, all per-unit gradients zero: std of the all-reduced noisy gradient."""
-    import socket
-
-    import dist_workers
-    import torch.multiprocessing as mp
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     sigma, C, expected = 2.0, 0.5, 4.0  # as dist_workers.engine_step uses C=0.5, expected batch 4
-    mp.spawn(dist_workers.engine_step, args=(2, port, str(tmp), sigma, True), nprocs=2, join=True)
-    grads = [torch.load(tmp / f"grad{r}.pt") for r in range(2)]
+    grads = run_processes(2, tmp, sigma, True)
     g = grads[0].flatten().double()
     return {"processes": 2, "coordinates": g.numel(), "ranks_identical": bool(torch.equal(grads[0], grads[1])),
             "std_ratio": float(g.std()) / (sigma * C / expected),
