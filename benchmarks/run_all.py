@@ -75,10 +75,11 @@ def bench_cache(quick: bool) -> dict:
     """One epoch of training rows from cached posteriors vs VAE-encoding the images every step."""
     import torch
 
+    from dpdiff.data.digits import builtin_digits_dir
+    from dpdiff.data.formats import read_dataset
     from dpdiff.data.preprocess import to_pixels
-    from dpdiff.data.records import PrivacyUnits, read_dataset
+    from dpdiff.data.records import PrivacyUnits
     from dpdiff.models.loading import load_base
-    from dpdiff.paths import builtin_digits_dir
     from dpdiff.training.encode import encode_dataset
     from dpdiff.training.rows import RowBuilder
 

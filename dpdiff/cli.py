@@ -9,19 +9,23 @@
     dpdiff clean [--cache] [RUN_DIR ...]     delete cached private latents (and checkpoints)
     dpdiff pretrain-base [--out DIR]         rebuild the built-in tiny base model
 
-Errors a user can fix print one line ``dpdiff: error: ...`` and exit with code 2.
+Recipes (finetune, probe, pretrain-base) are run by name, as torchtune's CLI runs recipe files: the
+library never imports them. Errors a user can fix print one line ``dpdiff: error: ...`` and exit 2.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import runpy
 import sys
 from collections.abc import Callable
 
 from dpdiff.errors import UserError
 
-COMMANDS = ("finetune", "probe", "report", "data", "budget", "sweep-report", "clean", "pretrain-base")
+RECIPES = {"finetune": "recipes.finetune", "probe": "recipes.probe", "pretrain-base": "recipes.pretrain_base"}
+LIBRARY_COMMANDS = ("report", "data", "budget", "sweep-report", "clean")
+COMMANDS = (*RECIPES, *LIBRARY_COMMANDS)
 
 
 def _quiet_libraries() -> None:
@@ -49,22 +53,40 @@ def user_errors_exit():
         raise SystemExit(err.exit_code) from None
 
 
+def _value(args: list[str], key: str) -> str | None:
+    for a in args:
+        if a.startswith(key + "="):
+            return a.split("=", 1)[1]
+    return None
+
+
 def hydra_entry(name: str, main_fn: Callable[[], None], argv: list[str] | None = None) -> None:
-    """Run a Hydra-decorated recipe main with ``argv`` as its overrides."""
+    """Run a Hydra-decorated recipe main with ``argv`` as its overrides.
+
+    A run dir named on the command line that already holds a run is refused here, before Hydra writes
+    its own files into it, unless the run is being resumed."""
     _quiet_libraries()
     args = list(sys.argv[1:] if argv is None else argv)
-    if int(os.environ.get("RANK", "0")) > 0:
+    rank = int(os.environ.get("RANK", "0"))
+    run_dir = _value(args, "hydra.run.dir")
+    multirun = "-m" in args or "--multirun" in args
+    if rank == 0 and int(os.environ.get("WORLD_SIZE", "1")) == 1 and run_dir and not multirun \
+            and not _value(args, "train.resume_from"):
+        from dpdiff.runtime import refuse_reused_run_dir
+
+        with user_errors_exit():
+            refuse_reused_run_dir(run_dir)
+    if rank > 0:
         # one rank writes Hydra's files and log; the others compose the same config silently
         args += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
     sys.argv = [f"dpdiff {name}", *args]
     main_fn()
 
 
-def _launch_if_requested(args: list[str]) -> bool:
-    """``launcher.num_processes=N`` (N > 1): start ``accelerate launch`` for the user."""
-    from dpdiff.training.launch import maybe_launch
-
-    return maybe_launch(args)
+def run_recipe(name: str, args: list[str]) -> None:
+    """Run a recipe module as ``__main__`` with ``args`` as its command line (torchtune's ``tune run``)."""
+    sys.argv = [f"dpdiff {name}", *args]
+    runpy.run_module(RECIPES[name], run_name="__main__", alter_sys=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -75,16 +97,8 @@ def main(argv: list[str] | None = None) -> None:
     cmd, rest = argv[0], argv[1:]
     _quiet_libraries()
     with user_errors_exit():
-        if cmd == "finetune":
-            if _launch_if_requested(rest):
-                return
-            from recipes.finetune import main as finetune_main
-
-            hydra_entry("finetune", finetune_main, rest)
-        elif cmd == "probe":
-            from recipes.probe import main as probe_main
-
-            probe_main(rest)
+        if cmd in RECIPES:
+            run_recipe(cmd, rest)
         elif cmd == "report":
             from dpdiff.report.cli import report_command
 
@@ -105,10 +119,6 @@ def main(argv: list[str] | None = None) -> None:
             from dpdiff.data.cli import clean_command
 
             clean_command(rest)
-        elif cmd == "pretrain-base":
-            from recipes.pretrain_base import main as pretrain_main
-
-            pretrain_main(rest)
         else:
             raise UserError(f"unknown command {cmd!r}; commands: {', '.join(COMMANDS)} (dpdiff --help)")
 

@@ -24,10 +24,3 @@ def home() -> Path:
         return Path(os.environ["DPDIFF_HOME"]).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base).expanduser() / "dpdiff"
-
-
-def builtin_digits_dir() -> Path:
-    """The built-in private demo data (digits 5-9), materialised on first use."""
-    from dpdiff.data import digits
-
-    return digits.materialize(home() / "datasets" / "digits-5to9")

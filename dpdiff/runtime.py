@@ -81,6 +81,85 @@ def git_commit() -> str | None:
         return None
 
 
+RUN_OUTPUTS = ("privacy_ledger.json", "privacy.json", "metrics.jsonl", "run.json")
+LOCK_NAME = ".dpdiff.lock"
+
+
+def previous_run_outputs(run_dir: Path) -> list[str]:
+    """Files of an earlier run in ``run_dir`` (empty for a new run dir)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = [name for name in RUN_OUTPUTS if (run_dir / name).exists()]
+    found += sorted(p.name for p in run_dir.glob("checkpoint-*"))[:1]
+    return found
+
+
+def refuse_reused_run_dir(run_dir: Path) -> None:
+    """A run dir that holds a run is resumed or left alone: a second fresh run there would mix two runs'
+    metrics and overwrite the first one's weights, report and privacy.json."""
+    found = previous_run_outputs(run_dir)
+    if found:
+        raise UserError(f"hydra.run.dir={run_dir} already holds a run ({', '.join(found)}); continue it with "
+                        "train.resume_from=latest, or choose a new hydra.run.dir")
+
+
+class RunDirLock:
+    """An exclusive lock on a run dir while a process trains into it (``fcntl.flock``: released by the OS
+    when the process dies, so a crashed run never leaves a stale lock)."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / LOCK_NAME
+        self._fh = None
+
+    def acquire(self) -> bool:
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(self.path, "a+")
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fh.close()
+            return False
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"{os.getpid()}\n")
+        fh.flush()
+        self._fh = fh
+        return True
+
+    def release(self) -> None:
+        if self._fh is not None:
+            import fcntl
+
+            fcntl.flock(self._fh.fileno(), fcntl.LOCK_UN)
+            self._fh.close()
+            self._fh = None
+
+
+def hold_run_dir(run_dir: Path, *, resuming: bool) -> RunDirLock:
+    """Refuse a reused run dir (unless resuming) and one another process is training into; lock it."""
+    if not resuming:
+        refuse_reused_run_dir(run_dir)
+    lock = RunDirLock(run_dir)
+    if not lock.acquire():
+        raise UserError(f"run dir {run_dir} is in use by a running dpdiff process; wait for it or choose another "
+                        "hydra.run.dir")
+    return lock
+
+
+def refuse_if_running(run_dir: Path) -> None:
+    """A checkpoint of a run that is still training is not resumed: its ledger is still growing."""
+    if not (Path(run_dir) / LOCK_NAME).exists():
+        return
+    lock = RunDirLock(run_dir)
+    if not lock.acquire():
+        raise UserError(f"{run_dir} is being trained by a running dpdiff process; resume it once that run has "
+                        "stopped")
+    lock.release()
+
+
 class RunDir:
     """The run directory, and the promise to leave nothing half-written after a user error.
 
@@ -88,7 +167,7 @@ class RunDir:
     user error before training then removes it again instead of leaving an empty shell.
     """
 
-    HYDRA_FILES = {".hydra", "finetune.log", "probe.log", "report.log"}
+    HYDRA_FILES = {".hydra", "finetune.log", "probe.log", "report.log", LOCK_NAME}
 
     def __init__(self, path: Path):
         self.path = Path(path)

@@ -52,7 +52,9 @@ class ProbeRecipe:
         device = resolve_device(cfg.train.get("device", "auto"))
         base = load_base(run["base_model"], device=device)
         unet = self._trained_unet(base, cfg.adapter.kind, device)
-        data = prepare(cfg.data, unit=cfg.privacy.get("unit", "example"))
+        from dpdiff.settings import DataSettings
+
+        data = prepare(DataSettings.from_config(cfg.data), unit=cfg.privacy.get("unit", "example"))
         self.ctx = ProbeContext(
             run_dir=self.run_dir, base=base, unet=unet, adapter_kind=cfg.adapter.kind, records=data.records,
             member_records=data.member_records(), nonmember_records=data.holdout_records(),

@@ -1,4 +1,4 @@
-"""Every config composes, and every override of the user contract (DESIGN.md 4) exists."""
+"""Every config composes, and every override of the user contract (README: the CLI and the run dir) exists."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def test_every_option_composes(group, option):
     "privacy.accountant=prv", "privacy.accountant=rdp", "privacy.accountant=pld", "privacy.augmult=2",
     "train.max_steps=5", "train.lr=1e-4", "train.batch_size=8", "train.seed=3", "probes=none",
     "probes=default", "tracker=local", "tracker=wandb", "privacy.unit=user", "train.micro_batch_size=4",
-    "train.resume_from=latest", "privacy.secure_rng=true",
+    "train.resume_from=latest", "privacy.reproducible_noise=true", "train.optimizer=sgd",
 ])
 def test_contract_overrides_exist(override):
     key, value = override.split("=", 1)
@@ -65,3 +65,32 @@ def test_cluster_launchers_compose(launcher):
         cfg = compose("finetune", overrides=[f"hydra/launcher={launcher}"], return_hydra_config=True)
     assert "submitit" in cfg.hydra.launcher._target_
     assert cfg.hydra.launcher.timeout_min == 720
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (config_dir() / "experiment").glob("*.yaml")))
+def test_experiments_compose_and_validate(name):
+    """Every experiment composes and passes the settings validation once its required paths are given."""
+    from dpdiff.settings import RunSettings
+
+    cfg = _compose([f"experiment={name}", "model.pretrained=null", "data.path=/some/images"])
+    RunSettings.from_config(cfg)
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (config_dir() / "hparams_search").glob("*.yaml")))
+def test_hparams_searches_are_multiruns(name):
+    with initialize_config_dir(config_dir=str(config_dir()), version_base=None):
+        cfg = compose("finetune", overrides=[f"hparams_search={name}"], return_hydra_config=True)
+    assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
+    params = cfg.hydra.sweeper.params
+    assert params and all("," in str(v) for v in params.values())
+
+
+def test_launcher_group_is_read(monkeypatch):
+    """launcher.num_processes is what starts several processes (it is read from the composed config)."""
+    from dpdiff.training import launch
+
+    cmd = launch.accelerate_command(num_processes=3, extra_args=[], module="recipes.finetune",
+                                    overrides=["train.max_steps=2"], run_dir="/tmp/r")
+    assert cmd[cmd.index("--num_processes") + 1] == "3" and cmd[-1] == "hydra.run.dir=/tmp/r"
+    assert _compose(["launcher=accelerate"]).launcher.num_processes == 2
+    assert _compose([]).launcher.num_processes == 1

@@ -5,8 +5,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from dpdiff.commandline import parse_kv
 from dpdiff.errors import UserError
-from dpdiff.report.cli import parse_kv
 
 
 def data_command(args: list[str]) -> None:
@@ -21,7 +21,7 @@ def data_command(args: list[str]) -> None:
     from dpdiff.data.records import group_units
     from dpdiff.data.validate import check_units, summarize
 
-    root, _, records, problems = load_and_check({"path": opts["path"], "caption_column": opts["caption_column"]})
+    root, _, records, problems = load_and_check(path=opts["path"], caption_column=opts["caption_column"])
     fatal = [p for p in problems if p.fatal_for_record]
     good = [r for r in records if r.key not in {p.key for p in fatal}]
     dup_sets = find_duplicate_sets(good, max_hash_distance=int(opts["dedup_hash_distance"]))

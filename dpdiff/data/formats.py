@@ -100,3 +100,8 @@ def read_any(root: Path, *, caption_column: str) -> list[ImageRecord]:
     if (root / "dataset_info.json").exists() or (root / "dataset_dict.json").exists():
         return read_saved_dataset(root, caption_column=caption_column)
     return read_image_folder(root, caption_column=caption_column)
+
+
+def read_dataset(path: Path, *, caption_column: str = "text") -> list[ImageRecord]:
+    """Read the records of an image folder (metadata.jsonl/csv) or a save_to_disk dataset."""
+    return read_any(Path(path), caption_column=caption_column)

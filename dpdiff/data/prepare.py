@@ -1,4 +1,4 @@
-"""From ``data.*`` config to the privacy units a run trains on: read, check, dedup, group, split."""
+"""From ``data.*`` settings to the privacy units a run trains on: read, check, dedup, group, split."""
 
 from __future__ import annotations
 
@@ -6,12 +6,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dpdiff.data.formats import read_dataset
 from dpdiff.data.records import (
     ImageRecord,
     PrivacyUnits,
     fingerprint,
     group_units,
-    read_dataset,
     split_holdout,
 )
 from dpdiff.data.validate import Problem, check_records, summarize
@@ -26,7 +26,8 @@ class PreparedData:
     units: PrivacyUnits  # every unit (train + holdout)
     train_units: list[int]
     holdout_units: list[int]
-    fingerprint: str
+    fingerprint: str  # the records trained on (after skipped files and deduplication)
+    source_fingerprint: str  # every record the dataset lists, as read: what `dpdiff budget` computes
     skipped: list[Problem] = field(default_factory=list)
     remarks: list[Problem] = field(default_factory=list)
     dedup: dict | None = None
@@ -52,6 +53,7 @@ class PreparedData:
     def summary(self) -> dict:
         return {
             "path": str(self.root), "builtin_demo": self.builtin, "fingerprint": self.fingerprint,
+            "source_fingerprint": self.source_fingerprint,
             "images": len(self.records), "privacy_units": len(self.units), "train_units": len(self.train_units),
             "holdout_units": len(self.holdout_units), "train_images": len(self.train_records()),
             "skipped_files": len(self.skipped), "skipped": [p.line() for p in self.skipped],
@@ -62,30 +64,38 @@ class PreparedData:
 
 def resolve_data_path(path) -> tuple[Path, bool]:
     if path in (None, "", "digits"):
-        from dpdiff.paths import builtin_digits_dir
+        from dpdiff.data.digits import builtin_digits_dir
 
         return builtin_digits_dir(), True
     return Path(str(path)).expanduser().resolve(), False
 
 
-def load_and_check(cfg, *, check_pixels: bool = True) -> tuple[Path, bool, list[ImageRecord], list[Problem]]:
-    root, builtin = resolve_data_path(cfg.get("path"))
-    records = read_dataset(root, caption_column=cfg.get("caption_column", "text"))
+def load_and_check(*, path, caption_column: str = "text",
+                   check_pixels: bool = True) -> tuple[Path, bool, list[ImageRecord], list[Problem]]:
+    root, builtin = resolve_data_path(path)
+    records = read_dataset(root, caption_column=caption_column)
     problems = check_records(records, root=root, check_pixels=check_pixels)
     return root, builtin, records, problems
 
 
-def prepare(cfg, *, unit: str, seed_holdout: int | None = None) -> PreparedData:
-    """Read and check the dataset, then group into units and split off the holdout units.
+def source_fingerprint(path, *, caption_column: str = "text") -> tuple[Path, str]:
+    """The dataset's fingerprint as listed (no file skipped, none deduplicated): how ledgers find it."""
+    root, _ = resolve_data_path(path)
+    return root, fingerprint(read_dataset(root, caption_column=caption_column))
+
+
+def prepare(settings, *, unit: str, seed_holdout: int | None = None) -> PreparedData:
+    """Read and check the dataset (``DataSettings``), then group into units and split off the holdout units.
 
     Raises ``UserError`` (listing each bad file) unless ``data.skip_bad_files`` is set.
     """
-    root, builtin, records, problems = load_and_check(cfg)
+    root, builtin, records, problems = load_and_check(path=settings.path, caption_column=settings.caption_column)
+    source_fp = fingerprint(records)
     fatal = [p for p in problems if p.fatal_for_record]
     remarks = [p for p in problems if not p.fatal_for_record]
     skipped: list[Problem] = []
     if fatal:
-        if not cfg.get("skip_bad_files", False):
+        if not settings.skip_bad_files:
             raise UserError(f"{root}: {len(fatal)} problem(s) in the dataset; fix them or set data.skip_bad_files=true "
                             f"to train without those files: {summarize(fatal)}")
         bad_keys = {p.key for p in fatal}
@@ -98,16 +108,16 @@ def prepare(cfg, *, unit: str, seed_holdout: int | None = None) -> PreparedData:
     dedup_info = None
     from dpdiff.data.dedup import apply_dedup
 
-    records, groups, dedup_info = apply_dedup(records, mode=cfg.get("dedup", "report"),
-                                              max_hash_distance=int(cfg.get("dedup_hash_distance", 4)))
+    records, groups, dedup_info = apply_dedup(records, mode=settings.dedup,
+                                              max_hash_distance=int(settings.dedup_hash_distance))
     units = group_units(records, unit=unit, groups=groups)
     from dpdiff.data.validate import check_units
 
     remarks += check_units([len(m) for m in units.members], batch_size=None)
-    split_seed = cfg.get("split_seed", 0) if seed_holdout is None else seed_holdout
-    train, hold = split_holdout(units, fraction=float(cfg.get("holdout_fraction", 0.0) or 0.0), seed=int(split_seed))
+    split_seed = settings.split_seed if seed_holdout is None else seed_holdout
+    train, hold = split_holdout(units, fraction=float(settings.holdout_fraction), seed=int(split_seed))
 
-    prompts = cfg.get("sample_prompts")
+    prompts = settings.sample_prompts
     if prompts:
         source = "config"
         prompts = [str(p) for p in prompts]
@@ -119,5 +129,6 @@ def prepare(cfg, *, unit: str, seed_holdout: int | None = None) -> PreparedData:
         counts = Counter(records[i].text for u in train for i in units.members[u])
         prompts, source = [c for c, _ in counts.most_common(6)], "training captions"
     return PreparedData(root=root, builtin=builtin, records=records, units=units, train_units=train,
-                        holdout_units=hold, fingerprint=fingerprint(records), skipped=skipped, remarks=remarks,
+                        holdout_units=hold, fingerprint=fingerprint(records), source_fingerprint=source_fp,
+                        skipped=skipped, remarks=remarks,
                         dedup=dedup_info, sample_prompts=prompts, sample_prompts_source=source)

@@ -132,19 +132,22 @@ def fingerprint(records: list[ImageRecord]) -> str:
     """
     h = hashlib.sha256()
     for r in sorted(records, key=lambda r: r.key):
-        data = r.path.read_bytes() if r.path is not None else (r.image_bytes or b"")
         h.update(r.key.encode())
         h.update(b"\0")
         h.update(r.text.encode())
         h.update(b"\0")
         h.update(str(r.user_id or "").encode())
         h.update(b"\0")
-        h.update(hashlib.sha256(data).digest())
+        h.update(_content_digest(r))
     return h.hexdigest()
 
 
-def read_dataset(path: Path, *, caption_column: str = "text") -> list[ImageRecord]:
-    """Read the records of an image folder (metadata.jsonl/csv) or a save_to_disk dataset."""
-    from dpdiff.data.formats import read_any
-
-    return read_any(Path(path), caption_column=caption_column)
+def _content_digest(r: ImageRecord) -> bytes:
+    """sha256 of the record's bytes; a listed file that is missing or unreadable hashes as such (so the
+    fingerprint of a folder as listed, bad files included, is defined)."""
+    if r.path is None:
+        return hashlib.sha256(r.image_bytes or b"").digest()
+    try:
+        return hashlib.sha256(r.path.read_bytes()).digest()
+    except OSError as err:
+        return hashlib.sha256(f"<unreadable: {type(err).__name__}>".encode()).digest()

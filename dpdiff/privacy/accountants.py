@@ -194,6 +194,8 @@ class PldAccountant:
                              error_note=f"pessimistic PLD, discretisation {self.value_discretization_interval:g}")
 
 
+DEFAULT_ACCOUNTANT = "prv"  # of runs (privacy.accountant) and of every cross-run composition
+
 _REGISTRY: dict[str, Callable[[], Accountant]] = {
     "prv": PrvAccountant,
     "rdp": RdpAccountant,

@@ -1,14 +1,14 @@
 """Batch samplers over privacy units.
 
-``PoissonSampler`` is what the accountant assumes (DESIGN.md 3.1): at every logical step each
+``PoissonSampler`` is what the accountant assumes (docs/privacy.md): at every logical step each
 unit joins the batch independently with probability q, so batch sizes are Binomial(N, q) and
 may be 0. Across W ranks, rank r owns the units ``r, r+W, r+2W, ...`` and draws only their
 inclusion bits, with the same q: the union over ranks is exactly one Poisson sample of all N
 units, every rank yields exactly one (possibly empty) batch per step, and no unit can appear on
 two ranks (unlike Opacus' distributed sampler, which skips empty local batches, or accelerate's
-batch-sampler sharding; see PITFALLS). The sampling RNG is its own stream, derived from
-(seed, rank) with numpy's SeedSequence, or from the OS CSPRNG with ``secure=True``; it is never
-the shared training seed.
+batch-sampler sharding, which hands each rank every W-th batch). The sampling RNG is its own
+stream, passed in by the run's ``PrivacyRandomness`` (fresh OS entropy per run and rank by
+default); it is never the shared training seed.
 
 ``ShuffleSampler`` (fixed-size batches, epoch-wise reshuffling) serves non-private baselines only.
 """
@@ -29,14 +29,16 @@ def _rng(seed: int, rank: int, secure: bool) -> np.random.Generator:
 
 
 class PoissonSampler:
-    def __init__(self, num_units: int, sample_rate: float, *, seed: int, rank: int = 0, world_size: int = 1,
-                 secure: bool = False):
+    def __init__(self, num_units: int, sample_rate: float, *, rng: np.random.Generator | None = None,
+                 seed: int | None = None, rank: int = 0, world_size: int = 1, secure: bool = False):
         if not 0 < sample_rate <= 1:
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
         self.num_units, self.sample_rate = num_units, float(sample_rate)
         self.rank, self.world_size = rank, world_size
         self.local_units = np.arange(rank, num_units, world_size)
-        self.rng = _rng(seed, rank, secure)
+        if rng is None and seed is None and not secure:
+            raise ValueError("PoissonSampler needs an rng (or a seed, for tests)")
+        self.rng = rng if rng is not None else _rng(seed or 0, rank, secure)
 
     @property
     def expected_batch_size(self) -> float:

@@ -113,23 +113,7 @@ def run_probes(ctx: ProbeContext, cfg) -> dict:
     return out
 
 
-def context_from_recipe(recipe) -> ProbeContext:
-    """A probe context over the model a finetune recipe just trained (EMA weights if saved)."""
-    data = recipe.data
-    return ProbeContext(
-        run_dir=recipe.run_dir, base=recipe.base, unet=recipe.base.unet, adapter_kind=recipe.cfg.adapter.kind,
-        records=data.records, member_records=data.member_records(), nonmember_records=data.holdout_records(),
-        resolution=recipe.resolution, device=recipe.proc.device, privacy=recipe.privacy_record,
-        canaries=_load_canaries(recipe.run_dir), seed=int(recipe.cfg.probes.get("seed", 0) or 0),
-        builtin_demo=data.builtin,
-    )
-
-
-def run_probes_after_training(recipe) -> dict:
-    return run_probes(context_from_recipe(recipe), recipe.cfg.probes)
-
-
-def _load_canaries(run_dir: Path) -> dict | None:
+def load_run_canaries(run_dir: Path) -> dict | None:
     from dpdiff.probes.canaries import load_canaries
 
     return load_canaries(run_dir)

@@ -4,20 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from dpdiff.commandline import parse_kv
 from dpdiff.errors import UserError
-
-
-def parse_kv(args: list[str], allowed: dict[str, object]) -> dict:
-    """``key=value`` arguments (Hydra-style) for the small non-Hydra commands."""
-    out = dict(allowed)
-    for a in args:
-        if "=" not in a:
-            raise UserError(f"expected key=value, got {a!r} (keys: {', '.join(allowed)})")
-        k, v = a.split("=", 1)
-        if k not in allowed:
-            raise UserError(f"unknown option {k!r} (keys: {', '.join(allowed)})")
-        out[k] = v
-    return out
 
 
 def report_command(args: list[str]) -> None:
@@ -48,32 +36,37 @@ def sweep_report_command(args: list[str]) -> None:
 
 
 def budget_command(args: list[str]) -> None:
-    """``dpdiff budget DATASET [ledger=PATH] [delta=D] [accountant=pld|rdp]``"""
+    """``dpdiff budget DATASET [ledger=PATH] [delta=D] [accountant=prv|pld|rdp]``"""
+    from dpdiff.privacy.accountants import DEFAULT_ACCOUNTANT
+
     pos = [a for a in args if "=" not in a]
-    opts = parse_kv([a for a in args if "=" in a], {"ledger": None, "delta": None, "accountant": "pld",
+    opts = parse_kv([a for a in args if "=" in a], {"ledger": None, "delta": None, "accountant": DEFAULT_ACCOUNTANT,
                                                     "caption_column": "text"})
     if len(pos) != 1:
-        raise UserError("usage: dpdiff budget DATASET_DIR [ledger=PATH] [delta=D] [accountant=pld|rdp]")
-    from dpdiff.data.prepare import resolve_data_path
-    from dpdiff.data.records import fingerprint, read_dataset
-    from dpdiff.privacy.dataset_ledger import DatasetLedger, candidate_paths, compose
+        raise UserError("usage: dpdiff budget DATASET_DIR [ledger=PATH] [delta=D] [accountant=prv|pld|rdp]")
+    from dpdiff.data.prepare import source_fingerprint
+    from dpdiff.privacy.dataset_ledger import DatasetLedger, compose_runs, ledger_location
 
-    root, _ = resolve_data_path(pos[0] if pos[0] not in ("digits", "builtin") else None)
-    records = read_dataset(root, caption_column=opts["caption_column"])
-    fp = fingerprint(records)
-    paths = [Path(opts["ledger"])] if opts["ledger"] else candidate_paths(root, fp)
-    entries = [e for p in paths for e in DatasetLedger(p).entries(fp)]
+    root, fp = source_fingerprint(pos[0] if pos[0] not in ("digits", "builtin") else None,
+                                  caption_column=opts["caption_column"])
+    loc = ledger_location(data_root=root, source_fingerprint=fp, configured=opts["ledger"])
+    entries = DatasetLedger(loc).entries({fp})
+    # a run that trained on a subset (skipped files, deduplication) is found by the folder's fingerprint; its
+    # own fingerprint then names the other entries of that subset
+    subsets = {e.fingerprint for e in entries}
+    entries = DatasetLedger(loc).entries({fp, *subsets})
     print(f"dataset {root} (fingerprint {fp[:16]}...)")
     if not entries:
         print("no run has been recorded on this dataset: nothing spent")
         return
     delta = float(opts["delta"]) if opts["delta"] else max((e.delta for e in entries if e.delta), default=1e-5)
-    for e in sorted(entries, key=lambda e: e.time):
+    for e in entries:
         eps = "NO DP (unbounded)" if not e.dp else f"{e.epsilon:.4g}" if e.epsilon is not None else "?"
-        steps = sum(s.steps for s in e.segments)
-        print(f"  {e.time}  {e.status:8s}  epsilon {eps:>10s}  steps {steps:6d}  {e.privacy_unit:7s}  {e.run_id}")
-    total = compose(entries, delta=delta, accountant=opts["accountant"])
+        flag = " (reproducible noise)" if e.reproducible_noise else ""
+        print(f"  {e.time}  {e.status:8s}  epsilon {eps:>10s}  steps {e.steps:6d}  {e.privacy_unit:7s}  "
+              f"{e.run_dir}{flag}")
+    total = compose_runs(entries, delta=delta, accountant=opts["accountant"])
     eps = total["epsilon"]
     print(f"total: epsilon {'inf' if eps == float('inf') else f'{eps:.4g}'} at delta {delta:.3g} "
-          f"({total['runs']} runs composed, {total.get('accountant', '')}, per {total['unit']})"
+          f"({total['runs']} attempts composed, {total.get('accountant', '')}, per {total['unit']})"
           + (f"; {total['note']}" if total.get("note") else ""))

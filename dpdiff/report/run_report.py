@@ -68,7 +68,7 @@ def mechanism_rows(priv: dict) -> list[tuple[str, str]]:
         ("steps (accounted)", _fmt(priv["steps"])),
         ("augmentation multiplicity K", _fmt(priv["augmult"])),
         ("processes", _fmt(priv.get("world_size"))),
-        ("noise seeded from OS CSPRNG", _fmt(priv.get("secure_rng"))),
+        ("noise and sampling randomness", _fmt(priv.get("noise_source"))),
     ]
 
 

@@ -10,7 +10,8 @@ import math
 from pathlib import Path
 
 from dpdiff.io import write_text_atomic
-from dpdiff.privacy.accountants import MechanismSegment, get_accountant
+from dpdiff.privacy.accountants import DEFAULT_ACCOUNTANT, MechanismSegment
+from dpdiff.privacy.dataset_ledger import compose_runs
 
 
 def find_runs(root: Path) -> list[Path]:
@@ -67,23 +68,29 @@ def collect(root: Path) -> list[dict]:
             "audit_verdict": (probes.get("audit") or {}).get("verdict"),
             "ledger": priv.get("ledger") or [],
             "privacy_unit": priv.get("privacy_unit"),
+            "reproducible_noise": bool(priv.get("reproducible_noise")),
             "fingerprint": priv.get("dataset_fingerprint"),
         })
     return rows
 
 
-def sweep_total(rows: list[dict], *, accountant: str = "pld") -> dict:
-    """Composition of every run of the sweep, per dataset fingerprint."""
+class _SweepRun:
+    """A sweep row as ``compose_runs`` sees it: the run's whole ledger."""
+
+    def __init__(self, row: dict):
+        self.dp = bool(row["dp"])
+        self.segments = [MechanismSegment(**s) for s in row["ledger"]]
+        self.privacy_unit = row["privacy_unit"] or "example"
+        self.reproducible_noise = row.get("reproducible_noise", False)
+
+
+def sweep_total(rows: list[dict], *, accountant: str = DEFAULT_ACCOUNTANT) -> dict:
+    """Composition of every run of the sweep, per dataset fingerprint (dpdiff's one cross-run composer)."""
     out = {}
     for fp in sorted({r["fingerprint"] for r in rows}):
         rs = [r for r in rows if r["fingerprint"] == fp]
-        if any(not r["dp"] for r in rs):
-            out[fp] = {"epsilon": math.inf, "runs": len(rs), "note": "includes a non-private run"}
-            continue
-        delta = max(r["delta"] for r in rs)
-        hist = [MechanismSegment(**s) for r in rs for s in r["ledger"]]
-        eps = get_accountant(accountant).epsilon(history=hist, delta=delta).epsilon
-        out[fp] = {"epsilon": eps, "delta": delta, "runs": len(rs), "accountant": accountant}
+        delta = max((r["delta"] for r in rs if r["delta"]), default=1e-5)
+        out[fp] = compose_runs([_SweepRun(r) for r in rs], delta=delta, accountant=accountant)
     return out
 
 
@@ -127,7 +134,8 @@ def write_sweep_report(root: Path) -> tuple[Path, Path]:
     for fp, t in totals.items():
         md.append(f"**Total privacy spent by this sweep on dataset {fp[:12]}: epsilon {_f(t['epsilon'])}"
                   f"{' at delta ' + _f(t.get('delta')) if t.get('delta') else ''} over {t['runs']} runs** "
-                  "(every run trained on the same data: their guarantees compose).")
+                  "(every run trained on the same data: their guarantees compose)."
+                  + (f" {t['note']}" if t.get("note") else ""))
     md += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         md.append("| " + " | ".join(("NO DP" if c == "epsilon" and not r["dp"] else _f(r[c])) for c in cols) + " |")

@@ -1,7 +1,7 @@
 """Precision policy: frozen encoders may run in low precision; trainable weights, per-unit
 gradients, norms, clipping and noise are always fp32 (Opacus #740/#764: bf16 norms overshoot C).
 fp16 is allowed only as autocast without a GradScaler: a scaler would multiply the gradients the
-clipping sees (PITFALLS), and per-unit clipping already bounds their range."""
+clipping sees (see docs/stack-notes.md), and per-unit clipping already bounds their range."""
 
 from __future__ import annotations
 

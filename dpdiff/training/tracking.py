@@ -1,8 +1,12 @@
 """Experiment trackers: ``local`` (metrics.jsonl, always written) and ``wandb`` (offline by default).
 
-Private training images and captions are never sent to a tracker unless the user sets
-``tracker.log_private_data=true``; what is logged are metrics, the config, epsilon and images
-*generated* by the trained model from the sample prompts.
+Nothing computed from the private data outside the DP mechanism leaves the machine unless the user
+sets ``tracker.log_private_data=true``: a remote tracker (wandb) receives the config, the privacy
+accounting (epsilon per step, the learning rate, batch sizes, which are Binomial draws that depend
+only on N and q) and images *generated* by the trained model from public prompts. Training losses,
+gradient-norm and signal-to-noise statistics, probe and utility summaries, and prompts taken from the
+training captions are non-private statistics of the data: they stay in the run dir's metrics.jsonl
+(for the data owner) unless that flag is set.
 """
 
 from __future__ import annotations
@@ -19,6 +23,25 @@ class Tracker(Protocol):
     def log_image(self, key: str, path: Path, *, step: int, caption: str = "") -> None: ...
     def summary(self, values: dict) -> None: ...
     def finish(self) -> None: ...
+
+
+def truncate_metrics(path: Path, *, after_step: int) -> None:
+    """Drop the lines of steps after ``after_step`` (a resume redoes them; their weights were discarded)."""
+    import json
+
+    from dpdiff.io import write_text_atomic
+
+    path = Path(path)
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if int(json.loads(line).get("step", 0)) <= after_step:
+                keep.append(line)
+        except (json.JSONDecodeError, TypeError, ValueError, AttributeError):
+            continue  # a torn line after a crash
+    write_text_atomic(path, "\n".join(keep) + ("\n" if keep else ""))
 
 
 class LocalTracker:
@@ -38,26 +61,37 @@ class LocalTracker:
         pass
 
 
+PUBLIC_METRICS = frozenset({"epsilon", "lr", "seconds", "units", "rows"})
+PUBLIC_SUMMARY_PREFIXES = ("privacy/",)
+
+
+def public_part(values: dict, *, prefixes: tuple[str, ...] = ()) -> dict:
+    """The entries that are not statistics of the private data (see the module docstring)."""
+    return {k: v for k, v in values.items() if k in PUBLIC_METRICS or k.startswith(prefixes)}
+
+
 class WandbTracker:
     """wandb in offline mode unless ``tracker.mode=online`` (and the user has logged in)."""
 
     def __init__(self, run_dir: Path, *, config: dict, project: str, mode: str = "offline",
-                 name: str | None = None, tags: list[str] | None = None):
+                 name: str | None = None, tags: list[str] | None = None, log_private_data: bool = False):
         import wandb
 
         os.environ.setdefault("WANDB_SILENT", "true")
         self.wandb = wandb
+        self.log_private_data = log_private_data
         self.run = wandb.init(project=project, dir=str(run_dir), mode=mode, config=config, name=name,
                               tags=tags, reinit="finish_previous")
 
     def log(self, metrics: dict, *, step: int) -> None:
-        self.run.log(metrics, step=step)
+        self.run.log(metrics if self.log_private_data else public_part(metrics), step=step)
 
     def log_image(self, key: str, path: Path, *, step: int, caption: str = "") -> None:
         self.run.log({key: self.wandb.Image(str(path), caption=caption)}, step=step)
 
     def summary(self, values: dict) -> None:
-        for k, v in values.items():
+        shown = values if self.log_private_data else public_part(values, prefixes=PUBLIC_SUMMARY_PREFIXES)
+        for k, v in shown.items():
             self.run.summary[k] = v
 
     def finish(self) -> None:
@@ -117,7 +151,8 @@ def build_tracker(cfg, run_dir: Path, *, config: dict, is_main: bool):
             raise UserError("tracker=wandb needs the wandb package: pip install 'dpdiff[wandb]'") from None
         return MultiTracker([local, WandbTracker(run_dir, config=config, project=cfg.get("project", "dpdiff"),
                                                  mode=cfg.get("mode", "offline"), name=cfg.get("name"),
-                                                 tags=list(cfg.get("tags") or []))])
+                                                 tags=list(cfg.get("tags") or []),
+                                                 log_private_data=bool(cfg.get("log_private_data", False)))])
     from dpdiff.errors import UserError
 
     raise UserError(f"tracker={kind}: must be local or wandb")

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from dpdiff.io import write_json_atomic
-from dpdiff.privacy.ledger import PrivacyLedger
+from dpdiff.privacy.plan import PrivacyPlan
 from dpdiff.training.checkpoint import generator_state, save_checkpoint
 from dpdiff.training.loss import DiffusionObjective, RowBatch
 
@@ -36,38 +35,24 @@ def split_units(rows: RowBatch, max_units: int) -> list[RowBatch]:
     return out
 
 
-@dataclass
-class PrivacyPlan:
-    """What the ledger records per step, and the step budget that keeps epsilon <= target."""
-
-    noise_multiplier: float
-    sample_rate: float
-    max_ledger_steps: int  # stop before the ledger would exceed this (target epsilon)
-
-
 class Trainer:
     def __init__(self, *, unet, params, objective: DiffusionObjective, row_builder, sampler, engine, optimizer,
                  lr_scheduler, max_steps: int, micro_batch_size: int, run_dir: Path, tracker, device,
-                 ledger: PrivacyLedger | None, plan: PrivacyPlan | None, ema=None, is_main: bool = True,
-                 log_every: int = 10, checkpoint_every: int = 0, checkpoints_total_limit: int | None = None,
-                 noise_generator: torch.Generator | None = None, secure_rng: bool = False,
+                 privacy: PrivacyPlan, ema=None, is_main: bool = True, log_every: int = 10,
+                 checkpoint_every: int = 0, checkpoints_total_limit: int | None = None,
                  autocast_dtype: torch.dtype | None = None, start_step: int = 0, progress: bool = True):
         self.unet, self.params, self.objective = unet, params, objective
         self.row_builder, self.sampler, self.engine = row_builder, sampler, engine
         self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
         self.max_steps, self.micro_batch_size = max_steps, micro_batch_size
         self.run_dir, self.tracker, self.device = Path(run_dir), tracker, device
-        self.ledger, self.plan, self.ema, self.is_main = ledger, plan, ema, is_main
+        self.privacy, self.ema, self.is_main = privacy, ema, is_main
         self.log_every, self.checkpoint_every = log_every, checkpoint_every
         self.checkpoints_total_limit = checkpoints_total_limit
-        self.noise_generator, self.secure_rng = noise_generator, secure_rng
         self.autocast_dtype = autocast_dtype
         self.step = start_step
         self.progress = progress
-        self.stopped_for_budget = False
         self.history: list[dict] = []
-        self.run_id: str | None = None  # the lineage id of the run in the dataset ledger
-        self.dataset_fingerprint: str | None = None  # what the ledger's steps were spent on
         self.last_lr = 0.0
 
     # ------------------------------------------------------------------------------------------
@@ -93,17 +78,15 @@ class Trainer:
         self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if self.ledger is not None:
-            self.ledger.record_step(noise_multiplier=self.plan.noise_multiplier, sample_rate=self.plan.sample_rate)
+        self.privacy.record_step()
         if self.ema is not None:
             self.ema.step(self.params)
         self.step += 1
         return stats
 
-    def _budget_left(self) -> bool:
-        if self.ledger is None or self.plan is None:
-            return True
-        return self.ledger.steps < self.plan.max_ledger_steps
+    @property
+    def stopped_for_budget(self) -> bool:
+        return self.privacy.stopped_for_budget
 
     def run(self) -> None:
         from tqdm.auto import tqdm
@@ -115,13 +98,11 @@ class Trainer:
         self.unet.train()
         t0 = time.time()
         while self.step < self.max_steps:
-            if not self._budget_left():
-                self.stopped_for_budget = True
+            if not self.privacy.may_step():
                 log.warning("stopping at step %d: one more step would exceed privacy.target_epsilon", self.step)
                 break
             stats = self.train_step()
-            if self.ledger is not None and self.is_main:  # the spend is on disk before anything is logged
-                self.ledger.save(self.run_dir / "privacy_ledger.json")
+            self.privacy.save_ledger()  # the spend is on disk before anything is logged
             if before is not None and self.last_lr > 0:
                 self._check_weights_changed(before)
                 before = None
@@ -129,8 +110,8 @@ class Trainer:
             if self.step % self.log_every == 0 or self.step == self.max_steps:
                 metrics = {**stats, "lr": self.lr_scheduler.get_last_lr()[0],
                            "seconds": round(time.time() - t0, 3)}
-                if self.ledger is not None and self.is_main:
-                    metrics["epsilon"] = self.ledger.epsilon().epsilon
+                if self.privacy.ledger is not None and self.is_main:
+                    metrics["epsilon"] = self.privacy.epsilon().epsilon
                 bar.set_postfix(loss=f"{stats['loss']:.4f}", **({"eps": f"{metrics['epsilon']:.2f}"}
                                                                 if "epsilon" in metrics else {}))
                 self.tracker.log(metrics, step=self.step)
@@ -153,29 +134,28 @@ class Trainer:
                 "(a model moved to its device after the adapter was attached; opacus #820, peft #3409)")
 
     def state(self) -> dict:
-        """The resumable RNG and ledger state; per-rank parts are gathered from every rank (collective)."""
+        """The resumable state; per-rank parts are gathered from every rank (collective).
+
+        The privacy plan's part is its ledger and lineage. The noise generator and the Poisson sampler's
+        RNG are never saved (a resume draws fresh entropy), except the sampler of a non-private run and,
+        under ``privacy.reproducible_noise`` (debugging), both, for a bit-exact resume.
+        """
+        reproducible = self.privacy.mechanism is not None and self.privacy.reproducible_noise
         local = {
-            "sampler": self.sampler.state_dict(),
+            "sampler": self.sampler.state_dict() if (self.privacy.mechanism is None or reproducible) else None,
             "row_generator": generator_state(self.row_builder.generator),
         }
         per_rank = gather_objects(local)
-        return {
-            "run_id": self.run_id,
-            "dataset_fingerprint": self.dataset_fingerprint,
-            "world_size": len(per_rank),
-            "ranks": per_rank,
-            "noise_generator": None if (self.secure_rng or self.noise_generator is None)
-            else generator_state(self.noise_generator),
-            "ledger": self.ledger.to_dict() if self.ledger is not None else None,
-        }
+        noise = getattr(self.engine, "noise_generator", None)
+        return {**self.privacy.state_dict(), "world_size": len(per_rank), "ranks": per_rank,
+                "noise_generator": generator_state(noise) if reproducible and noise is not None else None}
 
     def checkpoint(self) -> Path | None:
         """Save a checkpoint (call on every rank: the RNG states are gathered; rank 0 writes)."""
         state = self.state()
         if not self.is_main:
             return None
-        if self.ledger is not None:
-            self.ledger.save(self.run_dir / "privacy_ledger.json")
+        self.privacy.save_ledger()
         trainable = {n: p for n, p in self.unet.named_parameters() if p.requires_grad}
         path = save_checkpoint(self.run_dir, step=self.step, trainable=trainable, optimizer=self.optimizer,
                                lr_scheduler=self.lr_scheduler, state=state, ema=self.ema,

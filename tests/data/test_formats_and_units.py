@@ -10,7 +10,8 @@ from helpers import write_image_folder
 from PIL import Image
 
 from dpdiff.data.dedup import apply_dedup, find_duplicate_sets
-from dpdiff.data.records import fingerprint, group_units, read_dataset, split_holdout
+from dpdiff.data.formats import read_dataset
+from dpdiff.data.records import fingerprint, group_units, split_holdout
 from dpdiff.errors import UserError
 
 
@@ -96,7 +97,7 @@ def test_planted_near_duplicates_are_found_and_grouped(tmp_path):
 
 
 def test_digits_demo_has_no_false_duplicates():
-    from dpdiff.paths import builtin_digits_dir
+    from dpdiff.data.digits import builtin_digits_dir
 
     recs = read_dataset(builtin_digits_dir())
     assert len(recs) > 800

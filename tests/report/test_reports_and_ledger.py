@@ -75,11 +75,31 @@ def test_wandb_offline_run_dir(tmp_path):
     runs = list((run / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     log = next(runs[0].glob("*.wandb")).read_bytes()  # wandb's offline transaction log (protobuf records)
-    for key in (b"privacy/epsilon", b"loss", b"epsilon", b"grad_norm_median", b"target_epsilon"):
+    for key in (b"privacy/epsilon", b"epsilon", b"target_epsilon"):
         assert key in log, key
+    # non-private statistics of the data (losses, gradient norms) stay local unless log_private_data=true
+    for key in (b"grad_norm_median", b"clip_fraction", b'"loss"'):
+        assert key not in log, key
+    assert b"grad_norm_median" in (run / "metrics.jsonl").read_bytes()
     # private data never reaches the tracker: no training caption, no training image
     assert b"a photo number" not in log
     assert not list(runs[0].rglob("*.png"))  # the sample prompts here are training captions
+
+
+def test_wandb_gets_data_statistics_only_when_allowed(tmp_path, monkeypatch):
+    from dpdiff.training.tracking import WandbTracker
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    logs = {}
+    for allowed in (False, True):
+        t = WandbTracker(tmp_path / str(allowed), config={}, project="t", log_private_data=allowed)
+        t.log({"loss": 0.5, "grad_norm_median": 0.1, "epsilon": 1.0, "lr": 1e-3}, step=1)
+        t.summary({"privacy/epsilon": 1.0, "probes/mia/auc": 0.7})
+        t.finish()
+        logs[allowed] = next((tmp_path / str(allowed)).rglob("*.wandb")).read_bytes()
+    for key in (b"grad_norm_median", b"probes/mia/auc"):
+        assert key not in logs[False] and key in logs[True], key
+    assert b"privacy/epsilon" in logs[False]
 
 
 def test_two_run_sweep_report_and_dataset_ledger(tmp_path):

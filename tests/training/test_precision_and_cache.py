@@ -58,10 +58,11 @@ def test_bf16_dp_step_norms_match_fp32():
 
 def test_cached_posterior_gives_the_on_the_fly_loss():
     """Rows from cached VAE posteriors equal encoding the pixels on the fly with the same draw."""
+    from dpdiff.data.digits import builtin_digits_dir
+    from dpdiff.data.formats import read_dataset
     from dpdiff.data.preprocess import to_pixels
-    from dpdiff.data.records import PrivacyUnits, read_dataset
+    from dpdiff.data.records import PrivacyUnits
     from dpdiff.models.loading import load_base
-    from dpdiff.paths import builtin_digits_dir
     from dpdiff.training.encode import encode_dataset
     from dpdiff.training.rows import RowBuilder
 

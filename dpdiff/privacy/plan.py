@@ -1,0 +1,401 @@
+"""The privacy execution plan of a run: the one place where the target epsilon is enforced.
+
+Built once, from validated ``PrivacySettings`` and the unit count, before any private pixel is
+encoded (as jax_privacy's ``DPExecutionPlan`` bundles sampling, clipping, noise and the DP event).
+It owns everything that decides or records the guarantee:
+
+* the mechanism: sample rate q = B/N, delta, the noise multiplier calibrated so that the planned
+  steps stay within ``privacy.target_epsilon`` (or a fixed one, checked against the target);
+* resume reconciliation: a resumed run continues the ledger of its checkpoint (or the longer ledger
+  its run dir holds after a crash), with the same unit, delta, data and sample rate, or is refused;
+  a plan past the target is refused with the largest ``train.max_steps`` that fits;
+* the stop rule (``may_step``) and the ledger (``record_step``, saved after every step);
+* the randomness of the mechanism (fresh OS entropy per run and process; ``dpdiff.privacy.randomness``);
+* the sampler (Poisson for DP, never shuffled batches accounted as Poisson) and the clipping engine
+  (hooks or two-pass: a performance choice, both exact);
+* the dataset-ledger charge, with ``privacy.dataset_budget`` refused before training.
+
+A non-private plan (``privacy=none``) has the same interface: no mechanism, a shuffle sampler, the
+plain mean gradient, and a dataset-ledger entry that marks the data as exposed without a guarantee.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from dpdiff.errors import UserError
+from dpdiff.privacy.accountants import (
+    EpsilonReport,
+    MechanismSegment,
+    calibrate_noise_multiplier,
+    get_accountant,
+    max_steps_within,
+)
+from dpdiff.privacy.dataset_ledger import DatasetLedger, compose_runs, ledger_location, make_entry
+from dpdiff.privacy.ledger import PrivacyLedger, slice_segments
+from dpdiff.privacy.randomness import PrivacyRandomness
+from dpdiff.privacy.settings import PrivacySettings, default_delta
+
+log = logging.getLogger("dpdiff")
+
+ENGINES = ("auto", "hooks", "two_pass")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Mechanism:
+    """The resolved DP-SGD mechanism of a run (what the accountant sees)."""
+
+    noise_multiplier: float
+    sample_rate: float
+    num_units: float  # the count q is computed from (with audit canaries: users' units + expected canaries)
+    expected_batch_size: float
+    delta: float
+    steps: int  # planned ledger steps: those already in the ledger plus this run's
+    epsilon_planned: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DatasetIdentity:
+    """What the steps are spent on: the data folder and its two fingerprints (see ``dataset_ledger``)."""
+
+    root: Path
+    fingerprint: str  # the records trained on
+    source_fingerprint: str  # every record the folder lists, as read
+
+
+@dataclass(frozen=True, kw_only=True)
+class ResumePoint:
+    """What a checkpoint brings to the plan."""
+
+    path: Path
+    step: int  # the training step the checkpoint holds
+    ledger: PrivacyLedger | None  # the longer of the checkpoint's ledger and its run dir's ledger file
+    checkpoint_ledger_steps: int
+    run_id: str | None
+    dataset_fingerprint: str | None
+
+    @property
+    def discarded_steps(self) -> int:
+        """Ledger steps spent after the checkpoint (a crash): counted, although their weights are gone."""
+        return (self.ledger.steps - self.checkpoint_ledger_steps) if self.ledger is not None else 0
+
+    @classmethod
+    def from_checkpoint(cls, *, path: Path, state: dict) -> ResumePoint:
+        led = PrivacyLedger.from_dict(state["ledger"]) if state.get("ledger") else None
+        ckpt_steps = led.steps if led is not None else 0
+        on_disk_path = Path(path).parent / "privacy_ledger.json"
+        if led is not None and on_disk_path.exists():
+            on_disk = PrivacyLedger.load(on_disk_path)
+            if on_disk.steps > led.steps:
+                log.warning("the run's ledger records %d steps, its checkpoint %d: counting all %d (steps after the "
+                            "checkpoint were spent even though their weights are discarded)",
+                            on_disk.steps, led.steps, on_disk.steps)
+                led = on_disk
+        return cls(path=Path(path), step=int(state["step"]), ledger=led, checkpoint_ledger_steps=ckpt_steps,
+                   run_id=state.get("run_id"), dataset_fingerprint=state.get("dataset_fingerprint"))
+
+
+def resolve_mechanism(settings: PrivacySettings, *, num_units: float, batch_size: float, max_steps: int,
+                      start_step: int = 0, history: list[MechanismSegment] | None = None,
+                      discarded_steps: int = 0) -> Mechanism:
+    """Sample rate, delta and noise multiplier for a run that trains from ``start_step`` to ``max_steps``.
+
+    ``history`` is the ledger of a resumed run (composed first); it may hold more steps than
+    ``start_step`` when steps after the checkpoint were spent and discarded by a crash. A plan whose
+    total would exceed the target epsilon is refused, naming the largest ``train.max_steps`` that fits.
+    """
+    if num_units < 1:
+        raise UserError("the training set has no privacy units")
+    shown_units = f"{num_units:g}"
+    if batch_size <= 0:
+        raise UserError(f"train.batch_size={batch_size}: must be > 0")
+    q = batch_size / num_units
+    if q > 1:
+        raise UserError(f"train.batch_size={batch_size:g} is larger than the {shown_units} privacy units "
+                        f"(sample rate q={q:.3g} > 1); lower train.batch_size to at most {int(num_units)}")
+    delta = settings.delta if settings.delta is not None else default_delta(num_units)
+    if delta >= 1.0 / num_units:
+        raise UserError(f"privacy.delta={settings.delta}: must be < 1/num_units = {1.0 / num_units:.3g} ({shown_units} "
+                        "units); with delta >= 1/N a mechanism may publish a whole unit. Lower privacy.delta")
+    history = list(history or [])
+    spent = sum(s.steps for s in history)
+    remaining = max(max_steps - start_step, 0)
+    acc = get_accountant(settings.accountant)
+    if history and settings.noise_multiplier is None:
+        sigma = history[-1].noise_multiplier
+        if history[-1].sample_rate != q:
+            raise UserError(f"resuming with sample rate {q:.6g} but the ledger was spent at "
+                            f"{history[-1].sample_rate:.6g}; keep train.batch_size and the data unchanged")
+    elif settings.noise_multiplier is not None:
+        sigma = settings.noise_multiplier
+    else:
+        try:
+            sigma = calibrate_noise_multiplier(target_epsilon=settings.target_epsilon, delta=delta, sample_rate=q,
+                                               steps=max(remaining, 1), accountant=acc, history=history)
+        except ValueError as err:
+            raise UserError(f"privacy.target_epsilon={settings.target_epsilon:g}: {err}") from None
+    report = acc.epsilon(history=[*history, MechanismSegment(sigma, q, remaining)], delta=delta)
+    eps = report.epsilon
+    if settings.target_epsilon is not None and eps > settings.target_epsilon:
+        fit = max_steps_within(target_epsilon=settings.target_epsilon, delta=delta, noise_multiplier=sigma,
+                               sample_rate=q, accountant=acc, history=history)
+        spent_note = ""
+        if spent:
+            spent_note = f" ({spent} steps already in the ledger"
+            if discarded_steps:
+                spent_note += (f", {discarded_steps} of them after the checkpoint at step {start_step}: spent, "
+                               "although their weights were discarded")
+            spent_note += ")"
+        shown = "above any useful bound" if eps == float("inf") else f"{eps:.3f}"
+        raise UserError(
+            f"train.max_steps={max_steps} would spend epsilon {shown} > privacy.target_epsilon="
+            f"{settings.target_epsilon:g}{spent_note}; at most {start_step + fit} steps fit: "
+            f"set train.max_steps<={start_step + fit}" + (" or raise the target" if fit == 0 else ""))
+    return Mechanism(noise_multiplier=float(sigma), sample_rate=q, num_units=num_units,
+                     expected_batch_size=q * num_units, delta=delta, steps=spent + remaining,
+                     epsilon_planned=float(eps))
+
+
+def choose_engine(mode: str, *, trainable_numel: int, micro_batch_size: int, memory_gb: float) -> str:
+    """``hooks`` (every trainable weight's per-unit gradient held at once: fastest) when a micro-batch's
+    per-unit gradients fit in ``memory_gb``, else ``two_pass`` (one layer at a time). Both are exact."""
+    if mode not in ENGINES:
+        raise UserError(f"train.per_sample={mode}: must be one of {', '.join(ENGINES)}")
+    if mode != "auto":
+        return mode
+    return "hooks" if 4 * trainable_numel * micro_batch_size <= memory_gb * 2**30 else "two_pass"
+
+
+class PrivacyPlan:
+    """One run's privacy plan: build with ``PrivacyPlan.build``."""
+
+    def __init__(self, *, settings: PrivacySettings, dataset: DatasetIdentity, mechanism: Mechanism | None,
+                 ledger: PrivacyLedger | None, randomness: PrivacyRandomness, run_dir: Path, run_id: str,
+                 attempt_id: str, start_step: int, resume: ResumePoint | None, is_main: bool):
+        self.settings, self.dataset, self.mechanism, self.ledger = settings, dataset, mechanism, ledger
+        self.randomness, self.run_dir, self.run_id, self.attempt_id = randomness, Path(run_dir), run_id, attempt_id
+        self.start_step, self.resume, self.is_main = start_step, resume, is_main
+        self.ledger_start = ledger.steps if ledger is not None else 0  # where this attempt's own steps begin
+        self.dataset_total: dict | None = None
+        self.dataset_ledger: DatasetLedger | None = None
+        self.stopped_for_budget = False
+
+    # ---------------------------------------------------------------------------------- build
+    @classmethod
+    def build(cls, *, settings: PrivacySettings, dataset: DatasetIdentity, num_units: int, batch_size: float,
+              max_steps: int, seed: int, run_dir: Path, resume: ResumePoint | None = None, rank: int = 0,
+              world_size: int = 1, rate_units: float | None = None) -> PrivacyPlan:
+        """Check the resume against the settings and data, resolve the mechanism, open the ledger.
+
+        ``rate_units`` (default ``num_units``) is the unit count q and the default delta are computed from.
+        With audit canaries it is the user's units plus the canaries' *expected* number, so the mechanism does
+        not depend on the audit's coins (which canaries were drawn in).
+        """
+        cls._check_resume(settings, dataset, resume)
+        start = resume.step if resume else 0
+        run_id = (resume.run_id if resume else None) or str(Path(run_dir).resolve())
+        attempt_id = uuid.uuid4().hex
+        mech, ledger = None, None
+        if settings.enabled:
+            history = list(resume.ledger.segments) if resume and resume.ledger else []
+            mech = resolve_mechanism(settings, num_units=rate_units or num_units, batch_size=float(batch_size),
+                                     max_steps=max_steps,
+                                     start_step=start, history=history,
+                                     discarded_steps=resume.discarded_steps if resume else 0)
+            prior = resume.ledger if resume and resume.ledger else None
+            ledger = PrivacyLedger(accountant=settings.accountant, delta=mech.delta,
+                                   target_epsilon=settings.target_epsilon, segments=history,
+                                   privacy_unit=settings.unit, dataset_fingerprint=dataset.fingerprint,
+                                   reproducible_noise=settings.reproducible_noise
+                                   or bool(prior and prior.reproducible_noise),
+                                   attempts=list(prior.attempts) if prior else [])
+            ledger.attempts.append({"attempt_id": attempt_id, "start": ledger.steps})
+        elif batch_size > num_units:
+            raise UserError(f"train.batch_size={batch_size:g} is larger than the {num_units} training units")
+        randomness = PrivacyRandomness(reproducible=settings.reproducible_noise, seed=int(seed), rank=rank,
+                                       world_size=world_size, start_step=ledger.steps if ledger else start)
+        return cls(settings=settings, dataset=dataset, mechanism=mech, ledger=ledger, randomness=randomness,
+                   run_dir=run_dir, run_id=run_id, attempt_id=attempt_id, start_step=start, resume=resume,
+                   is_main=rank == 0)
+
+    @staticmethod
+    def _check_resume(settings: PrivacySettings, dataset: DatasetIdentity, resume: ResumePoint | None) -> None:
+        if resume is None:
+            return
+        where = f"train.resume_from={resume.path}"
+        if resume.dataset_fingerprint is not None and resume.dataset_fingerprint != dataset.fingerprint:
+            raise UserError(f"{where}: that checkpoint was trained on another dataset (fingerprint "
+                            f"{resume.dataset_fingerprint[:12]}, this data {dataset.fingerprint[:12]}); its privacy "
+                            "ledger does not apply")
+        led = resume.ledger
+        if settings.enabled and led is None:
+            raise UserError(f"{where}: that checkpoint is from a non-private run; a DP run cannot continue from it")
+        if not settings.enabled and led is not None:
+            raise UserError(f"{where}: that checkpoint is from a DP run; continuing it without privacy would void its "
+                            "guarantee (use privacy=dp)")
+        if led is None:
+            return
+        if led.privacy_unit != settings.unit:
+            raise UserError(f"{where}: its ledger was spent per {led.privacy_unit}; resuming with "
+                            f"privacy.unit={settings.unit} would compose two different guarantees. Keep "
+                            f"privacy.unit={led.privacy_unit}")
+        if settings.delta is not None and settings.delta != led.delta:
+            raise UserError(f"{where}: its ledger states epsilon at delta {led.delta:g}; resuming with "
+                            f"privacy.delta={settings.delta:g} would change the guarantee's meaning. Keep "
+                            f"privacy.delta={led.delta:g} (or null)")
+        if led.reproducible_noise != settings.reproducible_noise:
+            raise UserError(f"{where}: its ledger was spent with privacy.reproducible_noise={led.reproducible_noise}; "
+                            "resume with the same setting")
+
+    # --------------------------------------------------------------------------- properties
+    @property
+    def enabled(self) -> bool:
+        return self.settings.enabled
+
+    @property
+    def reproducible_noise(self) -> bool:
+        return bool(self.ledger.reproducible_noise) if self.ledger is not None else self.settings.reproducible_noise
+
+    # ------------------------------------------------------------------------- the stop rule
+    def may_step(self) -> bool:
+        """False once one more step would pass the planned (target-respecting) ledger length."""
+        if self.mechanism is None:
+            return True
+        if self.ledger.steps < self.mechanism.steps:
+            return True
+        self.stopped_for_budget = True
+        return False
+
+    def record_step(self) -> None:
+        if self.ledger is not None:
+            self.ledger.record_step(noise_multiplier=self.mechanism.noise_multiplier,
+                                    sample_rate=self.mechanism.sample_rate)
+
+    def epsilon(self) -> EpsilonReport | None:
+        return self.ledger.epsilon() if self.ledger is not None else None
+
+    def save_ledger(self) -> None:
+        if self.ledger is not None and self.is_main:
+            self.ledger.save(self.run_dir / "privacy_ledger.json")
+
+    def state_dict(self) -> dict:
+        """What a checkpoint keeps of the plan (the RNG states are deliberately not part of it)."""
+        return {"run_id": self.run_id, "dataset_fingerprint": self.dataset.fingerprint,
+                "attempt_id": self.attempt_id, "ledger": self.ledger.to_dict() if self.ledger is not None else None}
+
+    # ------------------------------------------------------------------- sampling and engine
+    def sampler(self, *, num_units: int, batch_size: float, rank: int, world_size: int, seed: int):
+        """Poisson sampling of units at rate q (DP), or shuffled fixed batches (non-private baselines only)."""
+        from dpdiff.privacy.sampling import PoissonSampler, ShuffleSampler
+
+        if self.mechanism is None:
+            return ShuffleSampler(num_units, int(batch_size), seed=seed, rank=rank, world_size=world_size)
+        return PoissonSampler(num_units, self.mechanism.sample_rate, rng=self.randomness.sampling_rng(), rank=rank,
+                              world_size=world_size)
+
+    def engine(self, model, *, params, device, per_sample: str, micro_batch_size: int, memory_gb: float):
+        """The clipping engine for this plan (hooks or two-pass, both exact), its noise from fresh entropy."""
+        from dpdiff.privacy.engine import DPSGDEngine, NonPrivateEngine
+        from dpdiff.privacy.fast_clip import TwoPassDPSGDEngine
+
+        if self.mechanism is None:
+            self.engine_kind = "none"
+            return NonPrivateEngine(model, params=params)
+        self.engine_kind = choose_engine(per_sample, trainable_numel=sum(p.numel() for p in params),
+                                         micro_batch_size=micro_batch_size, memory_gb=memory_gb)
+        cls = TwoPassDPSGDEngine if self.engine_kind == "two_pass" else DPSGDEngine
+        return cls(model, noise_multiplier=self.mechanism.noise_multiplier,
+                   max_grad_norm=self.settings.max_grad_norm,
+                   expected_batch_size=self.mechanism.expected_batch_size,
+                   noise_generator=self.randomness.noise_generator(device), params=params)
+
+    # ----------------------------------------------------------------------- dataset ledger
+    def _entry(self, *, status: str, segments):
+        m = self.mechanism
+        return make_entry(attempt_id=self.attempt_id, run_id=self.run_id, run_dir=str(self.run_dir.resolve()),
+                          fingerprint=self.dataset.fingerprint, source_fingerprint=self.dataset.source_fingerprint,
+                          status=status, dp=self.enabled, privacy_unit=self.settings.unit,
+                          delta=m.delta if m else None, accountant=self.settings.accountant if m else None,
+                          segments=segments, reproducible_noise=self.reproducible_noise,
+                          parent_attempt=self._parent_attempt())
+
+    def _parent_attempt(self) -> str | None:
+        if self.ledger is None or len(self.ledger.attempts) < 2:
+            return None
+        return str(self.ledger.attempts[-2]["attempt_id"])
+
+    def charge_dataset(self, *, status: str) -> dict | None:
+        """Record this attempt in the dataset's ledger: ``planned`` (all planned steps, before training; refuses a
+        run past ``privacy.dataset_budget``) or ``finished`` (the steps taken). Main process only."""
+        if not self.is_main:
+            return None
+        s = self.settings
+        self.dataset_ledger = DatasetLedger(ledger_location(data_root=self.dataset.root,
+                                                            source_fingerprint=self.dataset.source_fingerprint,
+                                                            configured=s.dataset_ledger))
+        fps = {self.dataset.fingerprint, self.dataset.source_fingerprint}
+        if status == "planned":
+            self._correct_crashed_attempts(fps)
+            own = ([MechanismSegment(self.mechanism.noise_multiplier, self.mechanism.sample_rate,
+                                     max(self.mechanism.steps - self.ledger_start, 0))] if self.mechanism else [])
+        else:
+            own = slice_segments(self.ledger.segments, self.ledger_start, self.ledger.steps) if self.ledger else []
+        entry = self._entry(status=status, segments=own)
+        others = [e for e in self.dataset_ledger.entries(fps) if e.attempt_id != self.attempt_id]
+        delta = s.dataset_delta or (self.mechanism.delta if self.mechanism else 1e-5)
+        total = compose_runs(others + [entry], delta=float(delta), accountant=s.accountant)
+        if status == "planned" and s.dataset_budget is not None and total["epsilon"] > s.dataset_budget:
+            spent = compose_runs(others, delta=float(delta), accountant=s.accountant)["epsilon"]
+            raise UserError(
+                f"privacy.dataset_budget={s.dataset_budget:g}: this run would bring the total epsilon spent on this "
+                f"dataset to {total['epsilon']:.3f} ({spent:.3f} already spent by {len(others)} run(s), ledger "
+                f"{self.dataset_ledger.path}); lower the run's epsilon or raise the budget knowingly")
+        self.dataset_ledger.record(entry)
+        self.dataset_total = {**total, "path": str(self.dataset_ledger.path)}
+        return self.dataset_total
+
+    def release_charge(self) -> None:
+        """A run that failed before its first step: its planned entry is replaced by an empty one."""
+        if self.is_main and self.dataset_ledger is not None and (self.ledger is None
+                                                                 or self.ledger.steps == self.ledger_start):
+            self.dataset_ledger.record(self._entry(status="ended", segments=[]))
+
+    def _correct_crashed_attempts(self, fps: set[str]) -> None:
+        """A resumed run's earlier attempts whose last line is still "planned" crashed (the run dir's lock is free):
+        replace their planned steps by the steps their run ledger records they spent."""
+        if self.resume is None or self.ledger is None:
+            return
+        latest = {e.attempt_id: e for e in self.dataset_ledger.entries(fps)}
+        for attempt_id, start, end in PrivacyLedger.attempt_spans(self._inherited_ledger()):
+            e = latest.get(attempt_id)
+            if e is None or e.status != "planned":
+                continue
+            spent = slice_segments(self.ledger.segments, start, end)
+            self.dataset_ledger.record(make_entry(
+                attempt_id=attempt_id, run_id=e.run_id, run_dir=e.run_dir, fingerprint=e.fingerprint,
+                source_fingerprint=e.source_fingerprint, status="ended", dp=e.dp, privacy_unit=e.privacy_unit,
+                delta=e.delta, accountant=e.accountant, segments=spent, reproducible_noise=e.reproducible_noise,
+                parent_attempt=e.parent_attempt))
+            log.info("dataset ledger: attempt %s ended after %d steps (its planned entry corrected)", attempt_id[:8],
+                     end - start)
+
+    def _inherited_ledger(self) -> PrivacyLedger:
+        inherited = PrivacyLedger.from_dict(self.ledger.to_dict())
+        inherited.attempts = inherited.attempts[:-1]
+        inherited.segments = slice_segments(inherited.segments, 0, self.ledger_start)
+        return inherited
+
+    # -------------------------------------------------------------------------- description
+    def describe(self) -> str:
+        m = self.mechanism
+        if m is None:
+            return "NO differential privacy"
+        s = self.settings
+        return (f"DP-SGD q={m.sample_rate:.4g} sigma={m.noise_multiplier:.4g} C={s.max_grad_norm:g} K={s.augmult} "
+                f"planned epsilon {m.epsilon_planned:.3f} (delta {m.delta:.2g}, {s.accountant})")

@@ -1,0 +1,311 @@
+"""Typed, validated settings of a fine-tuning run: one frozen, keyword-only class per config group.
+
+``RunSettings.from_config(cfg)`` checks every key a user can set, with one message shape
+(``group.key=value: what it must be``), before any private data is read; the recipe then reads these
+objects, never the raw config. The privacy group lives in ``dpdiff.privacy.settings`` (the mechanism),
+kept apart from the knobs here, several of which still shape the guarantee through the plan
+(``train.batch_size`` sets q, ``train.max_steps`` the number of compositions) and are named so below.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from dpdiff.errors import UserError
+from dpdiff.privacy.settings import PrivacySettings
+
+ADAPTER_KINDS = ("lora", "full", "attn")
+DEDUP_MODES = ("report", "drop", "group")
+ENGINES = ("auto", "hooks", "two_pass")
+PRECISIONS = ("no", "bf16", "fp16")
+FROZEN_DTYPES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
+
+
+def _get(cfg, key, default=None):
+    if cfg is None:
+        return default
+    if hasattr(cfg, "get"):
+        return cfg.get(key, default)
+    return getattr(cfg, key, default)
+
+
+def _fail(group: str, key: str, value, must: str) -> UserError:
+    return UserError(f"{group}.{key}={value}: {must}")
+
+
+def _int(group, key, v, *, lo: int | None = None, allow_none: bool = False) -> int | None:
+    if v is None and allow_none:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int) or (lo is not None and v < lo):
+        raise _fail(group, key, v, f"must be an integer >= {lo}" if lo is not None else "must be an integer")
+    return int(v)
+
+
+def _float(group, key, v, *, positive: bool = False, lo: float | None = None, hi: float | None = None,
+           allow_none: bool = False) -> float | None:
+    if v is None and allow_none:
+        return None
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        raise _fail(group, key, v, "must be a number") from None
+    if not math.isfinite(f) or (positive and f <= 0) or (lo is not None and f < lo) or (hi is not None and f > hi):
+        must = "must be > 0" if positive else f"must be in [{lo}, {hi}]"
+        raise _fail(group, key, v, must)
+    return f
+
+
+def _bool(group, key, v) -> bool:
+    if isinstance(v, bool):
+        return v
+    raise _fail(group, key, v, "must be true or false")
+
+
+def _choice(group, key, v, options) -> str:
+    if str(v) not in options:
+        raise _fail(group, key, v, f"must be one of {', '.join(options)}")
+    return str(v)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SampleSettings:
+    per_prompt: int
+    steps: int
+    guidance_scale: float
+    seed: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainSettings:
+    """``train.*``. ``batch_size`` (q = B/N) and ``max_steps`` (compositions) shape the guarantee through the
+    privacy plan; the rest (micro-batching, precision, the clipping engine) cannot change it."""
+
+    max_steps: int
+    batch_size: float
+    micro_batch_size: int
+    lr: float
+    optimizer: str
+    lr_scheduler: str
+    lr_warmup_steps: int
+    adam_beta1: float
+    adam_beta2: float
+    weight_decay: float
+    adam_epsilon: float
+    snr_gamma: float | None
+    timestep_range: tuple[int, int] | None
+    caption_dropout: float
+    seed: int
+    device: str
+    mixed_precision: str
+    per_sample: str
+    per_sample_memory_gb: float
+    gradient_checkpointing: bool
+    ema_enabled: bool
+    ema_decay: float
+    log_every: int
+    checkpoint_every: int
+    checkpoints_total_limit: int | None
+    resume_from: str | None
+    progress: bool
+    sample: SampleSettings
+
+    @classmethod
+    def from_config(cls, t, *, privacy_enabled: bool, num_train_timesteps: int | None = None) -> TrainSettings:
+        g = "train"
+        mp = str(_get(t, "mixed_precision", "no"))
+        mp = "no" if mp in ("False", "None", "fp32") else mp
+        tr = _get(t, "timestep_range")
+        ema = _get(t, "ema") or {}
+        smp = _get(t, "sample") or {}
+        s = cls(
+            max_steps=_int(g, "max_steps", _get(t, "max_steps"), lo=1),
+            batch_size=_float(g, "batch_size", _get(t, "batch_size"), positive=True),
+            micro_batch_size=_int(g, "micro_batch_size", _get(t, "micro_batch_size"), lo=1),
+            lr=_float(g, "lr", _get(t, "lr"), positive=True),
+            optimizer=_choice(g, "optimizer", _get(t, "optimizer", "adamw"), ("adamw", "sgd")),
+            lr_scheduler=str(_get(t, "lr_scheduler", "constant")),
+            lr_warmup_steps=_int(g, "lr_warmup_steps", _get(t, "lr_warmup_steps", 0), lo=0),
+            adam_beta1=_float(g, "adam_beta1", _get(t, "adam_beta1", 0.9), lo=0.0, hi=1.0),
+            adam_beta2=_float(g, "adam_beta2", _get(t, "adam_beta2", 0.999), lo=0.0, hi=1.0),
+            weight_decay=_float(g, "weight_decay", _get(t, "weight_decay", 0.0), lo=0.0, hi=1e3),
+            adam_epsilon=_float(g, "adam_epsilon", _get(t, "adam_epsilon", 1e-8), positive=True),
+            snr_gamma=_float(g, "snr_gamma", _get(t, "snr_gamma"), positive=True, allow_none=True),
+            timestep_range=_timestep_range(tr, num_train_timesteps),
+            caption_dropout=_float(g, "caption_dropout", _get(t, "caption_dropout", 0.0), lo=0.0, hi=1.0),
+            seed=_int(g, "seed", _get(t, "seed", 0)),
+            device=str(_get(t, "device", "auto")),
+            mixed_precision=_choice(g, "mixed_precision", mp, PRECISIONS),
+            per_sample=_choice(g, "per_sample", _get(t, "per_sample", "auto"), ENGINES),
+            per_sample_memory_gb=_float(g, "per_sample_memory_gb", _get(t, "per_sample_memory_gb", 2.0),
+                                        positive=True),
+            gradient_checkpointing=_bool(g, "gradient_checkpointing", _get(t, "gradient_checkpointing", False)),
+            ema_enabled=_bool(g, "ema.enabled", _get(ema, "enabled", False)),
+            ema_decay=_float(g, "ema.decay", _get(ema, "decay", 0.999), lo=0.0, hi=1.0),
+            log_every=_int(g, "log_every", _get(t, "log_every", 10), lo=1),
+            checkpoint_every=_int(g, "checkpoint_every", _get(t, "checkpoint_every", 0), lo=0),
+            checkpoints_total_limit=_int(g, "checkpoints_total_limit", _get(t, "checkpoints_total_limit"), lo=1,
+                                         allow_none=True),
+            resume_from=None if _get(t, "resume_from") in (None, "") else str(_get(t, "resume_from")),
+            progress=_bool(g, "progress", _get(t, "progress", True)),
+            sample=SampleSettings(per_prompt=_int(g, "sample.per_prompt", _get(smp, "per_prompt", 8), lo=1),
+                                  steps=_int(g, "sample.steps", _get(smp, "steps", 20), lo=1),
+                                  guidance_scale=_float(g, "sample.guidance_scale", _get(smp, "guidance_scale", 3.0),
+                                                        lo=0.0, hi=100.0),
+                                  seed=_int(g, "sample.seed", _get(smp, "seed", 0))),
+        )
+        if s.gradient_checkpointing and privacy_enabled:
+            raise UserError("train.gradient_checkpointing=true is not supported with DP: per-sample gradient hooks "
+                            "and recomputed activations do not mix (with Opacus' hooks most LoRA weights got no "
+                            "per-sample gradient); lower train.micro_batch_size to save memory instead")
+        from diffusers.optimization import SchedulerType
+
+        names = [e.value for e in SchedulerType]
+        if s.lr_scheduler not in names:
+            raise _fail(g, "lr_scheduler", s.lr_scheduler, f"must be one of {', '.join(names)}")
+        return s
+
+
+def _timestep_range(tr, total: int | None) -> tuple[int, int] | None:
+    if tr is None:
+        return None
+    seq = list(tr) if not isinstance(tr, (str, int, float)) else [tr]
+    hi_ok = total is None or (len(seq) == 2 and isinstance(seq[1], int) and seq[1] <= total)
+    ok = (len(seq) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in seq)
+          and 0 <= seq[0] < seq[1] and hi_ok)
+    if not ok:
+        bound = total if total is not None else "num_train_timesteps"
+        raise UserError(f"train.timestep_range={seq}: must be [lo, hi] with 0 <= lo < hi <= {bound} "
+                        "(training timesteps drawn uniformly from lo..hi-1), or null for all")
+    return int(seq[0]), int(seq[1])
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataSettings:
+    """``data.*``: which images, how they are read, grouped, held out and cached."""
+
+    path: str | None
+    caption_column: str
+    resolution: int | None
+    center_crop: bool
+    random_flip: bool
+    holdout_fraction: float
+    split_seed: int
+    sample_prompts: tuple[str, ...] | None
+    skip_bad_files: bool
+    dedup: str
+    dedup_hash_distance: int
+    caption_replace_prob: float
+    caption_insert_prob: float
+    cache: bool
+    cache_dir: str | None
+
+    @classmethod
+    def from_config(cls, d) -> DataSettings:
+        g = "data"
+        res = _get(d, "resolution")
+        if res is not None and (isinstance(res, bool) or not isinstance(res, int) or res < 8):
+            raise UserError(f"data.resolution={res}: must be an integer >= 8 (or null for the model's own)")
+        hf = _get(d, "holdout_fraction", 0.0) or 0.0
+        try:
+            hf = float(hf)
+        except (TypeError, ValueError):
+            hf = -1.0
+        if not 0 <= hf < 1:
+            raise UserError(f"data.holdout_fraction={_get(d, 'holdout_fraction')}: must be in [0, 1)")
+        rp = _float(g, "caption_replace_prob", _get(d, "caption_replace_prob", 0.0) or 0.0, lo=0.0, hi=1.0)
+        ip = _float(g, "caption_insert_prob", _get(d, "caption_insert_prob", 0.0) or 0.0, lo=0.0, hi=1.0)
+        if rp + ip > 1:
+            raise UserError(f"data.caption_replace_prob={rp} and data.caption_insert_prob={ip}: each must be >= 0 "
+                            "and their sum <= 1")
+        prompts = _get(d, "sample_prompts")
+        path = _get(d, "path")
+        return cls(
+            path=None if path in (None, "") else str(path),
+            caption_column=str(_get(d, "caption_column", "text")),
+            resolution=res,
+            center_crop=_bool(g, "center_crop", _get(d, "center_crop", True)),
+            random_flip=_bool(g, "random_flip", _get(d, "random_flip", False)),
+            holdout_fraction=hf,
+            split_seed=_int(g, "split_seed", _get(d, "split_seed", 0)),
+            sample_prompts=tuple(str(p) for p in prompts) if prompts else None,
+            skip_bad_files=_bool(g, "skip_bad_files", _get(d, "skip_bad_files", False)),
+            dedup=_choice(g, "dedup", _get(d, "dedup", "report"), DEDUP_MODES),
+            dedup_hash_distance=_int(g, "dedup_hash_distance", _get(d, "dedup_hash_distance", 4), lo=0),
+            caption_replace_prob=rp,
+            caption_insert_prob=ip,
+            cache=_bool(g, "cache", _get(d, "cache", True)),
+            cache_dir=None if _get(d, "cache_dir") in (None, "") else str(_get(d, "cache_dir")),
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class AdapterSettings:
+    """``adapter.*``: what part of the UNet is trained."""
+
+    kind: str
+    rank: int | None
+    alpha: float | None
+    target_modules: tuple[str, ...] | None
+    dropout: float
+
+    @classmethod
+    def from_config(cls, a) -> AdapterSettings:
+        g = "adapter"
+        kind = _get(a, "kind", "lora")
+        if kind not in ADAPTER_KINDS:
+            raise UserError(f"adapter={kind}: must be one of {', '.join(ADAPTER_KINDS)}")
+        rank = _get(a, "rank")
+        if kind == "lora":
+            rank = _int(g, "rank", rank, lo=1)
+        tm = _get(a, "target_modules")
+        return cls(kind=kind, rank=rank, alpha=_float(g, "alpha", _get(a, "alpha"), positive=True, allow_none=True),
+                   target_modules=tuple(str(m) for m in tm) if tm else None,
+                   dropout=_float(g, "dropout", _get(a, "dropout", 0.0) or 0.0, lo=0.0, hi=1.0))
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelSettings:
+    """``model.*``: the base pipeline (a local directory unless downloads are allowed)."""
+
+    pretrained: str  # resolved: an absolute directory, or a hub id when allow_download
+    allow_download: bool
+    frozen_dtype: str
+    num_train_timesteps: int | None  # from the scheduler config, when the pipeline is local
+
+    @classmethod
+    def from_config(cls, m) -> ModelSettings:
+        from dpdiff.models.loading import resolve_pretrained
+
+        allow = _bool("model", "allow_download", _get(m, "allow_download", False))
+        path = resolve_pretrained(_get(m, "pretrained"), allow_download=allow)
+        total = None
+        sched = Path(path) / "scheduler" / "scheduler_config.json"
+        if sched.exists():
+            total = int(json.loads(sched.read_text()).get("num_train_timesteps", 1000))
+        return cls(pretrained=path, allow_download=allow,
+                   frozen_dtype=_choice("model", "frozen_dtype", _get(m, "frozen_dtype", "float32"), FROZEN_DTYPES),
+                   num_train_timesteps=total)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunSettings:
+    """Every validated group of a finetune run."""
+
+    privacy: PrivacySettings
+    train: TrainSettings
+    data: DataSettings
+    adapter: AdapterSettings
+    model: ModelSettings
+
+    @classmethod
+    def from_config(cls, cfg) -> RunSettings:
+        privacy = PrivacySettings.from_config(cfg.privacy)
+        model = ModelSettings.from_config(cfg.model)
+        return cls(privacy=privacy,
+                   train=TrainSettings.from_config(cfg.train, privacy_enabled=privacy.enabled,
+                                                   num_train_timesteps=model.num_train_timesteps),
+                   data=DataSettings.from_config(cfg.data), adapter=AdapterSettings.from_config(cfg.adapter),
+                   model=model)

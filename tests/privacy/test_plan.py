@@ -1,0 +1,217 @@
+"""The privacy plan: resume reconciliation, the refusal messages, and an exact dataset ledger."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from dpdiff.errors import UserError
+from dpdiff.privacy.accountants import MechanismSegment, get_accountant
+from dpdiff.privacy.dataset_ledger import DatasetLedger, compose_runs, ledger_location
+from dpdiff.privacy.ledger import PrivacyLedger, slice_segments
+from dpdiff.privacy.plan import DatasetIdentity, PrivacyPlan, ResumePoint, resolve_mechanism
+from dpdiff.privacy.settings import PrivacySettings
+
+N, B = 200, 20  # q = 0.1
+
+
+def settings(**kw) -> PrivacySettings:
+    base = dict(enabled=True, target_epsilon=8.0, delta=1e-4, max_grad_norm=1.0, accountant="rdp", augmult=1,
+                unit="example", max_images_per_user=None, noise_multiplier=None, reproducible_noise=False,
+                dataset_budget=None, dataset_delta=None, dataset_ledger=None)
+    base.update(kw)
+    return PrivacySettings(**base)
+
+
+def dataset(root: Path, fp: str = "f" * 64, source: str | None = None) -> DatasetIdentity:
+    root.mkdir(parents=True, exist_ok=True)
+    return DatasetIdentity(root=root, fingerprint=fp, source_fingerprint=source or fp)
+
+
+def build(tmp_path, run: str, *, s=None, max_steps=60, resume=None, data=None) -> PrivacyPlan:
+    return PrivacyPlan.build(settings=s or settings(), dataset=data or dataset(tmp_path / "data"), num_units=N,
+                             batch_size=B, max_steps=max_steps, seed=0, run_dir=tmp_path / run, resume=resume)
+
+
+def train(plan: PrivacyPlan, steps: int) -> None:
+    (plan.run_dir).mkdir(parents=True, exist_ok=True)
+    for _ in range(steps):
+        assert plan.may_step()
+        plan.record_step()
+        plan.save_ledger()
+
+
+def resume_point(plan: PrivacyPlan, *, checkpoint_step: int, ledger_on_disk: bool = True) -> ResumePoint:
+    """A checkpoint taken at ``checkpoint_step`` of ``plan``'s run dir (its ledger file may hold more steps)."""
+    led = PrivacyLedger.from_dict(plan.ledger.to_dict())
+    led.segments = slice_segments(led.segments, 0, checkpoint_step)
+    ckpt = plan.run_dir / f"checkpoint-{checkpoint_step}"
+    ckpt.mkdir(parents=True, exist_ok=True)
+    if not ledger_on_disk:
+        (plan.run_dir / "privacy_ledger.json").unlink()
+    state = {"step": checkpoint_step, **plan.state_dict(), "ledger": led.to_dict()}
+    return ResumePoint.from_checkpoint(path=ckpt, state=state)
+
+
+def test_crash_resume_message_gives_the_steps_that_work(tmp_path):
+    """Killed at step 29 of 60 with a checkpoint at 20: all 29 spent steps count, so 51 steps fit, not 60."""
+    a = build(tmp_path, "a")
+    a.charge_dataset(status="planned")
+    train(a, 29)
+    rp = resume_point(a, checkpoint_step=20)
+    assert rp.ledger.steps == 29 and rp.discarded_steps == 9
+    with pytest.raises(UserError) as err:
+        build(tmp_path, "b", max_steps=60, resume=rp)
+    msg = str(err.value)
+    assert "at most 51 steps fit: set train.max_steps<=51" in msg
+    assert "29 steps already in the ledger" in msg and "9 of them after the checkpoint at step 20" in msg
+    b = build(tmp_path, "b", max_steps=51, resume=rp)  # the number given works
+    assert b.mechanism.steps == 60 and b.mechanism.epsilon_planned <= 8.0
+
+
+def test_resume_refuses_another_unit_delta_or_dataset(tmp_path):
+    a = build(tmp_path, "a")
+    train(a, 3)
+    rp = resume_point(a, checkpoint_step=3)
+    with pytest.raises(UserError, match="privacy.unit=example"):
+        build(tmp_path, "b", s=settings(unit="user"), resume=rp)
+    with pytest.raises(UserError, match="privacy.delta=1e-05"):
+        build(tmp_path, "b", s=settings(delta=1e-5), resume=rp)
+    with pytest.raises(UserError, match="another dataset"):
+        build(tmp_path, "b", resume=rp, data=dataset(tmp_path / "data", fp="0" * 64))
+    with pytest.raises(UserError, match="reproducible_noise"):
+        build(tmp_path, "b", s=settings(reproducible_noise=True), resume=rp)
+    assert build(tmp_path, "b", resume=rp).ledger.privacy_unit == "example"  # the same settings resume
+
+
+def _total(tmp_path, data: DatasetIdentity) -> dict:
+    loc = ledger_location(data_root=data.root, source_fingerprint=data.source_fingerprint)
+    entries = DatasetLedger(loc).entries({data.fingerprint, data.source_fingerprint})
+    return {"entries": entries, **compose_runs(entries, delta=1e-4, accountant="rdp")}
+
+
+def _eps(steps: int, sigma: float) -> float:
+    return get_accountant("rdp").epsilon(history=[MechanismSegment(sigma, B / N, steps)], delta=1e-4).epsilon
+
+
+def test_dataset_ledger_counts_every_attempt_once(tmp_path):
+    """Two fresh attempts in one run dir, two resumes branching from one checkpoint, a crash and its resume:
+    the dataset's total composes exactly the steps each attempt spent."""
+    data = dataset(tmp_path / "data")
+    fixed = settings(noise_multiplier=1.0, target_epsilon=None)
+    # two fresh attempts into the same run dir (each is its own spend)
+    for _ in range(2):
+        p = build(tmp_path, "same", s=fixed, max_steps=5, data=data)
+        p.charge_dataset(status="planned")
+        train(p, 5)
+        p.charge_dataset(status="finished")
+    assert _total(tmp_path, data)["steps"] == 10
+    # a run of 10 steps, then two resumes from its checkpoint into different dirs, 5 steps each
+    a = build(tmp_path, "a", s=fixed, max_steps=10, data=data)
+    a.charge_dataset(status="planned")
+    train(a, 10)
+    a.charge_dataset(status="finished")
+    rp = resume_point(a, checkpoint_step=10)
+    for d in ("x", "y"):
+        b = build(tmp_path, d, s=fixed, max_steps=15, data=data, resume=rp)
+        b.charge_dataset(status="planned")
+        train(b, 5)
+        b.charge_dataset(status="finished")
+    assert _total(tmp_path, data)["steps"] == 10 + 10 + 5 + 5
+    # a crash: planned 60, killed after 29 (checkpoint at 20); the resume corrects the planned entry to 29
+    c = build(tmp_path, "c", s=fixed, max_steps=60, data=data)
+    c.charge_dataset(status="planned")
+    train(c, 29)
+    assert _total(tmp_path, data)["steps"] == 30 + 60  # until then the crashed attempt counts as planned
+    d = build(tmp_path, "d", s=fixed, max_steps=30, data=data, resume=resume_point(c, checkpoint_step=20))
+    d.charge_dataset(status="planned")
+    train(d, 10)
+    d.charge_dataset(status="finished")
+    t = _total(tmp_path, data)
+    assert t["steps"] == 30 + 29 + 10
+    assert t["epsilon"] == pytest.approx(_eps(69, 1.0), rel=1e-9)
+    statuses = sorted(e.status for e in t["entries"])
+    assert statuses.count("ended") == 1 and "planned" not in statuses
+
+
+def test_budget_finds_runs_by_the_folder_as_listed(tmp_path):
+    """A run that skipped bad files trained on fewer records (another fingerprint); `dpdiff budget` computes the
+    fingerprint of the folder as listed, and finds it."""
+    data = dataset(tmp_path / "data", fp="a" * 64, source="b" * 64)
+    p = build(tmp_path, "r", data=data)
+    p.charge_dataset(status="planned")
+    loc = ledger_location(data_root=data.root, source_fingerprint="b" * 64)
+    assert [e.attempt_id for e in DatasetLedger(loc).entries({"b" * 64})] == [p.attempt_id]
+
+
+def test_read_only_dataset_ledger_lives_in_home_and_is_found(tmp_path, monkeypatch):
+    import os
+
+    from dpdiff.privacy import dataset_ledger
+
+    monkeypatch.setenv("DPDIFF_HOME", str(tmp_path / "home"))
+    data = dataset(tmp_path / "ro")
+    monkeypatch.setattr(dataset_ledger.os, "access", lambda p, mode: os.path.realpath(p) != str(data.root))
+    p = build(tmp_path, "r", data=data)
+    p.charge_dataset(status="planned")
+    loc = ledger_location(data_root=data.root, source_fingerprint=data.source_fingerprint)
+    assert loc.write.is_relative_to(tmp_path / "home")
+    assert len(DatasetLedger(loc).entries({data.fingerprint})) == 1
+
+
+def test_dataset_budget_refused_before_training(tmp_path):
+    data = dataset(tmp_path / "data")
+    a = build(tmp_path, "a", data=data)
+    a.charge_dataset(status="planned")
+    b = build(tmp_path, "b", data=data, s=settings(dataset_budget=10.0))
+    with pytest.raises(UserError, match="privacy.dataset_budget=10"):
+        b.charge_dataset(status="planned")
+
+
+def test_non_private_and_reproducible_runs_leave_no_finite_total(tmp_path):
+    data = dataset(tmp_path / "data")
+    build(tmp_path, "a", data=data, s=settings(reproducible_noise=True)).charge_dataset(status="planned")
+    assert _total(tmp_path, data)["epsilon"] < math.inf  # one seeded run alone: its own epsilon
+    build(tmp_path, "b", data=data).charge_dataset(status="planned")
+    assert _total(tmp_path, data)["epsilon"] == math.inf  # seeded noise does not compose as independent
+    data2 = dataset(tmp_path / "data2")
+    build(tmp_path, "c", data=data2, s=replace(settings(), enabled=False)).charge_dataset(status="planned")
+    assert _total(tmp_path, data2)["epsilon"] == math.inf
+
+
+def test_resolve_mechanism_uses_the_rate_of_the_expected_units():
+    """With audit canaries, q comes from users' units + the canaries' expected count, not from the coins."""
+    m = resolve_mechanism(settings(), num_units=100 + 500 * 0.5, batch_size=35, max_steps=10)
+    assert m.sample_rate == pytest.approx(35 / 350)
+
+
+def test_fresh_entropy_by_default_seeded_only_when_asked():
+    from dpdiff.privacy.randomness import PrivacyRandomness
+
+    fresh = [PrivacyRandomness(reproducible=False, seed=0) for _ in range(2)]
+    masks = [r.sampling_rng().random(1000) < 0.5 for r in fresh]
+    noise = [__import__("torch").randn(1000, generator=r.noise_generator()) for r in fresh]
+    assert (masks[0] != masks[1]).any() and not noise[0].equal(noise[1])
+    seeded = [PrivacyRandomness(reproducible=True, seed=0) for _ in range(2)]
+    assert (seeded[0].sampling_rng().random(100) == seeded[1].sampling_rng().random(100)).all()
+    # a resume on another number of processes, or from another step, never replays a stream
+    other = PrivacyRandomness(reproducible=True, seed=0, world_size=2, start_step=0)
+    later = PrivacyRandomness(reproducible=True, seed=0, world_size=1, start_step=20)
+    base = seeded[0].sampling_rng().random(100)
+    assert (other.sampling_rng().random(100) != base).any() and (later.sampling_rng().random(100) != base).any()
+    # the noise and the masks are separate streams
+    r = PrivacyRandomness(reproducible=True, seed=0)
+    assert not __import__("torch").equal(__import__("torch").randn(4, generator=r.noise_generator()),
+                                         __import__("torch").randn(4, generator=r.noise_generator()).mul(0))
+
+
+def test_ledger_file_keeps_unit_fingerprint_and_attempts(tmp_path):
+    a = build(tmp_path, "a")
+    train(a, 2)
+    d = json.loads((a.run_dir / "privacy_ledger.json").read_text())
+    assert d["privacy_unit"] == "example" and d["dataset_fingerprint"] == "f" * 64
+    assert d["attempts"] == [{"attempt_id": a.attempt_id, "start": 0}]
