@@ -101,7 +101,7 @@ def pia_scores(ctx: ProbeContext, record_ids: list[int], *, timestep: int = 200,
     return torch.cat(scores).numpy()
 
 
-def run_mia(ctx: ProbeContext, cfg) -> dict:
+def run_mia(ctx: ProbeContext, cfg, *, confidence: float | None = None) -> dict:
     """Every attack on the same balanced sample: n members and n held-out non-members.
 
     n = min(``members``, members available, held-out available). The headline ``auc`` is the
@@ -113,7 +113,7 @@ def run_mia(ctx: ProbeContext, cfg) -> dict:
     from dpdiff.probes.stats import DEFAULT_MIN_NONMEMBERS, split_dp_check
     from dpdiff.probes.verdict import three_way_verdict, verdict_fields
 
-    confidence = float(cfg.get("confidence", 0.95))
+    confidence = float(confidence if confidence is not None else cfg.get("confidence", 0.95))
     claimed = ctx.privacy.get("epsilon") if ctx.privacy.get("dp") else None
     if not ctx.nonmember_records:
         v = three_way_verdict(claimed_epsilon=claimed, eps_lower=None, ceiling=None, confidence=confidence,

@@ -84,7 +84,7 @@ def run_audit(ctx: ProbeContext, cfg) -> dict:
     dp = bool(ctx.privacy.get("dp"))
     claimed = ctx.privacy.get("epsilon") if dp else None
     delta = float(ctx.privacy["delta"]) if dp else float(cfg.get("delta_if_no_dp", 1e-5))
-    conf = float(cfg.get("confidence", 0.95))
+    conf = float(cfg.get("confidence", 0.95))  # probes.audit.confidence
     sets = int(bool(ctx.canaries)) + int(bool(grad))
     per_set = 1.0 - (1.0 - conf) / sets
     k_plus, k_minus = cfg.get("k_plus"), cfg.get("k_minus")
@@ -148,19 +148,21 @@ def run_probes(ctx: ProbeContext, cfg) -> dict:
     budget = cfg.get("budget_images")
     torch.manual_seed(ctx.seed)
     ctx.unet.eval()
+    confidence = float(cfg.get("confidence", 0.95))
     if (cfg.get("extraction") or {}).get("enabled", True):
         from dpdiff.probes.extraction import run_extraction
 
         log.info("probe: extraction")
-        out["extraction"] = run_extraction(ctx, cfg.extraction, budget_images=budget)
+        out["extraction"] = run_extraction(ctx, cfg.extraction, budget_images=budget,
+                                           confidence=float(cfg.extraction.get("confidence", confidence)))
     if (cfg.get("mia") or {}).get("enabled", True):
         from dpdiff.probes.mia import run_mia
 
         log.info("probe: membership inference")
-        out["mia"] = run_mia(ctx, cfg.mia)
-    if (cfg.get("audit") or {}).get("canaries", 0):
+        out["mia"] = run_mia(ctx, cfg.mia, confidence=float(cfg.mia.get("confidence", confidence)))
+    if (cfg.get("audit") or {}).get("canaries", 0) or (ctx.run_dir / "gradient_canaries.json").exists():
         log.info("probe: one-run audit")
-        out["audit"] = run_audit(ctx, cfg.audit)
+        out["audit"] = run_audit(ctx, cfg.get("audit") or {})
     for section, keys in REQUIRED.items():  # the contract: these keys exist, null when not run
         if out[section] is None:
             out[section] = {k: None for k in keys} | {"skipped": "disabled", "verdict": None}
