@@ -382,8 +382,8 @@ def run_extraction(ctx: ProbeContext, cfg, *, budget_images: int | None = None, 
 
 
 def _flagged_grid(run_dir: Path, gen, items, flagged, item_gen, is_member, limit: int = 16) -> Path | None:
-    """Side-by-side PNG: generation | its matched image, red mark for a training image, grey for a
-    held-out control."""
+    """Side-by-side PNG: generation | its matched image, a blue mark for a training image, grey for a
+    held-out control (a label, not a verdict)."""
     from PIL import Image
 
     from dpdiff.models.pipeline import image_grid
@@ -394,7 +394,7 @@ def _flagged_grid(run_dir: Path, gen, items, flagged, item_gen, is_member, limit
     for k in flagged[:limit]:
         a = Image.fromarray((gen[int(item_gen[k])] * 255).round().astype(np.uint8))
         b = Image.fromarray((items[k] * 255).round().astype(np.uint8))
-        mark = Image.new("RGB", (a.width // 4 or 1, a.height), (207, 34, 46) if is_member[k] else (140, 149, 159))
+        mark = Image.new("RGB", (a.width // 4 or 1, a.height), (9, 105, 218) if is_member[k] else (140, 149, 159))
         pair = Image.new("RGB", (a.width * 2 + mark.width, a.height), "white")
         pair.paste(a, (0, 0))
         pair.paste(mark, (a.width, 0))
