@@ -561,7 +561,7 @@ def _gdp_ceiling(m: int, r: int, confidence: float) -> float:
 
 
 def units_needed(*, claimed_epsilon: float, delta: float, confidence: float = 0.95, fixed_count: bool = False,
-                 choices_tried: int = 6, limit: int = 1 << 20) -> int | None:
+                 choices_tried: int = 6, limit: int = 1 << 18) -> int | None:
     """Fewest canaries (or balanced member + held-out units) for which a perfect attack could reject
     ``claimed_epsilon``: the smallest m whose all-correct f-DP (eps, delta) test, at the Bonferroni
     level of ``one_run_audit`` (and its fixed-count correction for a balanced split), rejects the
@@ -572,9 +572,18 @@ def units_needed(*, claimed_epsilon: float, delta: float, confidence: float = 0.
     delta = _check_delta(delta)
     alpha = 1.0 - _check_confidence(confidence)
 
-    def can_reject(m: int) -> bool:
+    e = math.exp(min(claim, 700.0))
+
+    def can_reject(m: int) -> bool:  # the all-correct recursion of _fdp_rejects, scalar (fast for large m)
         a = fixed_count_alpha(alpha=alpha, m=m, included=m // 2) if fixed_count else alpha
-        return bool(_fdp_rejects(m, m, m, eps_delta_blow_up_inverse(claim, delta), a / (2 * choices_tried)))
+        scaled = a / (2 * choices_tried)  # r = m: alpha * r / m = alpha
+        right, wrong = scaled, 0.0
+        for i in range(m - 1, -1, -1):
+            y = min(right, 1.0)
+            wrong_next = max(wrong, (y - delta) / e, 1.0 - delta - e * (1.0 - y))
+            right += (i / (m - i)) * (wrong_next - wrong)
+            wrong = wrong_next
+        return right + wrong > 1.0
 
     m = 2
     while not can_reject(m):

@@ -253,10 +253,12 @@ def run_extraction(ctx: ProbeContext, cfg, *, budget_images: int | None = None, 
     blockers: list[str] = []
     if mem_idx and ctl_idx:
         sel = np.array(mem_idx + ctl_idx)
+        inc = np.r_[np.ones(len(mem_idx), bool), np.zeros(len(ctl_idx), bool)]
+        order = np.random.default_rng(ctx.seed + 13).permutation(len(sel))  # label-blind tie order
+        sel, inc = sel[order], inc[order]
         detectors = {"l2": -item_l2[sel]}
         if item_feat is not None:
             detectors["feature"] = item_feat[sel]
-        inc = np.r_[np.ones(len(mem_idx), bool), np.zeros(len(ctl_idx), bool)]
         per_det = 1.0 - alpha / len(detectors)
         split = {name: one_run_audit(scores=sc, included=inc, delta=delta, confidence=per_det, fixed_count=True)
                  for name, sc in detectors.items()}

@@ -150,7 +150,8 @@ def run_mia(ctx: ProbeContext, cfg, *, confidence: float | None = None) -> dict:
                 for key, pt in summ["tpr_at_fpr"].items() if pt.get("tpr") is not None
             }
         attacks[name] = summ
-    check = split_dp_check(scores_by_attack={k: (sm[k], sn[k]) for k in sm}, delta=delta, confidence=confidence)
+    check = split_dp_check(scores_by_attack={k: (sm[k], sn[k]) for k in sm}, delta=delta, confidence=confidence,
+                           seed=ctx.seed)
     primary = str(cfg.get("primary_attack", "calibrated"))
     if primary not in attacks:
         primary = "loss"

@@ -186,7 +186,7 @@ def _auc_rows(x: np.ndarray, n1: int) -> np.ndarray:
     return (ranks[..., :n1].sum(axis=-1) - n1 * (n1 + 1) / 2.0) / (n1 * n0)
 
 
-def auc_permutation_p_value(members, nonmembers, *, n_resamples: int = 9999, seed: int = 0) -> float:
+def auc_permutation_p_value(members, nonmembers, *, n_resamples: int = 1999, seed: int = 0) -> float:
     """One-sided p-value of the AUC under "membership does not change the score distribution".
 
     ``scipy.stats.permutation_test`` over relabellings of the pooled scores (``independent``): exact
@@ -348,7 +348,7 @@ def dp_consistency(*, tpr: float, fpr: float, epsilon: float, delta: float, n_me
 
 
 def split_dp_check(*, scores_by_attack: dict, delta: float, confidence: float = 0.95,
-                   choices=None) -> dict:
+                   choices=None, seed: int = 0) -> dict:
     """The DP check of membership inference as a one-run audit of the member / held-out split.
 
     ``scores_by_attack[name] = (member_scores, nonmember_scores)``, the same units in the same order
@@ -373,10 +373,14 @@ def split_dp_check(*, scores_by_attack: dict, delta: float, confidence: float = 
     if len(sizes) != 1:
         raise ValueError(f"every attack must score the same units, got sizes {sorted(sizes)}")
     attacks = {}
+    n_units = sum(next(iter(sizes)))
+    # Units in a seeded order that does not depend on membership: ties in the scores are broken by
+    # position, and "members first" would turn a tie into correct guesses.
+    order = np.random.default_rng(seed).permutation(n_units)
     for name, (mem, non) in scores_by_attack.items():
         pos, neg = _scores(mem, f"{name} members"), _scores(non, f"{name} non-members")
-        scores = np.concatenate([pos, neg])
-        included = np.r_[np.ones(pos.size, bool), np.zeros(neg.size, bool)]
+        scores = np.concatenate([pos, neg])[order]
+        included = np.r_[np.ones(pos.size, bool), np.zeros(neg.size, bool)][order]
         res = one_run_audit(scores=scores, included=included, delta=delta, confidence=per_attack, fixed_count=True,
                             choices=choices)
         res.pop("per_choice", None)
