@@ -71,6 +71,7 @@ __all__ = [
     "max_eps_lower",
     "audit_from_scores",
     "default_k_choices",
+    "gradient_canary_k_choices",
     "best_k_audit",
     "simulate_gdp_scores",
     "gdp_delta",
@@ -268,6 +269,23 @@ def default_k_choices(m: int) -> list[tuple[int, int]]:
         choice = ((r + 1) // 2, r // 2)
         if choice not in out:
             out.append(choice)
+    return out
+
+
+def gradient_canary_k_choices(m: int) -> list[tuple[int, int]]:
+    """Guess families for many, cheap canaries (white-box gradient canaries): 0.25% to 5% of ``m``,
+    each both symmetric and "in" only. The subsampled Gaussian's likelihood ratio has a heavy right
+    tail for included canaries (the steps that sampled them), so confident "in" guesses are the more
+    accurate ones. Depends on ``m`` only."""
+    m = _count(m, "m")
+    out: list[tuple[int, int]] = []
+    for frac in (0.0025, 0.005, 0.01, 0.025, 0.05):
+        r = max(2, int(round(frac * m)))
+        if r > m:
+            continue
+        for choice in (((r + 1) // 2, r // 2), (r, 0)):
+            if choice not in out:
+                out.append(choice)
     return out
 
 

@@ -103,9 +103,12 @@ def run_audit(ctx: ProbeContext, cfg) -> dict:
         out["data_canaries"] = audit_verdict(scores=scores, included=included, claimed_epsilon=claimed, delta=delta,
                                              confidence=per_set, choices=choices, kind="canaries")
     if grad:
+        from dpdiff.probes.audit import gradient_canary_k_choices
+
         out["gradient_canaries"] = audit_verdict(scores=np.asarray(grad["scores"], dtype=np.float64),
                                                  included=np.asarray(grad["included"], dtype=bool),
                                                  claimed_epsilon=claimed, delta=delta, confidence=per_set,
+                                                 choices=gradient_canary_k_choices(len(grad["scores"])),
                                                  kind="gradient canaries")
     parts = list(out.values())
     best = max(parts, key=lambda r: r["eps_lower"])
