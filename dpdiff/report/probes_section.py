@@ -114,7 +114,8 @@ def _mia_rows(mia: dict, priv: dict) -> list[tuple[str, str]]:
 
 def _audit_rows(audit: dict, priv: dict) -> list[tuple[str, str]]:
     if "verdict_reason" not in audit:  # an older probes.json
-        return [("one-run audit verdict", str(audit.get("verdict"))),
+        return [("one-run audit verdict", f"(written before three-way verdicts; re-run dpdiff probe) "
+                                          f"{audit.get('verdict')}"),
                 ("audit: epsilon lower bound", f"{_f(audit.get('eps_lower'))} (ceiling {_f(audit.get('ceiling'))})")]
     rows = [
         ("one-run audit verdict", _verdict(audit)),
