@@ -336,6 +336,7 @@ def run_extraction(ctx: ProbeContext, cfg, *, budget_images: int | None = None, 
     grid_path = _flagged_grid(ctx.run_dir, gen, item_imgs, flagged, item_gen, is_member)
     out = {
         "extracted_count": n_ext,
+        "near_copy_count": n_ext,  # older readers' name for the matches at the calibrated threshold
         "rate": n_ext / n_mem_items if n_mem_items else None,
         "rate_upper": rate_upper,
         "training_items_probed": n_mem_items,

@@ -28,7 +28,7 @@ from dpdiff.probes.context import (
     encode_images,
     shared_noises,
 )
-from dpdiff.probes.stats import dp_consistency, mia_summary
+from dpdiff.probes.stats import mia_summary
 
 
 def _subsample(indices: list[int], n: int, seed: int) -> list[int]:
@@ -134,7 +134,6 @@ def run_mia(ctx: ProbeContext, cfg, *, confidence: float | None = None) -> dict:
         sm["pia"] = pia_scores(ctx, members, timestep=t_pia, lp=lp)
         sn["pia"] = pia_scores(ctx, nonmembers, timestep=t_pia, lp=lp)
     dp = bool(ctx.privacy.get("dp"))
-    eps = ctx.privacy.get("epsilon") if dp else None
     delta = float(ctx.privacy["delta"]) if dp else float(cfg.get("delta_if_no_dp", 1e-5))
     min_n = int(cfg.get("min_nonmembers", DEFAULT_MIN_NONMEMBERS))
     attacks = {}
@@ -142,13 +141,6 @@ def run_mia(ctx: ProbeContext, cfg, *, confidence: float | None = None) -> dict:
         summ = mia_summary(sm[name], sn[name], n_boot=int(cfg.get("bootstrap", 500)), seed=ctx.seed,
                            alpha=1.0 - confidence, min_nonmembers=min_n)
         summ["auc_p_value_corrected"] = min(1.0, summ["auc_p_value"] * len(sm))  # Bonferroni over attacks
-        if eps is not None:  # pointwise picture only (assumes independent trials); the verdict is split_dp_check
-            summ["dp_check_pointwise"] = {
-                key: dp_consistency(tpr=pt["tpr"], fpr=pt["fpr"], epsilon=eps, delta=delta,
-                                    n_members=pt["n_members"], n_nonmembers=pt["n_nonmembers"],
-                                    confidence=confidence)
-                for key, pt in summ["tpr_at_fpr"].items() if pt.get("tpr") is not None
-            }
         attacks[name] = summ
     check = split_dp_check(scores_by_attack={k: (sm[k], sn[k]) for k in sm}, delta=delta, confidence=confidence,
                            seed=ctx.seed)

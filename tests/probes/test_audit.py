@@ -259,7 +259,7 @@ def test_fdp_test_agrees_with_an_independent_transcription(m, r, v):
     for eps in (0.1, 0.5, 1.0, 2.0, 4.0):
         inv = eps_delta_blow_up_inverse(eps, 1e-5)
         ours = fdp_rejects(m=m, num_guesses=r, num_correct=v, blow_up_inverse=inv, confidence=0.95)
-        assert ours == _transcribed_rejects(m, r, v, lambda y: float(inv(y)), 0.05)
+        assert ours == _transcribed_rejects(m, r, v, lambda y, inv=inv: float(inv(y)), 0.05)
 
 
 def test_fdp_rejection_is_monotone_and_the_bound_in_num_correct():

@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+import sklearn.metrics as sklearn_metrics
 from scipy.stats import binomtest
 
 from dpdiff.probes.stats import (
@@ -19,8 +20,6 @@ from dpdiff.probes.stats import (
     split_dp_check,
     tpr_at_fpr,
 )
-
-import sklearn.metrics as sklearn_metrics
 
 
 def _sklearn_tpr_at_fpr(members, nonmembers, fpr):

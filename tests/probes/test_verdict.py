@@ -117,7 +117,8 @@ def test_rendering_helpers():
                                          to_conclude="about 17000 canaries"))
     assert set(v) >= {"verdict", "colour", "claimed_epsilon", "eps_lower", "ceiling", "confidence",
                       "verdict_reason", "to_conclude"}
-    assert verdict_sentence(v).startswith("INCONCLUSIVE: ") and "To conclude: about 17000 canaries" in verdict_sentence(v)
+    sentence = verdict_sentence(v)
+    assert sentence.startswith("INCONCLUSIVE: ") and "To conclude: about 17000 canaries" in sentence
     assert verdict_line("audit", v) == "audit INCONCLUSIVE (eps_lower 0.3, ceiling 3.5, claimed 8)"
     probes = {"extraction": {"skipped": "disabled", "verdict": None}, "mia": v, "audit": v}
     assert summary_lines(probes) == ["extraction not run (disabled)", verdict_line("mia", v), verdict_line("audit", v)]
