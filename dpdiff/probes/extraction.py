@@ -187,7 +187,7 @@ def run_extraction(ctx: ProbeContext, cfg, *, budget_images: int | None = None, 
     member_set = set(members)
     captions = choose_captions(ctx.records, members + held, count=n_caps, seed=ctx.seed)
     by_caption: dict[str, list[int]] = {c: [] for c in captions}
-    for i in sorted(members + held):
+    for i in ctx.one_record_per_unit(members + held):  # one item per privacy unit: one coin each
         if ctx.records[i].text in by_caption:
             by_caption[ctx.records[i].text].append(i)
     rng = np.random.default_rng(ctx.seed + 7)

@@ -120,9 +120,11 @@ def run_mia(ctx: ProbeContext, cfg, *, confidence: float | None = None) -> dict:
                               not_estimable="no held-out non-members (data.holdout_fraction=0)",
                               to_conclude="hold out units (data.holdout_fraction > 0) to compare against")
         return {"skipped": "no held-out non-members (data.holdout_fraction=0)", "auc": None, **verdict_fields(v)}
-    n = min(int(cfg.get("members", 256)), len(ctx.member_records), len(ctx.nonmember_records))
-    members = _subsample(ctx.member_records, n, ctx.seed)
-    nonmembers = _subsample(ctx.nonmember_records, n, ctx.seed + 1)
+    member_units = ctx.one_record_per_unit(ctx.member_records)  # one coin per privacy unit
+    held_units = ctx.one_record_per_unit(ctx.nonmember_records)
+    n = min(int(cfg.get("members", 256)), len(member_units), len(held_units))
+    members = _subsample(member_units, n, ctx.seed)
+    nonmembers = _subsample(held_units, n, ctx.seed + 1)
     timesteps = [int(t) for t in cfg.get("timesteps", [50, 100, 200, 300, 500])]
     draws = int(cfg.get("noise_draws", 4))
     calibrated = bool(cfg.get("calibrated", True))
