@@ -64,6 +64,7 @@ def test_overtrained_non_private_model_is_flagged(tmp_path):
     ex, mia, audit = probes["extraction"], probes["mia"], probes["audit"]
     assert ex["extracted_count"] >= 1, ex
     assert mia["auc"] > 0.8, mia
+    assert mia["attacks"]["pia"]["auc"] > 0.5, mia["attacks"]["pia"]  # PIA points the same way as the loss
     assert audit["eps_lower"] > 0.5, audit
     # no DP claim: a demonstrated leak is a FAIL, and nothing is ever PASS
     assert mia["verdict"] == "FAIL" and audit["verdict"] == "FAIL", (mia, audit)

@@ -101,3 +101,16 @@ def test_gradient_canaries_refuse_nonsense():
         GradientCanaries(count=11, num_params=10, seed=0)
     with pytest.raises(TypeError):
         GradientCanaries(5, 10, 0)  # type: ignore[misc]
+
+
+def test_one_record_per_privacy_unit():
+    from dpdiff.probes.context import ProbeContext
+
+    recs = [SimpleNamespace(text="t", user_id=u) for u in ["a", "a", "b", "c", "b"]]
+    ctx = ProbeContext(run_dir=None, base=None, unet=None, adapter_kind="lora", records=recs, member_records=[],
+                       nonmember_records=[], resolution=8, device="cpu", privacy={"privacy_unit": "user"})
+    assert ctx.one_record_per_unit([4, 1, 0, 2, 3]) == [0, 2, 3]
+    ctx.privacy = {"privacy_unit": "example"}
+    assert ctx.one_record_per_unit([4, 1, 0]) == [0, 1, 4]
+    ctx.unit_of_record = {0: 7, 1: 7, 2: 8, 3: 9, 4: 9}  # e.g. near-duplicates grouped into one unit
+    assert ctx.one_record_per_unit([0, 1, 2, 3, 4]) == [0, 2, 3]
