@@ -114,3 +114,27 @@ def test_one_record_per_privacy_unit():
     assert ctx.one_record_per_unit([4, 1, 0]) == [0, 1, 4]
     ctx.unit_of_record = {0: 7, 1: 7, 2: 8, 3: 9, 4: 9}  # e.g. near-duplicates grouped into one unit
     assert ctx.one_record_per_unit([0, 1, 2, 3, 4]) == [0, 2, 3]
+
+
+@pytest.mark.parametrize("shift,claimed,expected", [(0.0, 1.0, "PASS"), (0.0, 8.0, "INCONCLUSIVE"),
+                                                     (6.0, 1.0, "FAIL"), (6.0, None, "FAIL"),
+                                                     (0.0, None, "INCONCLUSIVE")])
+def test_run_audit_verdicts_from_recorded_gradient_canaries(tmp_path, shift, claimed, expected):
+    from dpdiff.io import write_json_atomic
+    from dpdiff.probes.context import ProbeContext
+    from dpdiff.probes.run import run_audit
+
+    rng = np.random.default_rng(0)
+    included = rng.random(4000) < 0.5
+    scores = rng.standard_normal(4000) + shift * included
+    write_json_atomic(tmp_path / "gradient_canaries.json", {"count": 4000, "steps": 1, "coordinates": [],
+                                                             "included": included.tolist(), "scores": scores.tolist()})
+    privacy = {"dp": claimed is not None, "epsilon": claimed, "delta": 1e-5}
+    ctx = ProbeContext(run_dir=tmp_path, base=None, unet=None, adapter_kind="lora", records=[], member_records=[],
+                       nonmember_records=[], resolution=8, device="cpu", privacy=privacy)
+    out = run_audit(ctx, {"confidence": 0.9})
+    assert out["verdict"] == expected, out["verdict_reason"]
+    assert out["claimed_epsilon"] == claimed and out["confidence"] == 0.9
+    assert out["gradient_canaries"]["m"] == 4000 and out["ceiling"] >= out["eps_lower"]
+    if expected == "INCONCLUSIVE" and claimed is not None:
+        assert "gradient canaries" in out["to_conclude"]
