@@ -138,3 +138,116 @@ def test_run_audit_verdicts_from_recorded_gradient_canaries(tmp_path, shift, cla
     assert out["gradient_canaries"]["m"] == 4000 and out["ceiling"] >= out["eps_lower"]
     if expected == "INCONCLUSIVE" and claimed is not None:
         assert "gradient canaries" in out["to_conclude"]
+
+
+def _mia_ctx(n_members, n_held, claimed):
+    from dpdiff.probes.context import ProbeContext
+
+    recs = [SimpleNamespace(text="t", user_id=None) for _ in range(n_members + n_held)]
+    return ProbeContext(run_dir=None, base=None, unet=None, adapter_kind="lora", records=recs,
+                        member_records=list(range(n_members)), nonmember_records=list(range(n_members, len(recs))),
+                        resolution=8, device="cpu", privacy={"dp": True, "epsilon": claimed, "delta": 1e-5})
+
+
+@pytest.mark.parametrize("n_members,n_held,leak,claimed,expected", [
+    (14, 2, 5.0, 1.0, "INCONCLUSIVE"),  # the 16-image folder: AUC 1.0 means nothing with 2 held out
+    (300, 200, 0.0, 1.0, "PASS"),
+    (300, 200, 6.0, 1.0, "FAIL"),
+    (300, 90, 0.0, 7.97, "INCONCLUSIVE"),  # the demo: 90 held out cannot test epsilon 8
+])
+def test_run_mia_verdicts_from_synthetic_scores(monkeypatch, n_members, n_held, leak, claimed, expected):
+    import dpdiff.probes.mia as mia
+
+    def fake_loss_scores(ctx, ids, **kw):
+        rng = np.random.default_rng(len(ids) + ids[0])
+        is_member = np.array([i in set(ctx.member_records) for i in ids])
+        return {"loss": rng.standard_normal(len(ids)) + leak * is_member,
+                "calibrated": rng.standard_normal(len(ids)) + leak * is_member}
+
+    monkeypatch.setattr(mia, "loss_scores", fake_loss_scores)
+    monkeypatch.setattr(mia, "pia_scores", lambda ctx, ids, **kw: -np.arange(len(ids), dtype=float))
+    out = mia.run_mia(_mia_ctx(n_members, n_held, claimed), {"bootstrap": 50}, confidence=0.95)
+    assert out["verdict"] == expected, out["verdict_reason"]
+    assert out["members"] == out["nonmembers"] == min(n_members, n_held, 256)
+    assert set(out["attacks"]) == {"loss", "calibrated", "pia"} and out["primary_attack"] == "calibrated"
+    if n_held < 20:
+        assert out["auc"] is None and out["attacks"]["calibrated"]["auc_observed"] == 1.0
+        assert out["auc_p_value"] > 0.05
+    else:
+        assert out["auc"] is not None and out["auc_ci"] is not None
+    if expected == "INCONCLUSIVE":
+        assert out["to_conclude"]
+
+
+def _extraction_setup(monkeypatch, *, memorise: bool, floor: float, heldout_near_training: bool = False):
+    from PIL import Image
+
+    import dpdiff.models.pipeline as pipeline
+    import dpdiff.probes.extraction as extraction
+    from dpdiff.probes.context import ProbeContext
+
+    rng = np.random.default_rng(0)
+    n = 20
+    imgs = (rng.random((2 * n, 16, 16, 3)) * 255).astype(np.uint8)
+    if heldout_near_training:  # held-out images that nearly equal a training image (like digits)
+        imgs[n:] = np.clip(imgs[:n].astype(int) + rng.integers(-3, 4, imgs[:n].shape), 0, 255).astype(np.uint8)
+    recs = [SimpleNamespace(text=(f"m{i}" if i < n else f"h{i}"), user_id=None, key=f"k{i}") for i in range(2 * n)]
+    by_text = {r.text: i for i, r in enumerate(recs)}
+
+    def fake_generate(pipe, prompts, *, seeds, **kw):
+        out = []
+        for p, s in zip(prompts, seeds):
+            i = by_text[p]
+            if memorise and i < n:
+                out.append(Image.fromarray(imgs[i]))
+            else:
+                noise = np.random.default_rng([1000 + i, s]).random((16, 16, 3))
+                out.append(Image.fromarray((noise * 255).astype(np.uint8)))
+        return out
+
+    monkeypatch.setattr(pipeline, "generate", fake_generate)
+    monkeypatch.setattr(extraction, "_load_images", lambda ctx, ids: imgs[list(ids)].astype(np.float32) / 255)
+    monkeypatch.setattr(extraction, "vae_floor", lambda ctx, ids: np.full(len(ids), floor))
+    monkeypatch.setattr(extraction, "_flagged_grid", lambda *a, **k: None)
+
+    def ctx_for(claimed):
+        ctx = ProbeContext(run_dir=None, base=None, unet=None, adapter_kind="lora", records=recs,
+                           member_records=list(range(n)), nonmember_records=list(range(n, 2 * n)), resolution=16,
+                           device="cpu", privacy={"dp": claimed is not None, "epsilon": claimed, "delta": 1e-5})
+        ctx.pipeline = lambda: None
+        return ctx
+
+    cfg = {"captions": 40, "per_caption": 2, "items_per_caption": 4, "vae_floor_images": 8}
+    return ctx_for, cfg
+
+
+@pytest.mark.parametrize("memorise,floor,claimed,expected", [
+    (True, 0.01, None, "FAIL"),           # a memorising model without DP: leak shown
+    (True, 0.01, 0.5, "FAIL"),            # ... and beyond a claimed epsilon of 0.5
+    (False, 0.01, 0.5, "PASS"),           # nothing extracted, and the test could have shown it
+    (False, 0.3, 0.5, "INCONCLUSIVE"),    # the VAE cannot get within the threshold: could never fire
+    (False, 0.01, 8.0, "INCONCLUSIVE"),   # 20 + 20 images cannot test epsilon 8
+])
+def test_run_extraction_verdicts(monkeypatch, memorise, floor, claimed, expected):
+    from dpdiff.probes.extraction import run_extraction
+
+    ctx_for, cfg = _extraction_setup(monkeypatch, memorise=memorise, floor=floor)
+    out = run_extraction(ctx_for(claimed), cfg, confidence=0.95)
+    assert out["verdict"] == expected, out["verdict_reason"]
+    assert out["training_items_probed"] == out["heldout_items_probed"] == 20
+    assert out["extracted_count"] == (20 if memorise else 0) and out["control_matches"] == 0
+    assert 0 < out["rate_upper"] <= 1 and out["generation_resolution"] == 16
+    if floor > 0.15:
+        assert any("VAE" in b for b in out["blockers"])
+    assert any("Carlini" in w for w in out["warnings"])  # 2 generations per caption: a weak probe, said so
+
+
+def test_run_extraction_calibrates_a_threshold_that_held_out_images_reach(monkeypatch):
+    from dpdiff.probes.extraction import run_extraction
+
+    ctx_for, cfg = _extraction_setup(monkeypatch, memorise=False, floor=0.0, heldout_near_training=True)
+    out = run_extraction(ctx_for(1.0), cfg, confidence=0.95)
+    assert out["heldout_false_match_rate"] == 1.0  # every held-out image "matches" a training image at 0.15
+    assert out["l2_threshold"] < 0.02 and out["heldout_false_match_rate_calibrated"] <= 0.05
+    assert any("does not separate" in w for w in out["warnings"])
+    assert out["verdict"] != "FAIL"
