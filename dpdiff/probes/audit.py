@@ -273,16 +273,16 @@ def default_k_choices(m: int) -> list[tuple[int, int]]:
 
 
 def gradient_canary_k_choices(m: int) -> list[tuple[int, int]]:
-    """Guess families for many, cheap canaries (white-box gradient canaries): 0.25% to 5% of ``m``,
-    each both symmetric and "in" only. The subsampled Gaussian's likelihood ratio has a heavy right
-    tail for included canaries (the steps that sampled them), so confident "in" guesses are the more
-    accurate ones. Depends on ``m`` only."""
+    """Guess families for many, cheap canaries (white-box gradient canaries): 100 to 2000 guesses (at
+    most half of ``m``; ``m // 10`` when that is fewer than 100), each both symmetric and "in" only.
+    Only the most extreme scores carry the signal, so the counts are absolute, not fractions of m;
+    the subsampled Gaussian's likelihood ratio has a heavy right tail for included canaries (the
+    steps that sampled them), so confident "in" guesses are the more accurate ones. Depends on
+    ``m`` only."""
     m = _count(m, "m")
+    sizes = [r for r in (100, 250, 500, 1000, 2000) if r <= m // 2] or [max(2, m // 10)]
     out: list[tuple[int, int]] = []
-    for frac in (0.0025, 0.005, 0.01, 0.025, 0.05):
-        r = max(2, int(round(frac * m)))
-        if r > m:
-            continue
+    for r in sizes:
         for choice in (((r + 1) // 2, r // 2), (r, 0)):
             if choice not in out:
                 out.append(choice)
