@@ -158,7 +158,8 @@ def run_mia(ctx: ProbeContext, cfg, *, confidence: float | None = None) -> dict:
                             choices_tried=check["choices_tried"] * len(attacks))
         to_conclude = (f"about {need // 2} held-out units and as many members (now {n} each) would let a perfect "
                        f"attack reject epsilon {claimed:.3g}" if need else
-                       f"no number of held-out units lets this test reject epsilon {claimed:.3g} at delta {delta:g}")
+                       f"no number of held-out units (up to 2^18) lets this test reject epsilon {claimed:.3g} at delta "
+                       f"{delta:g}: the claim is beyond what a random split can test")
         if n < min_n:
             to_conclude += f"; at least {min_n} held-out units for an AUC"
     else:

@@ -57,7 +57,8 @@ def audit_verdict(*, scores, included, claimed_epsilon, delta: float, confidence
                             choices_tried=res["choices_tried"])
         to_conclude = (f"about {need} {kind} (now {m}) would let a perfect attack reject epsilon "
                        f"{claimed_epsilon:.3g}; more with a real one" if need else
-                       f"no number of canaries lets this test reject epsilon {claimed_epsilon:.3g} at delta {delta:g}")
+                       f"no number of canaries (up to 2^18) lets this test reject epsilon {claimed_epsilon:.3g} at "
+                       f"delta {delta:g}")
     else:
         to_conclude = "the run has no DP guarantee: only a FAIL (leak shown) is possible"
     v = three_way_verdict(claimed_epsilon=claimed_epsilon, eps_lower=res["eps_lower"], ceiling=res["ceiling"],

@@ -56,7 +56,7 @@ def _extraction_rows(ex: dict, priv: dict) -> list[tuple[str, str]]:
     rows = [
         ("extraction verdict", _verdict(ex)),
         ("extraction: epsilon bound from training vs held-out images", _bounds(ex, priv)),
-        ("extraction: training images a generation of their caption came within " + thr_note + " of",
+        ("extraction: training images matched (a generation of their caption within " + thr_note + ")",
          f"{ex['extracted_count']} of {ex['training_items_probed']} probed (rate {_f(ex.get('rate'))}, at most "
          f"{_f(ex.get('rate_upper'))} at {_pct(ex.get('confidence'))} confidence)"),
         ("extraction: held-out controls matched the same way (never trained on)",
@@ -92,7 +92,7 @@ def _mia_rows(mia: dict, priv: dict) -> list[tuple[str, str]]:
     primary = mia.get("primary_attack")
     ci = mia.get("auc_ci") or [None, None]
     if mia.get("auc") is None:
-        auc = f"{mia.get('auc_reason') or 'not estimable'}"
+        auc = "not estimable" if not mia.get("auc_reason") else mia["auc_reason"].split(";")[0]
     else:
         auc = f"{_f(mia['auc'])} [{_f(ci[0])}, {_f(ci[1])}]"
     rows.append((f"MIA AUC ({primary}, declared before the run)",

@@ -39,8 +39,8 @@ def test_rows_carry_verdict_claim_bound_ceiling_and_what_would_conclude():
     bound = rows["MIA: epsilon bound from the random member / held-out split"]
     assert "lower bound 0.2" in bound and "claimed epsilon 8" in bound and "ceiling 3.3" in bound
     assert "90% confidence" in bound and "95%" not in bound
-    counts = rows["extraction: training images a generation of their caption came within L2 0.08 "
-                  "(calibrated down from 0.15) of"]
+    counts = rows["extraction: training images matched (a generation of their caption within L2 0.08 "
+                  "(calibrated down from 0.15))"]
     assert counts.startswith("3 of 10") and not counts.startswith(("PASS", "FAIL", "INCONCLUSIVE"))
     assert rows["MIA AUC (calibrated, declared before the run)"].startswith("not estimable")
 
