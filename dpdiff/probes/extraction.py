@@ -282,7 +282,8 @@ def run_extraction(ctx: ProbeContext, cfg, *, budget_images: int | None = None, 
                             choices_tried=6 * (2 if item_feat is not None else 1))
         to_conclude = (f"about {need // 2} probed training images and as many held-out ones (now {balanced_n} each), "
                        "i.e. more captions or items_per_caption" if need else
-                       f"no number of items (up to 2^18) lets this test reject epsilon {claimed:.3g} at delta {delta:g}")
+                       f"no number of items (up to 2^18) lets this test reject epsilon {claimed:.3g} at "
+                       f"delta {delta:g}")
     else:
         to_conclude = "the run has no DP guarantee: only a FAIL (leak shown) is possible"
     if floor_median is not None and floor_median > thr:
