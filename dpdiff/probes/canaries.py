@@ -142,7 +142,9 @@ class GradientCanaries:
     sample_rate=q, clip_norm=C, generator=g)`` before the noise (each included canary joins the
     step's Poisson sample with probability q and adds C at its coordinate), then
     ``observe(noisy_summed_grad, noise_multiplier=sigma, sample_rate=q, clip_norm=C)`` after it.
-    The canaries are extra privacy units: the accountant's unit count includes them.
+    The canaries are extra privacy units: the accountant's unit count includes them. The score treats
+    the other units' summed gradient at a canary coordinate as zero; where it is not, the score is
+    noisier (a weaker audit), never invalid: the coins are drawn independently of everything else.
     """
 
     def __init__(self, *, count: int, num_params: int, seed: int):
