@@ -149,9 +149,6 @@ def run_mia(ctx: ProbeContext, cfg, *, confidence: float | None = None) -> dict:
     primary = str(cfg.get("primary_attack", "calibrated"))
     if primary not in attacks:
         primary = "loss"
-    blockers = []
-    if n < min_n:
-        blockers.append(f"only {n} held-out non-members (fewer than probes.mia.min_nonmembers={min_n})")
     to_conclude = None
     if claimed is not None:
         need = units_needed(claimed_epsilon=float(claimed), delta=delta, confidence=confidence, fixed_count=True,
@@ -165,7 +162,7 @@ def run_mia(ctx: ProbeContext, cfg, *, confidence: float | None = None) -> dict:
     else:
         to_conclude = "the run has no DP guarantee: only a FAIL (leak shown) is possible"
     v = three_way_verdict(claimed_epsilon=claimed, eps_lower=check["eps_lower"], ceiling=check["ceiling"],
-                          confidence=confidence, blockers=blockers, to_conclude=to_conclude)
+                          confidence=confidence, to_conclude=to_conclude)
     prim = attacks[primary]
     return {
         "auc": prim["auc"],
