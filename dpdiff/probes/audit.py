@@ -27,6 +27,28 @@ non-increasing in v, hence the p-value is monotone in both: the returned bound i
 eps at which the claim can no longer be rejected (the paper's bisection and jax_privacy's brentq
 assume this monotonicity), and it is non-decreasing in the number of correct guesses.
 
+The f-DP analysis. Mahloujifar, Melis, Chaudhuri, "Auditing f-Differential Privacy in One Run"
+(ICML 2025, arXiv:2410.22235) bound the probability of ``v`` correct guesses out of ``r`` by a
+recursion over the trade-off curve ``f`` of the hypothesised guarantee instead of Steinke et al.'s
+randomized-response coupling; it is tighter, most of all for curves that are not (eps, delta)
+shaped. ``fdp_rejects`` follows the paper's recursion as implemented in PrivacyGuard's
+``FDPAnalysisNode.rh_with_cap`` / ``audit_rh_with_cap`` (alphabet k = 2: membership), in terms of
+the inverse "blow-up" of f: the smallest FPR at which a test reaches TPR ``y``. Two families:
+
+* ``(eps, delta)``-DP, ``x(y) = max(0, (y - delta) e^-eps, 1 - delta - e^eps (1 - y))``: tests exactly
+  the claim the accountant makes, so its bound (``fdp_eps_lower_bound``) may decide a verdict.
+* mu-GDP, ``x(y) = Phi(Phi^-1(y) - mu)``: the paper's "empirical privacy" (``fdp_gdp_mu_lower_bound``,
+  converted to epsilon at delta). DP-SGD's trade-off curve is close to Gaussian but not exactly, so
+  this number is reported for comparison, not used for a verdict.
+
+Fixed-count splits. Steinke et al. and Mahloujifar et al. need each canary's coin drawn
+independently with probability 1/2. A member / held-out split that draws a fixed number of
+held-out units uniformly at random is the i.i.d. design *conditioned on* the count, so a test of
+level ``a`` under i.i.d. coins has level at most ``a / P[Binomial(m, 1/2) = count]`` on the split
+(``P[reject | C = c] <= P[reject] / P[C = c]``). ``one_run_audit(fixed_count=True)`` therefore runs
+every test at ``alpha * P[Binomial(m, 1/2) = count]``: valid for a random split, at some loss of power
+(about a factor ``sqrt(pi m / 2)`` in alpha for a balanced split).
+
 Choosing (k_plus, k_minus). The guarantee holds for (k_plus, k_minus) fixed before the scores are
 seen. ``best_k_audit`` tries a fixed list of K choices and divides alpha by K (Bonferroni, as
 jax_privacy's default threshold strategy does over all thresholds), so its maximum stays a valid
@@ -41,7 +63,7 @@ import operator
 from collections.abc import Sequence
 
 import numpy as np
-from scipy import optimize, special
+from scipy import optimize, special, stats
 
 __all__ = [
     "audit_p_value",
@@ -49,10 +71,19 @@ __all__ = [
     "max_eps_lower",
     "audit_from_scores",
     "default_k_choices",
+    "gradient_canary_k_choices",
     "best_k_audit",
     "simulate_gdp_scores",
     "gdp_delta",
     "gdp_epsilon",
+    "eps_delta_blow_up_inverse",
+    "gdp_blow_up_inverse",
+    "fdp_rejects",
+    "fdp_eps_lower_bound",
+    "fdp_gdp_mu_lower_bound",
+    "fixed_count_alpha",
+    "one_run_audit",
+    "units_needed",
 ]
 
 _XTOL = 1e-10
@@ -241,6 +272,23 @@ def default_k_choices(m: int) -> list[tuple[int, int]]:
     return out
 
 
+def gradient_canary_k_choices(m: int) -> list[tuple[int, int]]:
+    """Guess families for many, cheap canaries (white-box gradient canaries): 100 to 2000 guesses (at
+    most half of ``m``; ``m // 10`` when that is fewer than 100), each both symmetric and "in" only.
+    Only the most extreme scores carry the signal, so the counts are absolute, not fractions of m;
+    the subsampled Gaussian's likelihood ratio has a heavy right tail for included canaries (the
+    steps that sampled them), so confident "in" guesses are the more accurate ones. Depends on
+    ``m`` only."""
+    m = _count(m, "m")
+    sizes = [r for r in (100, 250, 500, 1000, 2000) if r <= m // 2] or [max(2, m // 10)]
+    out: list[tuple[int, int]] = []
+    for r in sizes:
+        for choice in (((r + 1) // 2, r // 2), (r, 0)):
+            if choice not in out:
+                out.append(choice)
+    return out
+
+
 def best_k_audit(*, scores, included, delta: float, confidence: float = 0.95,
                  choices: Sequence[tuple[int, int]] | None = None) -> dict:
     """The best of several fixed ``(k_plus, k_minus)`` audits, Bonferroni-corrected.
@@ -340,3 +388,231 @@ def gdp_epsilon(mu: float, delta: float) -> float:
             else:
                 hi = mid
     return float(optimize.brentq(gap, lo, hi, xtol=1e-12))
+
+
+# ------------------------------------------------------------------------------------ f-DP analysis
+def eps_delta_blow_up_inverse(epsilon, delta: float):
+    """``y -> `` the smallest FPR at which an (epsilon, delta)-DP mechanism allows TPR ``y``.
+
+    ``epsilon`` may be an array (one curve per entry, evaluated together, as ``fdp_rejects`` does)."""
+    e = np.exp(np.minimum(np.asarray(epsilon, dtype=np.float64), 700.0))
+    d = float(delta)
+
+    def inverse(y):
+        return np.maximum(0.0, np.maximum((y - d) / e, 1.0 - d - e * (1.0 - y)))
+
+    return inverse
+
+
+def gdp_blow_up_inverse(mu):
+    """``y -> Phi(Phi^-1(y) - mu)``: the smallest FPR at which a mu-GDP mechanism allows TPR ``y``
+    (``mu`` may be an array)."""
+    mu = np.asarray(mu, dtype=np.float64)
+
+    def inverse(y):
+        return special.ndtr(special.ndtri(np.clip(y, 0.0, 1.0)) - mu)
+
+    return inverse
+
+
+def _fdp_rejects(m: int, r: int, v: int, inverse, alpha: float) -> np.ndarray:
+    """Mahloujifar et al.'s test (module docstring), for every curve of ``inverse`` at once: True
+    where ``v`` correct of ``r`` guesses on ``m`` canaries has probability below ``alpha`` under
+    every mechanism with that trade-off curve."""
+    probe = np.asarray(inverse(np.float64(0.5)))
+    if v == 0 or r == 0:
+        return np.zeros(probe.shape, dtype=bool)
+    scaled = alpha * r / m
+    right = np.full(probe.shape, scaled * v / r)
+    wrong = np.full(probe.shape, scaled * (r - v) / r)
+    for i in range(v - 1, -1, -1):
+        wrong_next = np.maximum(wrong, inverse(np.minimum(right, 1.0)))  # alphabet k = 2: (k - 1) * inverse
+        right = right + (i / (r - i)) * (wrong_next - wrong)
+        wrong = wrong_next
+    return right + wrong > r / m
+
+
+def fdp_rejects(*, m: int, num_guesses: int, num_correct: int, blow_up_inverse, confidence: float) -> bool:
+    """Does ``num_correct`` of ``num_guesses`` reject "the mechanism is f-DP" at ``confidence``?
+
+    ``blow_up_inverse(y)``: the smallest FPR at which f allows TPR ``y`` (``eps_delta_blow_up_inverse``,
+    ``gdp_blow_up_inverse``). Mahloujifar, Melis, Chaudhuri 2025 (arXiv:2410.22235).
+    """
+    m, r, v = _check_counts(m, num_guesses, num_correct)
+    return bool(np.all(_fdp_rejects(m, r, v, blow_up_inverse, 1.0 - _check_confidence(confidence))))
+
+
+def _largest_rejected(rejects_grid, *, upper: float, rounds: int = 2, points: int = 65) -> float:
+    """Largest parameter p in [0, upper] with ``rejects_grid(p)`` True, assuming rejection is monotone
+    (rejected below a point, not above): 0.0 when p = 0 is not rejected, ``upper`` when everything is.
+    A grid of ``points`` values is tested at once and refined ``rounds`` times (resolution about
+    ``upper / (points - 1)^rounds`` after a geometric first grid); the rejected side is returned."""
+    grid = np.concatenate([[0.0], upper * np.geomspace(1e-4, 1.0, points - 1)])
+    for _ in range(rounds):
+        rej = rejects_grid(grid)
+        if not rej[0]:
+            return 0.0
+        last = int(np.flatnonzero(rej)[-1]) if rej.all() else int(np.argmin(rej)) - 1
+        if last == len(grid) - 1:
+            return float(grid[-1])
+        lo, hi = float(grid[last]), float(grid[last + 1])
+        grid = np.linspace(lo, hi, points)
+    rej = rejects_grid(grid)
+    return float(grid[int(np.argmin(rej)) - 1]) if not rej.all() else float(grid[-1])
+
+
+def fdp_eps_lower_bound(*, m: int, num_guesses: int, num_correct: int, delta: float,
+                        confidence: float = 0.95) -> float:
+    """Epsilon lower bound of the f-DP one-run analysis with the (eps, delta) trade-off curve: the
+    largest epsilon (rejected side, to about 1e-3) whose "(eps, delta)-DP" is rejected at ``confidence``."""
+    m, r, v = _check_counts(m, num_guesses, num_correct)
+    delta = _check_delta(delta)
+    alpha = 1.0 - _check_confidence(confidence)
+    return _largest_rejected(lambda eps: _fdp_rejects(m, r, v, eps_delta_blow_up_inverse(eps, delta), alpha),
+                             upper=64.0)
+
+
+def fdp_gdp_mu_lower_bound(*, m: int, num_guesses: int, num_correct: int, confidence: float = 0.95) -> float:
+    """The largest mu whose "mu-GDP" is rejected at ``confidence`` (Mahloujifar et al.'s empirical
+    privacy with the Gaussian family); ``gdp_epsilon(mu, delta)`` turns it into an epsilon."""
+    m, r, v = _check_counts(m, num_guesses, num_correct)
+    alpha = 1.0 - _check_confidence(confidence)
+    return _largest_rejected(lambda mu: _fdp_rejects(m, r, v, gdp_blow_up_inverse(mu), alpha), upper=40.0)
+
+
+def fixed_count_alpha(*, alpha: float, m: int, included: int) -> float:
+    """The level to run an i.i.d.-coin test at so that it has level ``alpha`` on a split that fixed
+    ``included`` of ``m`` at random: ``alpha * P[Binomial(m, 1/2) = included]`` (module docstring)."""
+    m = _count(m, "m")
+    c = _count(included, "included")
+    if c > m:
+        raise ValueError(f"included={c} exceeds m={m}")
+    return float(alpha) * float(stats.binom.pmf(c, m, 0.5))
+
+
+def _gdp_eps(mu: float, delta: float) -> float:
+    return gdp_epsilon(mu, delta) if mu > 0.0 and delta > 0.0 else (0.0 if mu <= 0.0 else math.inf)
+
+
+def one_run_audit(*, scores, included, delta: float, confidence: float = 0.95, fixed_count: bool = False,
+                  choices: Sequence[tuple[int, int]] | None = None) -> dict:
+    """Every one-run analysis of canary (or member / held-out) scores, corrected for every choice made.
+
+    Tests: Steinke et al.'s bound and the f-DP bound with the (eps, delta) curve, for each fixed
+    ``(k_plus, k_minus)`` of ``choices`` (default ``default_k_choices(m)``): ``2 K`` tests, each at
+    ``alpha / (2 K)`` (Bonferroni), so ``eps_lower``, their maximum, is a lower bound on epsilon at
+    ``confidence``. ``ceiling``: the largest ``eps_lower`` these tests could give (every guess right).
+    The GDP-family bound (``gdp_mu_lower``, ``eps_lower_gdp``, ``ceiling_gdp``) is reported beside
+    them at ``alpha / K``. ``fixed_count``: the membership was a random split of fixed size, not
+    independent coins; every level is multiplied by ``P[Binomial(m, 1/2) = included]``.
+    """
+    s, inc = _scores_and_membership(scores, included)
+    delta = _check_delta(delta)
+    confidence = _check_confidence(confidence)
+    m = s.size
+    n_in = int(inc.sum())
+    alpha = 1.0 - confidence
+    alpha_eff = fixed_count_alpha(alpha=alpha, m=m, included=n_in) if fixed_count else alpha
+    ks = list(default_k_choices(m) if choices is None else choices)
+    if not ks:
+        raise ValueError("choices must not be empty")
+    conf_rigorous = 1.0 - alpha_eff / (2 * len(ks))
+    conf_gdp = 1.0 - alpha_eff / len(ks)
+    order = np.argsort(-s, kind="stable")
+    per_choice = []
+    for kp, km in ks:
+        kp, km = _count(kp, "k_plus"), _count(km, "k_minus")
+        if kp + km > m or kp + km == 0:
+            raise ValueError(f"k_plus + k_minus = {kp + km} must be in [1, m = {m}]")
+        correct = int(np.count_nonzero(inc[order[:kp]]) + np.count_nonzero(~inc[order[m - km:]]))
+        r = kp + km
+        row = {"k_plus": kp, "k_minus": km, "num_guesses": r, "num_correct": correct}
+        row["eps_lower_steinke"] = eps_lower_bound(m=m, num_guesses=r, num_correct=correct, delta=delta,
+                                                   confidence=conf_rigorous)
+        row["ceiling_steinke"] = _ceiling(m, r, delta, conf_rigorous)
+        row["eps_lower_fdp"] = fdp_eps_lower_bound(m=m, num_guesses=r, num_correct=correct, delta=delta,
+                                                   confidence=conf_rigorous)
+        row["ceiling_fdp"] = _fdp_ceiling(m, r, delta, conf_rigorous)
+        row["gdp_mu_lower"] = fdp_gdp_mu_lower_bound(m=m, num_guesses=r, num_correct=correct, confidence=conf_gdp)
+        row["gdp_mu_ceiling"] = _gdp_ceiling(m, r, conf_gdp)
+        per_choice.append(row)
+    best = max(per_choice, key=lambda row: max(row["eps_lower_steinke"], row["eps_lower_fdp"]))
+    mu_low = max(row["gdp_mu_lower"] for row in per_choice)
+    mu_ceil = max(row["gdp_mu_ceiling"] for row in per_choice)
+    gdp_delta_used = delta if delta > 0 else 1e-5
+    eps_steinke = max(row["eps_lower_steinke"] for row in per_choice)
+    eps_fdp = max(row["eps_lower_fdp"] for row in per_choice)
+    return {
+        "eps_lower": max(eps_steinke, eps_fdp),
+        "ceiling": max(max(row["ceiling_steinke"], row["ceiling_fdp"]) for row in per_choice),
+        "eps_lower_steinke": eps_steinke,
+        "ceiling_steinke": max(row["ceiling_steinke"] for row in per_choice),
+        "eps_lower_fdp": eps_fdp,
+        "ceiling_fdp": max(row["ceiling_fdp"] for row in per_choice),
+        "gdp_mu_lower": mu_low,
+        "eps_lower_gdp": _gdp_eps(mu_low, gdp_delta_used),
+        "ceiling_gdp": _gdp_eps(mu_ceil, gdp_delta_used),
+        "k_plus": best["k_plus"],
+        "k_minus": best["k_minus"],
+        "num_guesses": best["num_guesses"],
+        "num_correct": best["num_correct"],
+        "m": m,
+        "included": n_in,
+        "delta": delta,
+        "confidence": confidence,
+        "fixed_count": bool(fixed_count),
+        "alpha_effective": alpha_eff,
+        "choices_tried": len(ks),
+        "confidence_per_test": conf_rigorous,
+        "per_choice": per_choice,
+    }
+
+
+@functools.lru_cache(maxsize=256)
+def _fdp_ceiling(m: int, r: int, delta: float, confidence: float) -> float:
+    return fdp_eps_lower_bound(m=m, num_guesses=r, num_correct=r, delta=delta, confidence=confidence)
+
+
+@functools.lru_cache(maxsize=256)
+def _gdp_ceiling(m: int, r: int, confidence: float) -> float:
+    return fdp_gdp_mu_lower_bound(m=m, num_guesses=r, num_correct=r, confidence=confidence)
+
+
+def units_needed(*, claimed_epsilon: float, delta: float, confidence: float = 0.95, fixed_count: bool = False,
+                 choices_tried: int = 6, limit: int = 1 << 18) -> int | None:
+    """Fewest canaries (or balanced member + held-out units) for which a perfect attack could reject
+    ``claimed_epsilon``: the smallest m whose all-correct f-DP (eps, delta) test, at the Bonferroni
+    level of ``one_run_audit`` (and its fixed-count correction for a balanced split), rejects the
+    claim. None when no m up to ``limit`` can (with delta > 0 the 2 m delta term eventually wins).
+    A perfect attack is an idealisation: a real one needs more.
+    """
+    claim = float(claimed_epsilon)
+    delta = _check_delta(delta)
+    alpha = 1.0 - _check_confidence(confidence)
+
+    e = math.exp(min(claim, 700.0))
+
+    def can_reject(m: int) -> bool:  # the all-correct recursion of _fdp_rejects, scalar (fast for large m)
+        a = fixed_count_alpha(alpha=alpha, m=m, included=m // 2) if fixed_count else alpha
+        scaled = a / (2 * choices_tried)  # r = m: alpha * r / m = alpha
+        right, wrong = scaled, 0.0
+        for i in range(m - 1, -1, -1):
+            y = min(right, 1.0)
+            wrong_next = max(wrong, (y - delta) / e, 1.0 - delta - e * (1.0 - y))
+            right += (i / (m - i)) * (wrong_next - wrong)
+            wrong = wrong_next
+        return right + wrong > 1.0
+
+    m = 2
+    while not can_reject(m):
+        m *= 2
+        if m > limit:
+            return None
+    lo, hi = m // 2, m
+    while hi - lo > max(1, hi // 50):  # to 2%: this is advice, not a bound
+        mid = (lo + hi) // 2
+        if can_reject(mid):
+            hi = mid
+        else:
+            lo = mid
+    return int(hi)

@@ -5,8 +5,21 @@ with unique random-letter captions), includes each in training independently wit
 1/2 (seeded; the draw is recorded in ``canaries.json``), each as its own privacy unit. After
 training, each canary is scored by its base-calibrated loss (L_base - L_finetuned); the top
 k+ are guessed "in" and the bottom k- "out", and the number of correct guesses becomes an
-epsilon lower bound at 95% confidence (``dpdiff.probes.audit``). If that lower bound exceeds the
-accountant's epsilon, the implementation leaks more than it claims: verdict FAIL.
+epsilon lower bound at the configured confidence (``dpdiff.probes.audit``). If that lower bound
+exceeds the accountant's epsilon, the implementation leaks more than it claims: verdict FAIL; if
+the bound could not have exceeded it (its ceiling is below the claim), INCONCLUSIVE.
+
+White-box gradient canaries (opt-in, ``GradientCanaries``): Dirac canaries in gradient space
+(Steinke et al. 2023, Sec. 6; Nasr et al. 2023, "Tight Auditing of Differentially Private Machine
+Learning"). Canary i is a privacy unit whose clipped gradient is ``C e_{j_i}`` (one coordinate of
+the flattened trainable parameters, distinct per canary); it joins each step's Poisson sample
+with the same rate q as every unit when its coin says "in". The auditor reads the noisy summed
+gradient of every step (the mechanism's released output, so all-iterates access is within the DP
+guarantee) at the canary coordinates and scores canary i by the log likelihood ratio of the
+subsampled Gaussian, ``sum_t log(1 - q + q exp((x_t - 1/2) / sigma^2))`` with ``x_t`` the
+coordinate over C: the Neyman-Pearson test of this mechanism, so far easier to detect than data
+canaries read from the last model's loss. The trainer calls ``inject`` before and ``observe``
+after the noise of each step, then ``save``; the audit reads ``gradient_canaries.json``.
 
 Canaries change the training set (N grows by the included ones); the dataset fingerprint and
 the per-dataset ledger still describe the user's own data, and the report names the canaries.
@@ -118,4 +131,79 @@ def load_canaries(run_dir: Path) -> dict | None:
     import json
 
     p = Path(run_dir) / "canaries.json"
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+class GradientCanaries:
+    """White-box Dirac gradient canaries (module docstring). Keyword-only, seeded, no data needed.
+
+    ``count`` canaries over ``num_params`` flattened trainable parameters: distinct coordinates and
+    inclusion coins (probability 1/2) drawn from ``seed``. Per step: ``inject(summed_clipped_grad,
+    sample_rate=q, clip_norm=C, generator=g)`` before the noise (each included canary joins the
+    step's Poisson sample with probability q and adds C at its coordinate), then
+    ``observe(noisy_summed_grad, noise_multiplier=sigma, sample_rate=q, clip_norm=C)`` after it.
+    The canaries are extra privacy units: the accountant's unit count includes them. The score treats
+    the other units' summed gradient at a canary coordinate as zero; where it is not, the score is
+    noisier (a weaker audit), never invalid: the coins are drawn independently of everything else.
+    """
+
+    def __init__(self, *, count: int, num_params: int, seed: int):
+        if count < 2:
+            raise UserError(f"gradient canaries: count={count}, need at least 2 (hundreds for a useful bound)")
+        if count > num_params:
+            raise UserError(f"gradient canaries: count={count} exceeds the {num_params} trainable parameters")
+        rng = np.random.default_rng([int(seed), 0x6AD])
+        self.count = int(count)
+        self.coordinates = np.sort(rng.choice(int(num_params), size=self.count, replace=False))
+        self.included = rng.random(self.count) < 0.5
+        self.scores = np.zeros(self.count)
+        self.steps = 0
+        self._coords_t = None
+
+    def _coords(self, device):
+        import torch
+
+        if self._coords_t is None or self._coords_t.device != device:
+            self._coords_t = torch.as_tensor(self.coordinates, dtype=torch.long, device=device)
+        return self._coords_t
+
+    def inject(self, summed_clipped_grad, *, sample_rate: float, clip_norm: float, generator=None) -> int:
+        """Add ``clip_norm`` at the coordinate of each included canary sampled this step (in place);
+        returns how many joined. ``summed_clipped_grad``: the flat sum of clipped per-unit gradients."""
+        import torch
+
+        flat = summed_clipped_grad.view(-1)
+        joined = torch.rand(self.count, generator=generator) < float(sample_rate)
+        joined &= torch.as_tensor(self.included)
+        idx = self._coords(flat.device)[joined.to(flat.device)]
+        flat.index_add_(0, idx, torch.full((len(idx),), float(clip_norm), dtype=flat.dtype, device=flat.device))
+        return int(joined.sum())
+
+    def observe(self, noisy_summed_grad, *, noise_multiplier: float, sample_rate: float, clip_norm: float) -> None:
+        """Add this step's log likelihood ratio to each canary's score (the flat noisy *sum*, before
+        any division by the batch size)."""
+        x = noisy_summed_grad.view(-1)[self._coords(noisy_summed_grad.device)].double().cpu().numpy()
+        x /= float(clip_norm)
+        q, var = float(sample_rate), float(noise_multiplier) ** 2
+        if q >= 1.0:
+            self.scores += (x - 0.5) / var
+        else:
+            self.scores += np.logaddexp(np.log1p(-q), np.log(q) + (x - 0.5) / var)
+        self.steps += 1
+
+    def to_json(self) -> dict:
+        return {"count": self.count, "steps": self.steps, "coordinates": self.coordinates.tolist(),
+                "included": self.included.tolist(), "scores": self.scores.tolist()}
+
+    def save(self, run_dir: Path) -> Path:
+        path = Path(run_dir) / "gradient_canaries.json"
+        write_json_atomic(path, self.to_json())
+        return path
+
+
+def load_gradient_canaries(run_dir: Path) -> dict | None:
+    """``gradient_canaries.json`` of a run (None when the run had no gradient canaries)."""
+    import json
+
+    p = Path(run_dir) / "gradient_canaries.json"
     return json.loads(p.read_text()) if p.exists() else None

@@ -31,6 +31,28 @@ class ProbeContext:
     seed: int = 0
     builtin_demo: bool = False
     cache: dict = field(default_factory=dict)
+    # record index -> privacy unit id (PreparedData.units); None: one unit per user_id when the
+    # privacy unit is the user, else one per record
+    unit_of_record: dict[int, int] | None = None
+
+    def unit_key(self, record_id: int):
+        """The privacy unit of a record, as far as the context knows it."""
+        if self.unit_of_record is not None:
+            return ("unit", self.unit_of_record[record_id])
+        if self.privacy.get("privacy_unit") == "user" and self.records[record_id].user_id is not None:
+            return ("user", self.records[record_id].user_id)
+        return ("record", record_id)
+
+    def one_record_per_unit(self, record_ids: list[int]) -> list[int]:
+        """The lowest-index record of each privacy unit among ``record_ids`` (sorted). The one-run
+        analyses count guesses per unit: two records of one unit are one coin, not two."""
+        seen, out = set(), []
+        for i in sorted(record_ids):
+            key = self.unit_key(i)
+            if key not in seen:
+                seen.add(key)
+                out.append(i)
+        return out
 
     @contextlib.contextmanager
     def base_model(self):

@@ -8,10 +8,12 @@ Three white-box attacks on the denoising loss, each a score per image (higher = 
   2022 with the pre-fine-tuning model as the reference; free for LoRA: adapters disabled). It
   removes the per-image difficulty that dominates the plain loss.
 * ``pia``: Proximal Initialization Attack (Kong et al., ICLR 2024): the model's own prediction at
-  t=0 as the noise, x_t built deterministically from it, and the prediction error at t as score.
+  t=0 as the noise, x_t built deterministically from it, and the l4 prediction error at t as score
+  (v-prediction outputs converted to noise estimates).
 
-Results: AUC with a bootstrap interval, TPR at 1% and 0.1% FPR with counts and intervals, and the
-DP consistency check TPR <= e^eps FPR + delta at every reported point (Kairouz et al. 2015).
+Results: AUC (not estimable below ``min_nonmembers``) with a bootstrap interval and an exact
+permutation p-value, TPR at 1% and 0.1% FPR with counts and intervals, and the verdict: the
+one-run analysis of the random member / held-out split against the claimed epsilon.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from dpdiff.probes.context import (
     encode_images,
     shared_noises,
 )
-from dpdiff.probes.stats import dp_consistency, mia_summary
+from dpdiff.probes.stats import mia_summary
 
 
 def _subsample(indices: list[int], n: int, seed: int) -> list[int]:
@@ -54,35 +56,75 @@ def loss_scores(ctx: ProbeContext, record_ids: list[int], *, timesteps: list[int
     return out
 
 
+def epsilon_from_prediction(pred: torch.Tensor, x_t: torch.Tensor, alpha_bar: torch.Tensor, *,
+                            prediction_type: str) -> torch.Tensor:
+    """The noise estimate behind a UNet output: itself for epsilon prediction; for v prediction
+    (Salimans & Ho 2022, ``v = sqrt(a) eps - sqrt(1 - a) x0``) ``eps = sqrt(a) v + sqrt(1 - a) x_t``."""
+    if prediction_type == "epsilon":
+        return pred
+    if prediction_type == "v_prediction":
+        return alpha_bar.sqrt() * pred + (1 - alpha_bar).sqrt() * x_t
+    raise ValueError(f"unsupported prediction_type {prediction_type!r} (epsilon or v_prediction)")
+
+
 @torch.no_grad()
-def pia_scores(ctx: ProbeContext, record_ids: list[int], *, timestep: int = 200, p: float = 2.0,
+def pia_scores(ctx: ProbeContext, record_ids: list[int], *, timestep: int = 200, lp: float = 4.0,
                batch_size: int = 64) -> np.ndarray:
-    """PIA: eps0 = eps_theta(x0, 0); x_t = sqrt(a_t) x0 + sqrt(1-a_t) eps0; score = -||eps_theta(x_t, t) - eps0||_p."""
+    """PIA, the Proximal Initialization Attack (Kong et al., ICLR 2024), as in their code
+    (``components.PIA``): ``eps0 = eps_theta(x0, t=0)``, ``x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps0``,
+    distance ``sum |eps_theta(x_t, t) - eps0|^lp`` with their ``lp = 4`` at their attack step
+    ``t = 200`` (of 1000 training timesteps; scaled to the scheduler's count). Members are denoised
+    back to their own initial noise more exactly: score = minus the distance (higher = member).
+    For v-prediction models both UNet outputs are first turned into noise estimates.
+    """
     recs = [ctx.records[i] for i in record_ids]
     latents = encode_images(ctx, recs)
     text = encode_captions(ctx, [r.text for r in recs])
     sched = ctx.base.noise_scheduler
-    abar = sched.alphas_cumprod[timestep].float()
+    kind = sched.config.prediction_type
+    n_train = int(sched.config.num_train_timesteps)
+    t_attack = int(round(timestep * n_train / 1000))
+    abar = sched.alphas_cumprod.float()
+    a_t, a_0 = abar[t_attack], abar[0]
     scores = []
     for s in range(0, len(recs), batch_size):
         x0 = latents[s : s + batch_size].to(ctx.device)
         c = text[s : s + batch_size].to(ctx.device)
         t0 = torch.zeros(len(x0), dtype=torch.long, device=ctx.device)
-        eps0 = ctx.unet(x0, t0, c, return_dict=False)[0].float()
-        xt = abar.sqrt() * x0 + (1 - abar).sqrt() * eps0
-        tt = torch.full((len(x0),), timestep, dtype=torch.long, device=ctx.device)
-        eps_t = ctx.unet(xt, tt, c, return_dict=False)[0].float()
-        scores.append(-(eps_t - eps0).abs().pow(p).flatten(1).mean(1).pow(1 / p).cpu())
+        eps0 = epsilon_from_prediction(ctx.unet(x0, t0, c, return_dict=False)[0].float(), x0, a_0.to(ctx.device),
+                                       prediction_type=kind)
+        xt = a_t.sqrt() * x0 + (1 - a_t).sqrt() * eps0
+        tt = torch.full((len(x0),), t_attack, dtype=torch.long, device=ctx.device)
+        eps_t = epsilon_from_prediction(ctx.unet(xt, tt, c, return_dict=False)[0].float(), xt, a_t.to(ctx.device),
+                                        prediction_type=kind)
+        scores.append(-(eps_t - eps0).abs().pow(lp).flatten(1).sum(1).cpu())
     return torch.cat(scores).numpy()
 
 
-def run_mia(ctx: ProbeContext, cfg) -> dict:
-    """All attacks on up to ``cfg.members`` members and as many held-out non-members."""
+def run_mia(ctx: ProbeContext, cfg, *, confidence: float | None = None) -> dict:
+    """Every attack on the same balanced sample: n members and n held-out non-members.
+
+    n = min(``members``, members available, held-out available). The headline ``auc`` is the
+    pre-declared ``primary_attack``'s (no choice after seeing the results); every attack's numbers
+    are under ``attacks``. The DP verdict is the one-run analysis of the random split
+    (``split_dp_check``), Bonferroni-corrected over the attacks.
+    """
+    from dpdiff.probes.audit import units_needed
+    from dpdiff.probes.stats import DEFAULT_MIN_NONMEMBERS, split_dp_check
+    from dpdiff.probes.verdict import three_way_verdict, verdict_fields
+
+    confidence = float(confidence if confidence is not None else cfg.get("confidence", 0.95))
+    claimed = ctx.privacy.get("epsilon") if ctx.privacy.get("dp") else None
     if not ctx.nonmember_records:
-        return {"skipped": "no held-out non-members (data.holdout_fraction=0)", "auc": None}
-    n = int(cfg.get("members", 256))
-    members = _subsample(ctx.member_records, min(n, len(ctx.nonmember_records) * 4), ctx.seed)
-    nonmembers = _subsample(ctx.nonmember_records, n, ctx.seed + 1)
+        v = three_way_verdict(claimed_epsilon=claimed, eps_lower=None, ceiling=None, confidence=confidence,
+                              not_estimable="no held-out non-members (data.holdout_fraction=0)",
+                              to_conclude="hold out units (data.holdout_fraction > 0) to compare against")
+        return {"skipped": "no held-out non-members (data.holdout_fraction=0)", "auc": None, **verdict_fields(v)}
+    member_units = ctx.one_record_per_unit(ctx.member_records)  # one coin per privacy unit
+    held_units = ctx.one_record_per_unit(ctx.nonmember_records)
+    n = min(int(cfg.get("members", 256)), len(member_units), len(held_units))
+    members = _subsample(member_units, n, ctx.seed)
+    nonmembers = _subsample(held_units, n, ctx.seed + 1)
     timesteps = [int(t) for t in cfg.get("timesteps", [50, 100, 200, 300, 500])]
     draws = int(cfg.get("noise_draws", 4))
     calibrated = bool(cfg.get("calibrated", True))
@@ -90,32 +132,58 @@ def run_mia(ctx: ProbeContext, cfg) -> dict:
     sn = loss_scores(ctx, nonmembers, timesteps=timesteps, draws=draws, calibrated=calibrated)
     if cfg.get("pia", True):
         t_pia = int(cfg.get("pia_timestep", 200))
-        sm["pia"] = pia_scores(ctx, members, timestep=t_pia)
-        sn["pia"] = pia_scores(ctx, nonmembers, timestep=t_pia)
-    eps, delta = ctx.privacy.get("epsilon"), ctx.privacy.get("delta")
+        lp = float(cfg.get("pia_lp", 4))
+        sm["pia"] = pia_scores(ctx, members, timestep=t_pia, lp=lp)
+        sn["pia"] = pia_scores(ctx, nonmembers, timestep=t_pia, lp=lp)
+    dp = bool(ctx.privacy.get("dp"))
+    delta = float(ctx.privacy["delta"]) if dp else float(cfg.get("delta_if_no_dp", 1e-5))
+    min_n = int(cfg.get("min_nonmembers", DEFAULT_MIN_NONMEMBERS))
     attacks = {}
     for name in sm:
-        summ = mia_summary(sm[name], sn[name], n_boot=int(cfg.get("bootstrap", 500)), seed=ctx.seed)
-        if eps is not None:
-            summ["dp_check"] = {
-                key: dp_consistency(tpr=pt["tpr"], fpr=pt["fpr"], epsilon=eps, delta=delta,
-                                    n_members=pt["n_members"], n_nonmembers=pt["n_nonmembers"])
-                for key, pt in summ["tpr_at_fpr"].items() if pt.get("tpr") is not None
-            }
+        summ = mia_summary(sm[name], sn[name], n_boot=int(cfg.get("bootstrap", 500)), seed=ctx.seed,
+                           alpha=1.0 - confidence, min_nonmembers=min_n)
+        summ["auc_p_value_corrected"] = min(1.0, summ["auc_p_value"] * len(sm))  # Bonferroni over attacks
         attacks[name] = summ
-    best = max(attacks, key=lambda k: attacks[k]["auc"])
-    violated = any(v.get("violated") for a in attacks.values() for v in (a.get("dp_check") or {}).values())
+    check = split_dp_check(scores_by_attack={k: (sm[k], sn[k]) for k in sm}, delta=delta, confidence=confidence,
+                           seed=ctx.seed)
+    primary = str(cfg.get("primary_attack", "calibrated"))
+    if primary not in attacks:
+        primary = "loss"
+    to_conclude = None
+    if claimed is not None:
+        need = units_needed(claimed_epsilon=float(claimed), delta=delta, confidence=confidence, fixed_count=True,
+                            choices_tried=check["choices_tried"] * len(attacks))
+        to_conclude = (f"about {need // 2} held-out units and as many members (now {n} each) would let a perfect "
+                       f"attack reject epsilon {claimed:.3g}" if need else
+                       f"no number of held-out units (up to 2^18) lets this test reject epsilon {claimed:.3g} at delta "
+                       f"{delta:g}: the claim is beyond what a random split can test")
+        if n < min_n:
+            to_conclude += f"; at least {min_n} held-out units for an AUC"
+    else:
+        to_conclude = "the run has no DP guarantee: only a FAIL (leak shown) is possible"
+    v = three_way_verdict(claimed_epsilon=claimed, eps_lower=check["eps_lower"], ceiling=check["ceiling"],
+                          confidence=confidence, to_conclude=to_conclude)
+    prim = attacks[primary]
     return {
-        "auc": attacks[best]["auc"],
-        "auc_ci": attacks[best]["auc_ci"],
-        "best_attack": best,
-        "tpr_at_1pct_fpr": attacks[best]["tpr_at_fpr"].get("0.01", {}).get("tpr"),
+        "auc": prim["auc"],
+        "auc_ci": prim["auc_ci"],
+        "auc_p_value": prim["auc_p_value"],
+        "auc_reason": prim["auc_reason"],
+        "primary_attack": primary,
+        "tpr_at_1pct_fpr": prim["tpr_at_fpr"].get("0.01", {}).get("tpr"),
         "members": len(members),
         "nonmembers": len(nonmembers),
         "timesteps": timesteps,
         "noise_draws": draws,
         "attacks": attacks,
-        "dp_bound_violated": violated if eps is not None else None,
-        "note": "auc is the strongest of the attacks run (chosen after the fact: an optimistic view of the "
-                "attacker); each attack's own numbers are under 'attacks'",
+        "split_audit": check,
+        "eps_lower_steinke": check["eps_lower_steinke"],
+        "eps_lower_fdp": check["eps_lower_fdp"],
+        "eps_lower_gdp": check["eps_lower_gdp"],
+        "delta": delta,
+        **verdict_fields(v),
+        "note": (f"auc is the pre-declared {primary} attack's; every attack's own numbers are under 'attacks' "
+                 "(auc_p_value_corrected: Bonferroni over the attacks). The verdict tests the claimed epsilon "
+                 "with the one-run analysis of the random member / held-out split, corrected for the number "
+                 "of attacks and guesses tried."),
     }

@@ -23,18 +23,12 @@ log = logging.getLogger("dpdiff")
 REQUIRED = {"extraction": ("extracted_count", "rate"), "mia": ("auc",), "audit": ("eps_lower", "verdict")}
 
 
-def run_audit(ctx: ProbeContext, cfg) -> dict:
-    """Score every canary by its base-calibrated loss; guess the top k+ in and bottom k- out."""
-    from dpdiff.probes.audit import audit_from_scores, max_eps_lower
-
-    can = ctx.canaries
-    if not can:
-        return {"skipped": "no canaries (set probes.audit.canaries=m, e.g. 500, before training)",
-                "eps_lower": None, "verdict": None}
-    canary_dir = ctx.run_dir / "canaries"
+def canary_loss_scores(ctx: ProbeContext, cfg) -> tuple[np.ndarray, np.ndarray]:
+    """Each data canary's base-calibrated loss ``L_base - L_finetuned`` and its inclusion bit."""
     from PIL import Image
 
-    items = can["canaries"]
+    items = ctx.canaries["canaries"]
+    canary_dir = ctx.run_dir / "canaries"
     images = [Image.open(canary_dir / f"{c['key']}.png").convert("RGB") for c in items]
     latents = encode_images(ctx, images)
     text = encode_captions(ctx, [c["caption"] for c in items])
@@ -47,39 +41,104 @@ def run_audit(ctx: ProbeContext, cfg) -> dict:
                                 device=ctx.device)
     scores = (base - ft).mean(dim=(1, 2)).numpy()
     included = np.array([bool(c["included"]) for c in items])
-    m = len(items)
-    k_plus = int(cfg.get("k_plus") or max(1, m // 10))
-    k_minus = int(cfg.get("k_minus") or max(1, m // 10))
-    if k_plus + k_minus > m:
-        from dpdiff.errors import UserError
+    return scores, included
 
-        raise UserError(f"probes.audit.k_plus + k_minus = {k_plus + k_minus} > {m} canaries")
-    dp = bool(ctx.privacy.get("dp"))
-    delta = float(ctx.privacy["delta"]) if dp else float(cfg.get("delta_if_no_dp", 1e-5))
-    conf = float(cfg.get("confidence", 0.95))
-    res = audit_from_scores(scores=scores, included=included, k_plus=k_plus, k_minus=k_minus, delta=delta,
-                            confidence=conf)
-    ceiling = max_eps_lower(m=m, num_guesses=k_plus + k_minus, delta=delta, confidence=conf)
-    eps = ctx.privacy.get("epsilon")
-    if not dp:
-        verdict = "n/a: trained without DP (the lower bound shows how much it leaks)"
-    elif res["eps_lower"] > eps:
-        verdict = "FAIL: measured leakage exceeds the claimed epsilon (a privacy bug)"
+
+def audit_verdict(*, scores, included, claimed_epsilon, delta: float, confidence: float, choices=None,
+                  kind: str) -> dict:
+    """One-run audit of canary scores (coins drawn independently with probability 1/2) and its verdict."""
+    from dpdiff.probes.audit import one_run_audit, units_needed
+    from dpdiff.probes.verdict import three_way_verdict, verdict_fields
+
+    res = one_run_audit(scores=scores, included=included, delta=delta, confidence=confidence, choices=choices)
+    m = res["m"]
+    if claimed_epsilon is not None:
+        need = units_needed(claimed_epsilon=float(claimed_epsilon), delta=delta, confidence=confidence,
+                            choices_tried=res["choices_tried"])
+        to_conclude = (f"about {need} {kind} (now {m}) would let a perfect attack reject epsilon "
+                       f"{claimed_epsilon:.3g}; more with a real one" if need else
+                       f"no number of canaries (up to 2^18) lets this test reject epsilon {claimed_epsilon:.3g} at "
+                       f"delta {delta:g}")
     else:
-        verdict = "PASS: no leakage beyond the claimed epsilon detected"
+        to_conclude = "the run has no DP guarantee: only a FAIL (leak shown) is possible"
+    v = three_way_verdict(claimed_epsilon=claimed_epsilon, eps_lower=res["eps_lower"], ceiling=res["ceiling"],
+                          confidence=confidence, to_conclude=to_conclude)
+    res.pop("per_choice", None)
+    return {**res, **verdict_fields(v),
+            "score_mean_included": float(np.mean(scores[included])) if included.any() else None,
+            "score_mean_excluded": float(np.mean(scores[~included])) if (~included).any() else None}
+
+
+def run_audit(ctx: ProbeContext, cfg) -> dict:
+    """The one-run audit: data canaries scored by their base-calibrated loss and, when the run recorded
+    them, white-box gradient canaries scored by their likelihood ratio over all noisy gradients
+    (``gradient_canaries.json``, ``dpdiff.probes.canaries.GradientCanaries``). Both bounds of each
+    (Steinke et al.; Mahloujifar et al.'s f-DP) are reported; the verdict takes the largest rigorous
+    bound over the canary sets, Bonferroni-corrected over them."""
+    from dpdiff.probes.canaries import load_gradient_canaries
+    from dpdiff.probes.verdict import three_way_verdict, verdict_fields
+
+    grad = load_gradient_canaries(ctx.run_dir)
+    if not ctx.canaries and not grad:
+        return {"skipped": "no canaries (set probes.audit.canaries=m, e.g. 1000, before training)",
+                "eps_lower": None, "verdict": None}
+    dp = bool(ctx.privacy.get("dp"))
+    claimed = ctx.privacy.get("epsilon") if dp else None
+    delta = float(ctx.privacy["delta"]) if dp else float(cfg.get("delta_if_no_dp", 1e-5))
+    conf = float(cfg.get("confidence", 0.95))  # probes.audit.confidence
+    sets = int(bool(ctx.canaries)) + int(bool(grad))
+    per_set = 1.0 - (1.0 - conf) / sets
+    k_plus, k_minus = cfg.get("k_plus"), cfg.get("k_minus")
+    out: dict = {}
+    if ctx.canaries:
+        scores, included = canary_loss_scores(ctx, cfg)
+        m = len(scores)
+        choices = None
+        if k_plus or k_minus:  # a user-fixed guess count replaces the Bonferroni family
+            kp, km = int(k_plus or max(1, m // 10)), int(k_minus or max(1, m // 10))
+            if kp + km > m:
+                from dpdiff.errors import UserError
+
+                raise UserError(f"probes.audit.k_plus + k_minus = {kp + km} > {m} canaries")
+            choices = [(kp, km)]
+        out["data_canaries"] = audit_verdict(scores=scores, included=included, claimed_epsilon=claimed, delta=delta,
+                                             confidence=per_set, choices=choices, kind="canaries")
+    if grad:
+        from dpdiff.probes.audit import gradient_canary_k_choices
+
+        out["gradient_canaries"] = audit_verdict(scores=np.asarray(grad["scores"], dtype=np.float64),
+                                                 included=np.asarray(grad["included"], dtype=bool),
+                                                 claimed_epsilon=claimed, delta=delta, confidence=per_set,
+                                                 choices=gradient_canary_k_choices(len(grad["scores"])),
+                                                 kind="gradient canaries")
+    parts = list(out.values())
+    best = max(parts, key=lambda r: r["eps_lower"])
+    ceiling = max(r["ceiling"] for r in parts)
+    # each set ran at confidence 1 - (1 - conf) / sets: the best of them is a bound at conf (Bonferroni)
+    tos = [r["to_conclude"] for r in parts if r.get("to_conclude")]
+    v = verdict_fields(three_way_verdict(claimed_epsilon=claimed, eps_lower=best["eps_lower"], ceiling=ceiling,
+                                         confidence=conf, to_conclude="; ".join(tos) or None))
+    head = out.get("data_canaries") or out["gradient_canaries"]
     return {
-        **res,
-        "eps_lower": float(res["eps_lower"]),
-        "ceiling": float(ceiling),
-        "epsilon": eps,
+        **{k: head[k] for k in ("m", "included", "num_guesses", "num_correct", "k_plus", "k_minus",
+                                "score_mean_included", "score_mean_excluded")},
+        "eps_lower": best["eps_lower"],
+        "ceiling": ceiling,
+        "eps_lower_steinke": max(r["eps_lower_steinke"] for r in parts),
+        "ceiling_steinke": max(r["ceiling_steinke"] for r in parts),
+        "eps_lower_fdp": max(r["eps_lower_fdp"] for r in parts),
+        "ceiling_fdp": max(r["ceiling_fdp"] for r in parts),
+        "eps_lower_gdp": max(r["eps_lower_gdp"] for r in parts),
+        "epsilon": ctx.privacy.get("epsilon"),
         "delta": delta,
-        "confidence": conf,
-        "verdict": verdict,
-        "included": int(included.sum()),
-        "score_mean_included": float(scores[included].mean()) if included.any() else None,
-        "score_mean_excluded": float(scores[~included].mean()) if (~included).any() else None,
-        "note": "eps_lower is a 95%-confidence lower bound on the epsilon actually achieved (Steinke et al. 2023); "
-                "'ceiling' is the largest bound this m and k can show even with every guess right",
+        **{k: v[k] for k in ("verdict", "colour", "claimed_epsilon", "confidence", "verdict_reason", "to_conclude",
+                             "blockers")},
+        **out,
+        "note": "eps_lower: the largest rigorous one-run lower bound (Steinke et al. 2023; f-DP analysis of "
+                "Mahloujifar et al. 2025 with the (eps, delta) curve), Bonferroni-corrected over the guesses, "
+                "analyses and canary sets tried; 'ceiling' is the largest bound these could show with every "
+                "guess right; eps_lower_gdp assumes a Gaussian trade-off curve (Mahloujifar et al.'s empirical "
+                "privacy) and is not used for the verdict",
     }
 
 
@@ -90,22 +149,29 @@ def run_probes(ctx: ProbeContext, cfg) -> dict:
     budget = cfg.get("budget_images")
     torch.manual_seed(ctx.seed)
     ctx.unet.eval()
+    confidence = float(cfg.get("confidence", 0.95))
     if (cfg.get("extraction") or {}).get("enabled", True):
         from dpdiff.probes.extraction import run_extraction
 
         log.info("probe: extraction")
-        out["extraction"] = run_extraction(ctx, cfg.extraction, budget_images=budget)
+        out["extraction"] = run_extraction(ctx, cfg.extraction, budget_images=budget,
+                                           confidence=float(cfg.extraction.get("confidence", confidence)))
     if (cfg.get("mia") or {}).get("enabled", True):
         from dpdiff.probes.mia import run_mia
 
         log.info("probe: membership inference")
-        out["mia"] = run_mia(ctx, cfg.mia)
-    if (cfg.get("audit") or {}).get("canaries", 0):
+        out["mia"] = run_mia(ctx, cfg.mia, confidence=float(cfg.mia.get("confidence", confidence)))
+    if (cfg.get("audit") or {}).get("canaries", 0) or (ctx.run_dir / "gradient_canaries.json").exists():
         log.info("probe: one-run audit")
-        out["audit"] = run_audit(ctx, cfg.audit)
+        out["audit"] = run_audit(ctx, cfg.get("audit") or {})
     for section, keys in REQUIRED.items():  # the contract: these keys exist, null when not run
         if out[section] is None:
-            out[section] = {k: None for k in keys} | {"skipped": "disabled"}
+            out[section] = {k: None for k in keys} | {"skipped": "disabled", "verdict": None}
+    from dpdiff.probes.verdict import summary_lines
+
+    out["summary"] = summary_lines(out)
+    for line in out["summary"]:
+        log.info("probe verdict: %s", line)
     out["seconds"] = round(time.time() - t0, 2)
     out["for_data_owner_only"] = ("Probe results describe the training data (which images leak); "
                                   "they are for the data owner, not for publication.")

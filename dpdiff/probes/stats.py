@@ -15,6 +15,15 @@ an upper bound on FPR, each at level ``(1 - confidence) / 2``, so jointly at ``c
 jax_privacy's ``epsilon_clopper_pearson`` (``jax_privacy/auditing.py``). The DP bound applies to
 rates averaged over the randomness of training and of a random member / non-member split of i.i.d.
 data; a threshold or attack chosen after looking at the results makes the check optimistic.
+
+Small samples. An AUC from a handful of non-members is noise: ``mia_summary`` reports it as not
+estimable below ``min_nonmembers`` (AUC ``None`` with a reason), and its percentile bootstrap
+interval only from that size on (a bootstrap of 2 non-members gives [1.0, 1.0] for a perfect
+ordering). What stays valid at any size is the exact permutation test of "members and non-members
+have the same score distribution" (``auc_permutation_p_value``: every relabelling enumerated when
+few, else a Monte-Carlo permutation test, via ``scipy.stats.permutation_test``): 2 members and 2
+non-members ordered perfectly give p = 1/6. The DP check that replaces pointwise intervals is the
+one-run analysis of the member / held-out split (``split_dp_check``; ``dpdiff.probes.audit``).
 """
 
 from __future__ import annotations
@@ -33,7 +42,12 @@ __all__ = [
     "clopper_pearson",
     "dp_consistency",
     "min_nonmembers_for_fpr",
+    "auc_permutation_p_value",
+    "split_dp_check",
+    "DEFAULT_MIN_NONMEMBERS",
 ]
+
+DEFAULT_MIN_NONMEMBERS = 20
 
 _FLOOR_TOL = 1e-9  # fpr * n computed in floating point: 0.01 * 300 must allow 3 false positives
 
@@ -165,8 +179,34 @@ def clopper_pearson(successes: int, trials: int, *, alpha: float) -> tuple[float
     return lower, upper
 
 
+def _auc_rows(x: np.ndarray, n1: int) -> np.ndarray:
+    """AUC of each resample along the last axis, the first ``n1`` entries being the members."""
+    ranks = stats.rankdata(x, axis=-1)
+    n0 = x.shape[-1] - n1
+    return (ranks[..., :n1].sum(axis=-1) - n1 * (n1 + 1) / 2.0) / (n1 * n0)
+
+
+def auc_permutation_p_value(members, nonmembers, *, n_resamples: int = 1999, seed: int = 0) -> float:
+    """One-sided p-value of the AUC under "membership does not change the score distribution".
+
+    ``scipy.stats.permutation_test`` over relabellings of the pooled scores (``independent``): exact
+    (every relabelling) when there are at most ``n_resamples`` of them, else a Monte-Carlo test with
+    ``n_resamples`` draws (its p-value ``(b + 1) / (n + 1)`` is itself valid). Valid at any sample size.
+    """
+    pos = _scores(members, "members")
+    neg = _scores(nonmembers, "nonmembers")
+
+    def statistic(a, b, axis):
+        return _auc_rows(np.concatenate([a, b], axis=axis), a.shape[axis])
+
+    res = stats.permutation_test((pos, neg), statistic, permutation_type="independent", vectorized=True,
+                                 alternative="greater", n_resamples=int(n_resamples),
+                                 random_state=np.random.default_rng(seed))
+    return float(res.pvalue)
+
+
 def mia_summary(members, nonmembers, *, fprs: Sequence[float] = (0.01, 0.001), n_boot: int = 1000,
-                seed: int = 0, alpha: float = 0.05) -> dict:
+                seed: int = 0, alpha: float = 0.05, min_nonmembers: int = DEFAULT_MIN_NONMEMBERS) -> dict:
     """AUC and TPR at each FPR in ``fprs``, with ``1 - alpha`` percentile-bootstrap intervals.
 
     ``tpr_at_fpr`` maps ``f"{fpr:g}"`` (``"0.01"``, ``"0.001"``) to the ``tpr_at_fpr`` fields plus
@@ -186,9 +226,17 @@ def mia_summary(members, nonmembers, *, fprs: Sequence[float] = (0.01, 0.001), n
     # AUC of every resample at once: average ranks within each row.
     ranks = stats.rankdata(np.concatenate([boot_pos, boot_neg], axis=1), axis=1)
     boot_auc = (ranks[:, :n1].sum(axis=1) - n1 * (n1 + 1) / 2.0) / (n1 * n0)
+    observed = roc_auc(pos, neg)
+    estimable = min(n0, n1) >= int(min_nonmembers)
     out: dict = {
-        "auc": roc_auc(pos, neg),
-        "auc_ci": list(_percentiles(boot_auc, alpha)),
+        "auc": observed if estimable else None,
+        "auc_ci": list(_percentiles(boot_auc, alpha)) if estimable else None,
+        "auc_observed": observed,
+        "auc_estimable": estimable,
+        "auc_reason": None if estimable else (
+            f"not estimable: {min(n0, n1)} {'non-members' if n0 <= n1 else 'members'}, fewer than "
+            f"{int(min_nonmembers)} (probes.mia.min_nonmembers); the permutation p-value still applies"),
+        "auc_p_value": auc_permutation_p_value(pos, neg, seed=seed),
         "n_members": n1,
         "n_nonmembers": n0,
         "confidence": 1.0 - alpha,
@@ -297,3 +345,58 @@ def dp_consistency(*, tpr: float, fpr: float, epsilon: float, delta: float, n_me
     out.update(tpr_lower=tpr_lo, fpr_upper=fpr_hi, conservative_tpr_bound=cons,
                violated=bool(tpr_lo > cons + 1e-12), eps_lower_from_point=max(candidates))
     return out
+
+
+def split_dp_check(*, scores_by_attack: dict, delta: float, confidence: float = 0.95,
+                   choices=None, seed: int = 0) -> dict:
+    """The DP check of membership inference as a one-run audit of the member / held-out split.
+
+    ``scores_by_attack[name] = (member_scores, nonmember_scores)``, the same units in the same order
+    for every attack, "higher = member". The held-out units were drawn at random with a fixed count,
+    so the split is a fixed-count version of the canary coins of Steinke et al. 2023: each attack's
+    scores go through ``dpdiff.probes.audit.one_run_audit(fixed_count=True)`` at
+    ``1 - (1 - confidence) / A`` for ``A`` attacks (Bonferroni over attacks; within an attack over its
+    ``(k_plus, k_minus)`` choices and analyses), so the largest bound over attacks is a valid epsilon
+    lower bound at ``confidence``. This needs no assumption of independent trials: the only
+    randomness used is the split. Returns ``eps_lower, ceiling, eps_lower_steinke, eps_lower_fdp,
+    eps_lower_gdp, best_attack, confidence, confidence_per_attack, attacks`` (each attack's audit).
+    """
+    from dpdiff.probes.audit import one_run_audit
+
+    if not scores_by_attack:
+        raise ValueError("scores_by_attack is empty")
+    conf = float(confidence)
+    if not (0.0 < conf < 1.0):
+        raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
+    per_attack = 1.0 - (1.0 - conf) / len(scores_by_attack)
+    sizes = {(len(m), len(n)) for m, n in scores_by_attack.values()}
+    if len(sizes) != 1:
+        raise ValueError(f"every attack must score the same units, got sizes {sorted(sizes)}")
+    attacks = {}
+    n_units = sum(next(iter(sizes)))
+    # Units in a seeded order that does not depend on membership: ties in the scores are broken by
+    # position, and "members first" would turn a tie into correct guesses.
+    order = np.random.default_rng(seed).permutation(n_units)
+    for name, (mem, non) in scores_by_attack.items():
+        pos, neg = _scores(mem, f"{name} members"), _scores(non, f"{name} non-members")
+        scores = np.concatenate([pos, neg])[order]
+        included = np.r_[np.ones(pos.size, bool), np.zeros(neg.size, bool)][order]
+        res = one_run_audit(scores=scores, included=included, delta=delta, confidence=per_attack, fixed_count=True,
+                            choices=choices)
+        res.pop("per_choice", None)
+        attacks[name] = res
+    best = max(attacks, key=lambda k: attacks[k]["eps_lower"])
+    top = attacks[best]
+    return {
+        "eps_lower": top["eps_lower"],
+        "ceiling": max(a["ceiling"] for a in attacks.values()),
+        "eps_lower_steinke": max(a["eps_lower_steinke"] for a in attacks.values()),
+        "eps_lower_fdp": max(a["eps_lower_fdp"] for a in attacks.values()),
+        "eps_lower_gdp": max(a["eps_lower_gdp"] for a in attacks.values()),
+        "best_attack": best,
+        "confidence": conf,
+        "confidence_per_attack": per_attack,
+        "choices_tried": top["choices_tried"],
+        "units": top["m"],
+        "attacks": attacks,
+    }

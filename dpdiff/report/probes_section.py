@@ -1,4 +1,9 @@
-"""Rows of the report's probe section, from probes.json."""
+"""Rows of the report's probe section, from probes.json.
+
+Each probe opens with its verdict row, ``PASS: ...`` / ``FAIL: ...`` / ``INCONCLUSIVE: ...`` (the HTML
+report colours it green / red / amber); every other row is a number with the baseline it must be
+read against. No other row carries a colour: a count is not a verdict.
+"""
 
 from __future__ import annotations
 
@@ -11,60 +16,130 @@ def _f(v, nd=3):
     return str(v)
 
 
+def _pct(conf) -> str:
+    return "n/a" if conf is None else f"{100 * float(conf):.4g}%"
+
+
+def _verdict(sec: dict) -> str:
+    from dpdiff.probes.verdict import verdict_sentence
+
+    if sec.get("verdict") is None:
+        return "not run"
+    if sec.get("verdict_reason") is None:  # a probes.json written before three-way verdicts
+        return str(sec["verdict"])
+    return verdict_sentence(sec)
+
+
+def _bounds(sec: dict, priv: dict) -> str:
+    claimed = sec.get("claimed_epsilon")
+    claim = f"claimed epsilon {_f(claimed)}" if claimed is not None else "no DP claim"
+    parts = [f"lower bound {_f(sec.get('eps_lower'))} vs {claim}; ceiling {_f(sec.get('ceiling'))} "
+             f"(the most this test could certify); {_pct(sec.get('confidence'))} confidence"]
+    extra = []
+    if sec.get("eps_lower_steinke") is not None:
+        extra.append(f"Steinke et al. {_f(sec['eps_lower_steinke'])}")
+    if sec.get("eps_lower_fdp") is not None:
+        extra.append(f"f-DP (Mahloujifar et al.) {_f(sec['eps_lower_fdp'])}")
+    if sec.get("eps_lower_gdp") is not None:
+        extra.append(f"assuming a Gaussian trade-off curve {_f(sec['eps_lower_gdp'])}")
+    if extra:
+        parts.append("bounds: " + ", ".join(extra))
+    return "; ".join(parts)
+
+
+def _extraction_rows(ex: dict, priv: dict) -> list[tuple[str, str]]:
+    if "training_items_probed" not in ex or "verdict_reason" not in ex:  # an older probes.json
+        return [("extraction", f"{ex.get('extracted_count')} extracted (rate {_f(ex.get('rate'))}); "
+                               "no three-way verdict in this probes.json (re-run dpdiff probe)")]
+    thr, thr_cfg = ex.get("l2_threshold"), ex.get("l2_threshold_configured")
+    thr_note = f"L2 {_f(thr)}" + (f" (calibrated down from {_f(thr_cfg)})" if thr != thr_cfg else "")
+    rows = [
+        ("extraction verdict", _verdict(ex)),
+        ("extraction: epsilon bound from training vs held-out images", _bounds(ex, priv)),
+        ("extraction: training images matched (a generation of their caption within " + thr_note + ")",
+         f"{ex['extracted_count']} of {ex['training_items_probed']} probed (rate {_f(ex.get('rate'))}, at most "
+         f"{_f(ex.get('rate_upper'))} at {_pct(ex.get('confidence'))} confidence)"),
+        ("extraction: held-out controls matched the same way (never trained on)",
+         f"{ex.get('control_matches')} of {ex.get('heldout_items_probed')} "
+         f"(rate {_f(ex.get('control_false_match_rate'))})"),
+        ("extraction: held-out images within the threshold of some training image",
+         f"{_f(ex.get('heldout_false_match_rate'))} at L2 {_f(thr_cfg)}, "
+         f"{_f(ex.get('heldout_false_match_rate_calibrated'))} at L2 {_f(thr)}"),
+        ("extraction: base VAE floor (its own reconstruction distance of the probed training images)",
+         f"median {_f(ex.get('vae_floor_median'))}, 90th percentile {_f(ex.get('vae_floor_p90'))} "
+         f"(no generation can come closer; above {_f(thr)} extraction cannot fire)"),
+        ("extraction: generations", f"{ex.get('generations')} at {ex.get('generation_resolution')} px "
+                                    f"({ex.get('captions_probed')} captions x {ex.get('per_caption_generations')})"),
+        ("largest clique of near-identical generations",
+         f"{ex.get('max_clique')}; captions flagged by the held-out-calibrated rule (size >= "
+         f"{_f(ex.get('clique_size_threshold'))}): {ex.get('clique_flagged_captions')}"),
+    ]
+    if ex.get("feature_matches") is not None:
+        rows.append(("extraction: copy-detection model matches (training vs held-out)",
+                     f"{ex['feature_matches']} vs {ex.get('feature_control_matches')}"))
+    for w in ex.get("warnings") or []:
+        rows.append(("extraction: warning", w))
+    return rows
+
+
+def _mia_rows(mia: dict, priv: dict) -> list[tuple[str, str]]:
+    if "verdict_reason" not in mia:  # an older probes.json
+        return [("membership inference AUC", f"{_f(mia.get('auc'))} (no three-way verdict in this probes.json)")]
+    rows = [
+        ("membership inference verdict", _verdict(mia)),
+        ("MIA: epsilon bound from the random member / held-out split", _bounds(mia, priv)),
+    ]
+    primary = mia.get("primary_attack")
+    ci = mia.get("auc_ci") or [None, None]
+    if mia.get("auc") is None:
+        auc = "not estimable" if not mia.get("auc_reason") else mia["auc_reason"].split(";")[0]
+    else:
+        auc = f"{_f(mia['auc'])} [{_f(ci[0])}, {_f(ci[1])}]"
+    rows.append((f"MIA AUC ({primary}, declared before the run)",
+                 f"{auc}; permutation p-value {_f(mia.get('auc_p_value'))} "
+                 f"({mia.get('members')} members vs {mia.get('nonmembers')} held-out)"))
+    for name, a in (mia.get("attacks") or {}).items():
+        pts = []
+        for key, pt in (a.get("tpr_at_fpr") or {}).items():
+            if pt.get("tpr") is None:
+                pts.append(f"TPR@{key}: {pt.get('reason', 'not estimable')}")
+            else:
+                pts.append(f"TPR@{key} FPR {_f(pt['tpr'])} ({pt.get('true_positives')}/{pt.get('n_members')}, "
+                           f"{pt.get('false_positives')}/{pt.get('n_nonmembers')} false positives)")
+        auc = _f(a.get("auc")) if a.get("auc") is not None else f"{_f(a.get('auc_observed'))} (not estimable)"
+        rows.append((f"  attack {name}", f"AUC {auc}, p {_f(a.get('auc_p_value_corrected'))} (corrected for "
+                                         f"{len(mia.get('attacks') or {})} attacks); " + "; ".join(pts)))
+    return rows
+
+
+def _audit_rows(audit: dict, priv: dict) -> list[tuple[str, str]]:
+    if "verdict_reason" not in audit:  # an older probes.json
+        return [("one-run audit verdict", f"(written before three-way verdicts; re-run dpdiff probe) "
+                                          f"{audit.get('verdict')}"),
+                ("audit: epsilon lower bound", f"{_f(audit.get('eps_lower'))} (ceiling {_f(audit.get('ceiling'))})")]
+    rows = [
+        ("one-run audit verdict", _verdict(audit)),
+        ("audit: epsilon bound", _bounds(audit, priv)
+         + f"; ceilings: Steinke et al. {_f(audit.get('ceiling_steinke'))}, f-DP {_f(audit.get('ceiling_fdp'))}"),
+    ]
+    for key, label in (("data_canaries", "data canaries"), ("gradient_canaries", "gradient canaries")):
+        sec = audit.get(key)
+        if sec:
+            rows.append((f"audit: {label}", f"{sec.get('num_correct')} of {sec.get('num_guesses')} guesses correct "
+                                            f"({sec.get('included')} of {sec.get('m')} included); lower bound "
+                                            f"{_f(sec.get('eps_lower'))}, ceiling {_f(sec.get('ceiling'))}"))
+    return rows
+
+
 def probe_rows(probes: dict, priv: dict) -> list[tuple[str, str]]:
     rows: list[tuple[str, str]] = []
-    ex = probes.get("extraction") or {}
-    if ex.get("skipped"):
-        rows.append(("extraction", f"not run ({ex['skipped']})"))
-    elif ex:
-        rows += [
-            ("extraction: extracted training images",
-             f"{ex['extracted_count']} of {ex.get('training_items_probed')} probed (rate {_f(ex['rate'])}); "
-             f"{ex.get('extracted_generations')} of {ex.get('generations')} generations within L2 "
-             f"{ex.get('l2_threshold')}"),
-            ("extraction: near copies (calibrated)",
-             f"{ex.get('near_copy_count')} training images closer than "
-             f"{_f(ex.get('near_copy_threshold'))} (held-out images reach it at rate "
-             f"{_f(ex.get('heldout_near_copy_rate'))})"),
-            ("extraction: held-out false-match rate at the L2 threshold", _f(ex.get("heldout_false_match_rate"))),
-            ("nearest-training L2, 5th percentile: generations vs held-out images",
-             f"{_f(ex.get('nearest_l2_p5_generations'))} vs {_f(ex.get('heldout_nearest_l2_p5'))} "
-             "(generations much closer than held-out images = memorisation)"),
-            ("largest clique of near-identical generations", f"{ex.get('max_clique')} (per caption: "
-             + ", ".join(str(c["largest_clique"]) for c in ex.get("per_caption", [])) + ")"),
-        ]
-    mia = probes.get("mia") or {}
-    if mia.get("skipped"):
-        rows.append(("membership inference", f"not run ({mia['skipped']})"))
-    elif mia:
-        ci = mia.get("auc_ci") or [None, None]
-        rows.append(("membership inference AUC (strongest attack)",
-                     f"{_f(mia['auc'])} [{_f(ci[0])}, {_f(ci[1])}] ({mia.get('best_attack')}; "
-                     f"{mia.get('members')} members vs {mia.get('nonmembers')} held-out)"))
-        for name, a in (mia.get("attacks") or {}).items():
-            pts = []
-            for key, pt in (a.get("tpr_at_fpr") or {}).items():
-                if pt.get("tpr") is None:
-                    pts.append(f"TPR@{key}: {pt.get('reason', 'not estimable')}")
-                else:
-                    pts.append(f"TPR@{key} FPR {_f(pt['tpr'])} ({pt.get('true_positives')}/{pt.get('n_members')}, "
-                                f"{pt.get('false_positives')}/{pt.get('n_nonmembers')} false positives)")
-            rows.append((f"  attack {name}", f"AUC {_f(a['auc'])}; " + "; ".join(pts)))
-        if mia.get("dp_bound_violated") is not None:
-            rows.append(("MIA vs the DP bound TPR <= e^eps FPR + delta",
-                         "FAIL: an attack beats what the guarantee allows" if mia["dp_bound_violated"]
-                         else "PASS: every attack stays within the bound"))
-    audit = probes.get("audit") or {}
-    if audit.get("skipped"):
-        rows.append(("one-run audit", f"not run ({audit['skipped']})"))
-    elif audit:
-        rows += [
-            ("one-run audit verdict", str(audit.get("verdict"))),
-            ("audit: epsilon lower bound (95%)",
-             f"{_f(audit.get('eps_lower'))} vs claimed epsilon {_f(priv.get('epsilon'))} "
-             f"(ceiling for m={audit.get('m')}, {audit.get('num_guesses')} guesses: {_f(audit.get('ceiling'))})"),
-            ("audit: correct guesses", f"{audit.get('num_correct')} of {audit.get('num_guesses')} "
-                                       f"({audit.get('included')} of {audit.get('m')} canaries included)"),
-        ]
+    for name, title, fn in (("extraction", "extraction", _extraction_rows),
+                            ("mia", "membership inference", _mia_rows),
+                            ("audit", "one-run audit", _audit_rows)):
+        sec = probes.get(name) or {}
+        if sec.get("skipped"):
+            rows.append((title, f"not run ({sec['skipped']})"))
+        elif sec:
+            rows += fn(sec, priv)
     rows.append(("probe wall time (s)", _f(probes.get("seconds"))))
     return rows

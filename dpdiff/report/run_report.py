@@ -197,6 +197,7 @@ td:first-child{color:#57606a;width:38%}
 .dp{background:#dafbe1;border:1px solid #4ac26b}
 .nodp{background:#ffebe9;border:2px solid #cf222e;font-weight:bold;font-size:1.2em}
 .fail{color:#cf222e;font-weight:bold} .pass{color:#1a7f37;font-weight:bold}
+.inconclusive{color:#9a6700;font-weight:bold}
 figure{margin:1em 0} figcaption{color:#57606a;font-size:.9em} img{max-width:100%;image-rendering:pixelated}
 .figs{display:flex;flex-wrap:wrap;gap:1.5em;align-items:flex-start} .figs figure{margin:0;flex:1 1 420px}
 .muted{color:#57606a;font-size:.9em}
@@ -219,6 +220,8 @@ def render_html(sections, *, run_dir: Path, plots: dict, run: dict, dp: bool) ->
                 cls = " class='fail'"
             elif isinstance(v, str) and v.startswith("PASS"):
                 cls = " class='pass'"
+            elif isinstance(v, str) and v.startswith("INCONCLUSIVE"):
+                cls = " class='inconclusive'"
             parts.append(f"<tr><td>{esc(str(k))}</td><td{cls}>{esc(str(v))}</td></tr>")
         parts.append("</table>")
     parts.append("<h2>Figures</h2><div class='figs'>")
@@ -236,7 +239,7 @@ def render_html(sections, *, run_dir: Path, plots: dict, run: dict, dp: bool) ->
     tag = _img_tag(run_dir / "probe_extraction.png", "flagged generations")
     if tag:
         parts.append("<h2>Extraction probe: flagged generations</h2>")
-        parts.append(f"<figure>{tag}<figcaption>each pair: generated image | red (extracted) or amber (near copy) "
-                     "| its nearest training image</figcaption></figure>")
+        parts.append(f"<figure>{tag}<figcaption>each pair: generated image | blue (training image) or grey "
+                     "(held-out control, never trained on) | the image it matched</figcaption></figure>")
     parts.append("</body></html>")
     return "\n".join(parts)

@@ -65,7 +65,10 @@ def collect(root: Path) -> list[dict]:
             "extracted": (probes.get("extraction") or {}).get("extracted_count"),
             "mia_auc": (probes.get("mia") or {}).get("auc"),
             "audit_eps_lower": (probes.get("audit") or {}).get("eps_lower"),
+            "audit_ceiling": (probes.get("audit") or {}).get("ceiling"),
             "audit_verdict": (probes.get("audit") or {}).get("verdict"),
+            "mia_verdict": (probes.get("mia") or {}).get("verdict"),
+            "extraction_verdict": (probes.get("extraction") or {}).get("verdict"),
             "ledger": priv.get("ledger") or [],
             "privacy_unit": priv.get("privacy_unit"),
             "reproducible_noise": bool(priv.get("reproducible_noise")),
@@ -126,8 +129,8 @@ def write_sweep_report(root: Path) -> tuple[Path, Path]:
     totals = sweep_total(rows)
     front = frontier(rows)
     plot = _frontier_plot(root, rows, front)
-    cols = ["run", "overrides", "epsilon", "target_epsilon", "steps", "utility", "extraction_rate", "mia_auc",
-            "audit_eps_lower", "audit_verdict"]
+    cols = ["run", "overrides", "epsilon", "target_epsilon", "steps", "utility", "extraction_rate",
+            "extraction_verdict", "mia_auc", "mia_verdict", "audit_eps_lower", "audit_ceiling", "audit_verdict"]
     uname = next((r["utility_name"] for r in rows if r["utility_name"]), "utility")
     head = [c if c != "utility" else uname for c in cols]
     md = ["# dpdiff sweep report", "", f"{len(rows)} runs under `{root}`.", ""]
@@ -151,7 +154,8 @@ def write_sweep_report(root: Path) -> tuple[Path, Path]:
          "<style>body{font-family:Helvetica,Arial,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
          "table{border-collapse:collapse;font-size:.9em}td,th{border-bottom:1px solid #ddd;padding:.3em .6em;"
          "text-align:left}.total{background:#fff8c5;padding:.8em;border-radius:6px;border:1px solid #d4a72c}"
-         ".nodp{color:#cf222e;font-weight:bold}</style></head><body>",
+         ".nodp{color:#cf222e;font-weight:bold}.v-FAIL{color:#cf222e;font-weight:bold}"
+         ".v-PASS{color:#1a7f37;font-weight:bold}.v-INCONCLUSIVE{color:#9a6700;font-weight:bold}</style></head><body>",
          "<h1>dpdiff sweep report</h1>", f"<p>{len(rows)} runs under {esc(str(root))}</p>"]
     for fp, t in totals.items():
         h.append(f"<div class='total'>Total privacy spent by this sweep on dataset {esc(fp[:12])}: "
@@ -163,6 +167,8 @@ def write_sweep_report(root: Path) -> tuple[Path, Path]:
         for c in cols:
             if c == "epsilon" and not r["dp"]:
                 cells.append("<td class='nodp'>NO DP</td>")
+            elif c.endswith("_verdict") and r[c] in ("PASS", "FAIL", "INCONCLUSIVE"):
+                cells.append(f"<td class='v-{r[c]}'>{esc(r[c])}</td>")
             else:
                 cells.append(f"<td>{esc(_f(r[c]))}</td>")
         h.append("<tr>" + "".join(cells) + "</tr>")

@@ -152,7 +152,7 @@ def test_gdp_simulation_rarely_exceeds_the_true_epsilon():
 
 
 def test_gdp_epsilon_against_dp_accounting_and_the_formula():
-    dp_accounting = pytest.importorskip("dp_accounting")
+    import dp_accounting
     from scipy.stats import norm
 
     for mu in (0.5, 1.0, 2.0, 5.0):
@@ -216,3 +216,129 @@ def test_arguments_are_validated_and_keyword_only():
         audit_from_scores(scores=np.zeros(3), included=np.array([0.5, 1, 0]), k_plus=1, k_minus=1, delta=0.0)
     with pytest.raises(ValueError, match="delta"):
         gdp_epsilon(1.0, 1.0)  # arguments swapped by mistake: a delta of 1 is rejected
+
+
+# ------------------------------------------------------------------ f-DP analysis (Mahloujifar et al.)
+from dpdiff.probes.audit import (  # noqa: E402
+    eps_delta_blow_up_inverse,
+    fdp_eps_lower_bound,
+    fdp_gdp_mu_lower_bound,
+    fdp_rejects,
+    fixed_count_alpha,
+    gdp_blow_up_inverse,
+    one_run_audit,
+    units_needed,
+)
+
+
+def _transcribed_rejects(m, r, v, inverse, alpha):
+    """Independent transcription of the paper's test with plain lists (as PrivacyGuard's
+    FDPAnalysisNode.rh_with_cap / audit_rh_with_cap, k = 2)."""
+    threshold = alpha * r / m
+    h = [0.0] * (v + 1)
+    rr = [0.0] * (v + 1)
+    h[v], rr[v] = threshold * (r - v) / r, threshold * v / r
+    for i in range(v - 1, -1, -1):
+        h[i] = max(h[i + 1], float(inverse(min(rr[i + 1], 1.0))))
+        rr[i] = rr[i + 1] + (i / (r - i)) * (h[i] - h[i + 1])
+    return rr[0] + h[0] > r / m
+
+
+def _scalar_gdp_inverse(mu):
+    from statistics import NormalDist
+
+    nd = NormalDist()
+    return lambda y: 0.0 if y <= 0 else (1.0 if y >= 1 else nd.cdf(nd.inv_cdf(y) - mu))
+
+
+@pytest.mark.parametrize("m,r,v", [(1000, 100, 100), (1000, 100, 80), (500, 200, 150), (200, 200, 120)])
+def test_fdp_test_agrees_with_an_independent_transcription(m, r, v):
+    for mu in (0.2, 0.8, 1.5, 3.0):
+        ours = fdp_rejects(m=m, num_guesses=r, num_correct=v, blow_up_inverse=gdp_blow_up_inverse(mu), confidence=0.95)
+        assert ours == _transcribed_rejects(m, r, v, _scalar_gdp_inverse(mu), 0.05)
+    for eps in (0.1, 0.5, 1.0, 2.0, 4.0):
+        inv = eps_delta_blow_up_inverse(eps, 1e-5)
+        ours = fdp_rejects(m=m, num_guesses=r, num_correct=v, blow_up_inverse=inv, confidence=0.95)
+        assert ours == _transcribed_rejects(m, r, v, lambda y, inv=inv: float(inv(y)), 0.05)
+
+
+def test_fdp_rejection_is_monotone_and_the_bound_in_num_correct():
+    r, m = 100, 1000
+    for v in (60, 80, 100):
+        rej = [fdp_rejects(m=m, num_guesses=r, num_correct=v, blow_up_inverse=eps_delta_blow_up_inverse(e, 1e-5),
+                           confidence=0.95) for e in np.linspace(0, 8, 81)]
+        assert rej == sorted(rej, reverse=True)  # rejected below a point, not above
+    bounds = [fdp_eps_lower_bound(m=m, num_guesses=r, num_correct=v, delta=1e-5) for v in range(50, r + 1, 5)]
+    assert all(b >= a for a, b in zip(bounds, bounds[1:])) and bounds[-1] > 3.0
+
+
+@pytest.mark.parametrize("eps_true", [0.5, 1.0, 2.0])
+def test_fdp_exact_false_positive_rate_under_randomized_response(eps_true):
+    # as for Steinke's bound: eps-DP randomized response makes the number correct exactly Binomial(r, q)
+    m, r = 1000, 200
+    q = expit(eps_true)
+    lo, hi = 0, r + 1
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if fdp_eps_lower_bound(m=m, num_guesses=r, num_correct=mid, delta=0.0) > eps_true:
+            hi = mid
+        else:
+            lo = mid
+    assert stats.binom.sf(hi - 1, r, q) <= 0.05
+
+
+def test_fdp_gdp_bound_simulation_rarely_exceeds_the_true_mu():
+    rng = np.random.default_rng(11)
+    for mu in (0.5, 1.5):
+        exceed = 0
+        for _ in range(60):
+            scores, included = simulate_gdp_scores(m=500, mu=mu, rng=rng)
+            order = np.argsort(-scores)
+            v = int(included[order[:25]].sum() + (~included[order[-25:]]).sum())
+            exceed += fdp_gdp_mu_lower_bound(m=500, num_guesses=50, num_correct=v) > mu
+        assert exceed / 60 <= 0.05
+
+
+def test_fdp_is_at_least_as_tight_as_steinke_on_a_perfect_guess_set():
+    for m, r in [(1000, 100), (1000, 1000), (200, 50)]:
+        assert fdp_eps_lower_bound(m=m, num_guesses=r, num_correct=r, delta=1e-5) >= \
+            eps_lower_bound(m=m, num_guesses=r, num_correct=r, delta=1e-5) - 1e-3
+
+
+def test_fixed_count_split_stays_valid_in_simulation():
+    # a random split of fixed size (as data.holdout_fraction makes) and an exactly mu-GDP score per unit
+    rng = np.random.default_rng(5)
+    mu, delta, m = 1.0, 1e-5, 200
+    true_eps = gdp_epsilon(mu, delta)
+    lows = []
+    for _ in range(40):
+        included = np.zeros(m, bool)
+        included[rng.permutation(m)[: m // 2]] = True
+        scores = rng.standard_normal(m) + mu * included
+        lows.append(one_run_audit(scores=scores, included=included, delta=delta, fixed_count=True,
+                                  choices=[(10, 10), (50, 50)])["eps_lower"])
+    assert np.mean(np.array(lows) > true_eps) <= 0.05
+    assert fixed_count_alpha(alpha=0.05, m=4, included=2) == pytest.approx(0.05 * 6 / 16)
+
+
+def test_one_run_audit_reports_both_bounds_and_ceilings():
+    scores, included = simulate_gdp_scores(m=1000, mu=2.0, rng=1)
+    res = one_run_audit(scores=scores, included=included, delta=1e-5)
+    assert res["eps_lower"] == max(res["eps_lower_steinke"], res["eps_lower_fdp"])
+    assert res["ceiling"] >= max(res["ceiling_steinke"], res["ceiling_fdp"]) - 1e-12
+    assert 0 < res["eps_lower_steinke"] <= res["ceiling_steinke"]
+    assert res["eps_lower_gdp"] <= gdp_epsilon(2.0, 1e-5)
+    assert res["confidence_per_test"] == pytest.approx(1 - 0.05 / (2 * res["choices_tried"]))
+
+
+def test_units_needed_is_where_a_perfect_attack_starts_to_reject():
+    for claim in (1.0, 3.0):
+        need = units_needed(claimed_epsilon=claim, delta=1e-5)
+        perfect = np.arange(float(need))
+        assert one_run_audit(scores=perfect, included=perfect >= need / 2, delta=1e-5,
+                             choices=[(need // 2, need - need // 2)] * 6)["ceiling"] > claim
+        small = int(need * 0.9)
+        perfect = np.arange(float(small))
+        assert one_run_audit(scores=perfect, included=perfect >= small / 2, delta=1e-5,
+                             choices=[(small // 2, small - small // 2)] * 6)["ceiling"] <= claim
+    assert units_needed(claimed_epsilon=8.0, delta=1e-5, fixed_count=True, choices_tried=18) is None

@@ -52,7 +52,8 @@ def run_recipe(run_dir: Path, overrides: list[str], patch=None):
 
 COMMON = ["train.sample.per_prompt=1", "train.sample.steps=2", "train.progress=false", "eval=none",
           "data.holdout_fraction=0.5", "probes.extraction.captions=6", "probes.extraction.per_caption=8",
-          "probes.mia.bootstrap=200", "probes.audit.canaries=100", "train.checkpoint_every=0"]
+          "probes.mia.bootstrap=200", "probes.mia.min_nonmembers=10", "probes.audit.canaries=100",
+          "train.checkpoint_every=0", "probes.budget_images=null"]
 
 
 def test_overtrained_non_private_model_is_flagged(tmp_path):
@@ -64,7 +65,11 @@ def test_overtrained_non_private_model_is_flagged(tmp_path):
     ex, mia, audit = probes["extraction"], probes["mia"], probes["audit"]
     assert ex["extracted_count"] >= 1, ex
     assert mia["auc"] > 0.8, mia
+    assert mia["attacks"]["pia"]["auc"] > 0.5, mia["attacks"]["pia"]  # PIA points the same way as the loss
     assert audit["eps_lower"] > 0.5, audit
+    # no DP claim: a demonstrated leak is a FAIL, and nothing is ever PASS
+    assert mia["verdict"] == "FAIL" and audit["verdict"] == "FAIL", (mia, audit)
+    assert "PASS" not in {ex["verdict"], mia["verdict"], audit["verdict"]}
     assert (tmp_path / "run" / "probe_extraction.png").exists()
 
 
@@ -75,11 +80,11 @@ def test_dp_model_at_epsilon_one_passes(tmp_path):
         "train.batch_size=16", "train.lr=1e-3", "privacy.max_grad_norm=0.1", "privacy.augmult=1"])
     assert priv["dp"] and priv["epsilon"] <= 1
     ex, mia, audit = probes["extraction"], probes["mia"], probes["audit"]
-    # no extraction beyond what held-out images achieve against the training set
-    assert ex["extracted_count"] <= round(ex["heldout_false_match_rate"] * ex["training_items_probed"]) + 1, ex
-    lo, hi = mia["attacks"]["calibrated"]["auc_ci"]
-    assert lo <= 0.5 <= hi or mia["attacks"]["calibrated"]["auc"] < 0.7, mia
-    assert audit["verdict"].startswith("PASS"), audit
+    # nothing shown beyond the claim; where the sample sizes cap the test below the claim, INCONCLUSIVE
+    for sec in (ex, mia, audit):
+        assert sec["verdict"] != "FAIL", sec
+        assert sec["verdict"] == ("PASS" if sec["ceiling"] > priv["epsilon"] and not sec["blockers"]
+                                  else "INCONCLUSIVE"), sec
     assert audit["eps_lower"] <= priv["epsilon"]
 
 
@@ -97,5 +102,5 @@ def test_claimed_epsilon_without_noise_fails_the_audit(tmp_path):
         patch=drop_noise)
     assert priv["epsilon"] <= 1
     audit = probes["audit"]
-    assert audit["verdict"].startswith("FAIL"), audit
+    assert audit["verdict"] == "FAIL", audit
     assert audit["eps_lower"] > priv["epsilon"]

@@ -6,19 +6,20 @@ import math
 
 import numpy as np
 import pytest
+import sklearn.metrics as sklearn_metrics
 from scipy.stats import binomtest
 
 from dpdiff.probes.stats import (
+    auc_permutation_p_value,
     bootstrap_ci,
     clopper_pearson,
     dp_consistency,
     mia_summary,
     min_nonmembers_for_fpr,
     roc_auc,
+    split_dp_check,
     tpr_at_fpr,
 )
-
-sklearn_metrics = pytest.importorskip("sklearn.metrics")
 
 
 def _sklearn_tpr_at_fpr(members, nonmembers, fpr):
@@ -168,3 +169,65 @@ def test_inputs_are_validated():
         dp_consistency(tpr=0.1234, fpr=0.1, epsilon=1.0, delta=0.0, n_members=10, n_nonmembers=10)
     with pytest.raises(TypeError):
         dp_consistency(0.1, 0.1, 1.0, 0.0)  # type: ignore[misc]
+
+
+def _brute_force_p_value(members, nonmembers):
+    """Every relabelling of the pooled scores, enumerated: P[AUC >= observed] (the exact permutation test)."""
+    import itertools
+
+    pooled = np.r_[members, nonmembers]
+    n1 = len(members)
+    observed = roc_auc(members, nonmembers)
+    hits = total = 0
+    for idx in itertools.combinations(range(len(pooled)), n1):
+        mask = np.zeros(len(pooled), bool)
+        mask[list(idx)] = True
+        total += 1
+        hits += roc_auc(pooled[mask], pooled[~mask]) >= observed - 1e-12
+    return hits / total
+
+
+def test_permutation_p_value_is_exact_at_small_n():
+    assert auc_permutation_p_value([3.0, 4.0], [1.0, 2.0]) == pytest.approx(1 / 6)
+    rng = np.random.default_rng(7)
+    for _ in range(3):
+        members = np.round(rng.normal(0.5, 1, 5), 1)  # rounded: ties
+        nonmembers = np.round(rng.normal(0, 1, 6), 1)
+        assert auc_permutation_p_value(members, nonmembers) == pytest.approx(_brute_force_p_value(members, nonmembers))
+
+
+def test_permutation_p_value_is_uniform_enough_under_the_null():
+    rng = np.random.default_rng(8)
+    ps = [auc_permutation_p_value(rng.normal(size=12), rng.normal(size=12), n_resamples=499, seed=i) for i in range(60)]
+    assert np.mean(np.array(ps) <= 0.05) <= 0.1
+
+
+def test_auc_is_not_estimable_from_a_handful_of_non_members():
+    summ = mia_summary([5.0, 6.0, 7.0], [0.0, 1.0], n_boot=50, seed=0)
+    assert summ["auc"] is None and summ["auc_ci"] is None and summ["auc_observed"] == 1.0
+    assert "not estimable" in summ["auc_reason"] and summ["auc_p_value"] == pytest.approx(0.1)
+    big = mia_summary(np.arange(30.0) + 100, np.arange(30.0), n_boot=50, seed=0, min_nonmembers=20)
+    assert big["auc"] == 1.0 and big["auc_ci"] is not None and big["auc_p_value"] < 0.001
+
+
+def test_split_dp_check_ties_give_nothing_whatever_the_order():
+    # members are passed first: a tie broken by position must not count as correct guesses
+    check = split_dp_check(scores_by_attack={"loss": (np.zeros(100), np.zeros(100))}, delta=1e-5)
+    assert check["eps_lower"] == 0.0 and check["ceiling"] > 1.0
+
+
+def test_split_dp_check_false_alarm_rate_for_a_mechanism_with_known_epsilon():
+    # each unit's score: randomized response on its membership bit (eps-DP per unit); fixed-count split
+    rng = np.random.default_rng(9)
+    eps, n = 1.0, 100
+    keep = np.exp(eps) / (1 + np.exp(eps))
+    exceed = 0
+    for _ in range(40):
+        bits_m = np.where(rng.random(n) < keep, 1.0, 0.0)
+        bits_n = np.where(rng.random(n) < keep, 0.0, 1.0)
+        res = split_dp_check(scores_by_attack={"a": (bits_m + rng.random(n) * 1e-3, bits_n + rng.random(n) * 1e-3),
+                                               "b": (rng.random(n), rng.random(n))}, delta=0.0,
+                             choices=[(10, 10), (50, 50)], seed=int(rng.integers(1 << 30)))
+        exceed += res["eps_lower"] > eps
+    assert exceed / 40 <= 0.05
+    assert res["confidence_per_attack"] == pytest.approx(0.975)
