@@ -59,7 +59,8 @@ class ProbeRecipe:
             run_dir=self.run_dir, base=base, unet=unet, adapter_kind=cfg.adapter.kind, records=data.records,
             member_records=data.member_records(), nonmember_records=data.holdout_records(),
             resolution=int(run.get("resolution") or base.resolution), device=device, privacy=privacy,
-            canaries=load_canaries(self.run_dir), seed=int(probes.get("seed", 0) or 0))
+            canaries=load_canaries(self.run_dir), seed=int(probes.get("seed", 0) or 0),
+            unit_of_record=data.unit_of_record())
 
     def _trained_unet(self, base, kind: str, device):
         if kind == "lora":
@@ -102,10 +103,10 @@ def main(argv: list[str] | None = None) -> None:
     recipe.setup()
     out = recipe.run()
     recipe.report()
-    ex, mia, audit = out["extraction"], out["mia"], out["audit"]
-    print(f"probes: extraction {ex.get('extracted_count')} extracted (rate {ex.get('rate')}), "
-          f"MIA AUC {mia.get('auc')}, audit {audit.get('verdict')}; wrote {recipe.run_dir / 'probes.json'} "
-          f"and {recipe.run_dir / 'report.html'}")
+    from dpdiff.report.summary import probe_clauses
+
+    print("probes:\n  " + "\n  ".join(probe_clauses(out)))
+    print(f"wrote {recipe.run_dir / 'probes.json'} and {recipe.run_dir / 'report.html'}")
 
 
 if __name__ == "__main__":

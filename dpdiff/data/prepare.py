@@ -47,6 +47,10 @@ class PreparedData:
     def train_records(self) -> list[int]:
         return sorted(i for u in self.train_units for i in self.units.members[u])
 
+    def unit_of_record(self) -> dict[int, int]:
+        """Record index -> privacy unit id, over every unit (trained and held out)."""
+        return {i: u for u, members in enumerate(self.units.members) for i in members}
+
     def holdout_records(self) -> list[int]:
         return sorted(i for u in self.holdout_units for i in self.units.members[u])
 

@@ -10,19 +10,10 @@ def _fmt(v, nd: int = 3) -> str:
 
 
 def probe_clauses(probes: dict | None) -> list[str]:
-    """One short clause per probe that ran, with the baseline it must be read against."""
-    probes = probes or {}
-    ex, mia, audit = probes.get("extraction") or {}, probes.get("mia") or {}, probes.get("audit") or {}
-    out = []
-    if ex and ex.get("extracted_count") is not None:
-        out.append(f"extraction {ex['extracted_count']} of {ex.get('training_items_probed')} training images matched "
-                   f"(held-out false-match rate {_fmt(ex.get('heldout_false_match_rate'), 2)}), "
-                   f"{ex.get('near_copy_count')} near copies")
-    if mia and mia.get("auc") is not None:
-        out.append(f"MIA AUC {_fmt(mia['auc'])}")
-    if audit and audit.get("verdict") is not None:
-        out.append(f"audit {audit['verdict']} (eps_lower {_fmt(audit.get('eps_lower'))})")
-    return out or ["none ran"]
+    """One clause per probe: its three-way verdict, the claim, the measured lower bound and the ceiling."""
+    from dpdiff.probes.verdict import summary_lines
+
+    return summary_lines(probes or {}) or ["none ran"]
 
 
 def terminal_summary(*, privacy: dict, probes: dict | None, steps: int, seconds: float, run_dir: Path,
@@ -44,7 +35,9 @@ def terminal_summary(*, privacy: dict, probes: dict | None, steps: int, seconds:
         f"  report  : {Path(run_dir) / 'report.html'}",
     ]
     if probes:
-        lines.append("  probes  : " + "; ".join(probe_clauses(probes)))
+        clauses = probe_clauses(probes)
+        lines.append("  probes  : " + clauses[0])
+        lines += ["            " + c for c in clauses[1:]]
     if stopped_for_budget:
         lines.append("  note    : training stopped early: one more step would exceed the target epsilon")
     return "\n".join(lines)

@@ -93,14 +93,15 @@ def test_probes_and_eval_run_after_training_and_on_an_existing_run(tmp_path):
     small = ["probes=default", "eval=default", "probes.extraction.captions=2", "probes.extraction.per_caption=4",
              "probes.mia.members=24", "probes.mia.bootstrap=50", "probes.mia.timesteps=[100,300]",
              "probes.mia.noise_draws=1", "probes.audit.canaries=20", "eval.per_digit=2", "eval.heldout_images=16",
-             "data.holdout_fraction=0.03"]
+             "data.holdout_fraction=0.03", "probes.mia.min_nonmembers=10"]
     base = [a for a in FAST if not a.startswith(("probes=", "eval="))]
     res = run_cli("finetune", *base, *small, f"hydra.run.dir={run_dir}")
     assert res.returncode == 0, res.stderr[-3000:]
     probes = json.loads((run_dir / "probes.json").read_text())
     assert {"extracted_count", "rate"} <= set(probes["extraction"])
     assert probes["mia"]["auc"] is not None and 0 <= probes["mia"]["auc"] <= 1
-    assert {"eps_lower", "verdict"} <= set(probes["audit"]) and probes["audit"]["verdict"].startswith(("PASS", "FAIL"))
+    assert {"eps_lower", "verdict"} <= set(probes["audit"])
+    assert probes["audit"]["verdict"] in ("PASS", "FAIL", "INCONCLUSIVE")
     canaries = json.loads((run_dir / "canaries.json").read_text())
     priv = json.loads((run_dir / "privacy.json").read_text())
     assert priv["canaries"]["included"] == sum(c["included"] for c in canaries["canaries"])
