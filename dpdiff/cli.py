@@ -1,6 +1,7 @@
 """The ``dpdiff`` command.
 
     dpdiff finetune [hydra overrides]        train (DP by default), save, probe, report
+    dpdiff plan [key=value ...]              batch size, sigma and steps that a dataset and a budget allow
     dpdiff probe run_dir=DIR [probes.K=V]    run the probes on an existing run
     dpdiff report run_dir=DIR                rebuild report.html / report.md of a run
     dpdiff data check path=DIR               check a dataset without training
@@ -24,7 +25,7 @@ from collections.abc import Callable
 from dpdiff.errors import UserError
 
 RECIPES = {"finetune": "recipes.finetune", "probe": "recipes.probe", "pretrain-base": "recipes.pretrain_base"}
-LIBRARY_COMMANDS = ("report", "data", "budget", "sweep-report", "clean")
+LIBRARY_COMMANDS = ("plan", "report", "data", "budget", "sweep-report", "clean")
 COMMANDS = (*RECIPES, *LIBRARY_COMMANDS)
 
 
@@ -99,6 +100,10 @@ def main(argv: list[str] | None = None) -> None:
     with user_errors_exit():
         if cmd in RECIPES:
             run_recipe(cmd, rest)
+        elif cmd == "plan":
+            from dpdiff.privacy.planning import plan_command
+
+            plan_command(rest)
         elif cmd == "report":
             from dpdiff.report.cli import report_command
 

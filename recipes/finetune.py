@@ -239,6 +239,18 @@ class FinetuneRecipe:
         return CaptionMitigation(caption_emb_variants=var, pool_emb=enc(list(PUBLIC_CAPTIONS)), replace_prob=rp,
                                  insert_prob=ip)
 
+    def _run_plan(self) -> dict | None:
+        """The run's noise-to-signal budget, as `dpdiff plan` computes it (None without DP)."""
+        from dpdiff.privacy.planning import run_plan
+
+        m = self.plan.mechanism
+        if m is None:
+            return None
+        captions = [self.data.records[u[0]].text for u in (self.data.units.members[i] for i in self.data.train_units)]
+        return run_plan(num_units=self.data.num_train_units, batch_size=m.expected_batch_size, steps=m.steps,
+                        noise_multiplier=m.noise_multiplier, max_grad_norm=self.settings.privacy.max_grad_norm,
+                        trainable=sum(p.numel() for p in self.params), captions=captions)
+
     def _describe(self) -> str:
         d = self.data
         return (f"{d.num_train_units} training units ({self.settings.privacy.unit}), {len(d.holdout_units)} held "
@@ -267,7 +279,7 @@ class FinetuneRecipe:
         dataset_total = self.plan.charge_dataset(status="finished")
         self.privacy_record = privacy_record(plan=self.plan, data=self.data, world_size=self.proc.world_size,
                                              train_steps=self.trainer.step, canaries=self.canaries.summary(),
-                                             dataset_total=dataset_total)
+                                             dataset_total=dataset_total, planning=self._run_plan())
         write_privacy_json(self.run_dir, self.privacy_record)
         sc = s.train.sample
         pipe = build_pipeline(self.base, unet=self.base.unet)

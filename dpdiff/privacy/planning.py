@@ -1,0 +1,228 @@
+"""``dpdiff plan``: what a privacy budget buys before anything is trained.
+
+Given the number of privacy units N, a target (epsilon, delta), a compute budget (rows = batch x K x
+steps, or minutes at a measured throughput) and the trainable-parameter count d, it calibrates the noise
+multiplier for a grid of batch sizes and ranks them by the run's noise-to-signal ratio:
+
+    per step:  the noise of the averaged gradient has norm sigma*C*sqrt(d)/B, while the clipped mean
+               gradient has norm at most C (all unit gradients aligned), so  nsr_step = sigma*sqrt(d)/B;
+    per run:   over T steps the signal adds up linearly and the noise as sqrt(T):
+               nsr_run = sigma*sqrt(d) / (B*sqrt(T)).
+
+These are lower bounds on the real ratio: the clipped mean is shorter than C by how much the units'
+gradients agree, which the run measures and logs (``signal_norm``/``noise_norm`` in metrics.jsonl). When
+sigma is large, sigma is about proportional to q*sqrt(T) at fixed epsilon, so nsr_run ~ sqrt(d)/(N*eps)
+whatever B and T are (Sander et al. 2023, "TAN without a burn"): more units, fewer trainable weights and
+a larger epsilon help; batch size and steps then mostly decide the compute. The warnings' thresholds
+are measured on the built-in demo (README, benchmarks/utility_frontier.py).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import asdict, dataclass
+
+from dpdiff.errors import UserError
+
+# Measured on the built-in demo (LoRA on the tiny base, see benchmarks/results/utility_frontier.md):
+# below NSR_RUN_LEARNS the DP run learned the private look; above NSR_RUN_CANNOT nothing prompt-specific.
+NSR_RUN_LEARNS = 0.15
+NSR_RUN_CANNOT = 1.0
+# Prompt-specific content (a new concept per caption) needed at least this many units per caption.
+MIN_UNITS_PER_PROMPT = 300
+
+
+@dataclass(frozen=True, kw_only=True)
+class PlanRow:
+    batch_size: int
+    steps: int
+    sample_rate: float
+    noise_multiplier: float
+    epsilon: float
+    noise_std_per_coordinate: float  # sigma*C/B, of the averaged gradient
+    nsr_step: float
+    nsr_run: float
+    rows: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def noise_to_signal(*, noise_multiplier: float, batch_size: float, steps: int, trainable: int) -> tuple[float, float]:
+    """(per step, over the run) ratio of the noise norm to the largest possible clipped-mean norm."""
+    step = noise_multiplier * math.sqrt(trainable) / batch_size
+    return step, step / math.sqrt(max(steps, 1))
+
+
+def candidate(*, num_units: int, batch_size: int, steps: int, target_epsilon: float, delta: float,
+              accountant: str, trainable: int, max_grad_norm: float, augmult: int) -> PlanRow:
+    from dpdiff.privacy.accountants import calibrate_noise_multiplier, get_accountant
+    from dpdiff.privacy.accountants import MechanismSegment
+
+    q = batch_size / num_units
+    acc = get_accountant(accountant)
+    sigma = calibrate_noise_multiplier(target_epsilon=target_epsilon, delta=delta, sample_rate=q, steps=steps,
+                                       accountant=acc)
+    eps = acc.epsilon(history=[MechanismSegment(sigma, q, steps)], delta=delta).epsilon
+    step, run = noise_to_signal(noise_multiplier=sigma, batch_size=batch_size, steps=steps, trainable=trainable)
+    return PlanRow(batch_size=batch_size, steps=steps, sample_rate=q, noise_multiplier=sigma, epsilon=eps,
+                   noise_std_per_coordinate=sigma * max_grad_norm / batch_size, nsr_step=step, nsr_run=run,
+                   rows=batch_size * steps * augmult)
+
+
+def plan_grid(*, num_units: int, target_epsilon: float, delta: float, rows_budget: int, trainable: int,
+              max_grad_norm: float = 0.01, augmult: int = 1, accountant: str = "rdp", min_steps: int = 50,
+              batch_sizes: list[int] | None = None) -> list[PlanRow]:
+    """Candidates at the same compute: for each batch size B, T = rows_budget / (B*K) steps (at least
+    ``min_steps``: fewer updates do not train), sorted by the run's noise-to-signal ratio."""
+    if num_units < 2:
+        raise UserError(f"{num_units} privacy units: DP-SGD needs many more")
+    sizes = batch_sizes or [b for b in (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+                            if b <= num_units // 2]
+    out = []
+    for b in sizes:
+        steps = rows_budget // (b * augmult)
+        if steps < min_steps:
+            continue
+        try:
+            out.append(candidate(num_units=num_units, batch_size=b, steps=int(steps), target_epsilon=target_epsilon,
+                                 delta=delta, accountant=accountant, trainable=trainable,
+                                 max_grad_norm=max_grad_norm, augmult=augmult))
+        except ValueError:
+            continue  # no sigma reaches the target at this batch size
+    if not out:
+        raise UserError(f"no batch size gives at least {min_steps} steps within {rows_budget} rows: raise the "
+                        "compute budget (steps or minutes) or lower privacy.augmult")
+    return sorted(out, key=lambda r: r.nsr_run)
+
+
+def assess(*, nsr_run: float, units_per_prompt: float | None) -> list[str]:
+    """Plain-words warnings for a plan (empty when nothing stands in the way)."""
+    out = []
+    if nsr_run >= NSR_RUN_CANNOT:
+        out.append(f"cannot learn: the noise over the whole run (ratio {nsr_run:.2f}) exceeds the largest possible "
+                   "signal; use fewer trainable weights (a smaller adapter.rank, fewer target_modules), more "
+                   "privacy units, or a larger epsilon")
+    elif nsr_run > NSR_RUN_LEARNS:
+        out.append(f"weak: the run's noise-to-signal ratio {nsr_run:.2f} is above {NSR_RUN_LEARNS} (where the demo "
+                   "learned its private look); expect at most what most units share, not detail")
+    if units_per_prompt is not None and units_per_prompt < MIN_UNITS_PER_PROMPT:
+        out.append(f"few units per prompt ({units_per_prompt:.0f} on median): DP fine-tuning adapts what all units "
+                   "share (a look, a domain), but a new concept per caption needs far more units at this epsilon")
+    return out
+
+
+def units_per_prompt(captions: list[str]) -> float | None:
+    """Median number of units per distinct caption (captions are private: computed locally)."""
+    if not captions:
+        return None
+    counts = sorted(Counter(captions).values())
+    return float(counts[len(counts) // 2])
+
+
+def run_plan(*, num_units: int, batch_size: float, steps: int, noise_multiplier: float, max_grad_norm: float,
+             trainable: int, captions: list[str] | None = None) -> dict:
+    """The plan a run actually ran with (for privacy.json and the report)."""
+    step, run = noise_to_signal(noise_multiplier=noise_multiplier, batch_size=batch_size, steps=steps,
+                                trainable=trainable)
+    upp = units_per_prompt(captions or [])
+    return {"trainable_parameters": int(trainable), "noise_std_per_coordinate": noise_multiplier * max_grad_norm
+            / batch_size, "nsr_step": step, "nsr_run": run, "units_per_prompt": upp,
+            "warnings": assess(nsr_run=run, units_per_prompt=upp)}
+
+
+def count_trainable(*, pretrained: str | None, kind: str, rank: int | None, target_modules: list[str] | None) -> int:
+    """Trainable weights of an adapter on a pipeline's UNet, counted on an empty (meta) UNet: no weights read."""
+    import json
+    from pathlib import Path
+
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+    from torch import nn
+
+    from dpdiff.models.loading import resolve_pretrained
+
+    path = Path(resolve_pretrained(pretrained, allow_download=False)) / "unet" / "config.json"
+    with init_empty_weights():
+        unet = UNet2DConditionModel.from_config(json.loads(path.read_text()))
+    if kind == "full":
+        return sum(p.numel() for p in unet.parameters())
+    targets = list(target_modules or ["to_q", "to_k", "to_v", "to_out.0"])
+    total = 0
+    for name, m in unet.named_modules():
+        if not any(name == t or name.endswith("." + t) for t in targets):
+            continue
+        if kind == "attn":
+            total += sum(p.numel() for p in m.parameters(recurse=False))
+        elif isinstance(m, nn.Linear):
+            total += int(rank) * (m.in_features + m.out_features)
+        elif isinstance(m, nn.Conv2d):
+            k = m.kernel_size[0] * m.kernel_size[1]
+            total += int(rank) * (m.in_channels * k + m.out_channels)
+    return total
+
+
+def plan_command(args: list[str]) -> None:
+    """``dpdiff plan [data.path=DIR | units=N] [target_epsilon=E] [steps=S | minutes=M] ...``"""
+    from dpdiff.commandline import parse_kv
+    from dpdiff.privacy.settings import default_delta
+
+    opts = parse_kv(args, {"data.path": None, "units": None, "unit": "example", "target_epsilon": "8",
+                           "delta": None, "steps": None, "batch_size": None, "minutes": None,
+                           "rows_per_second": "60", "trainable": None, "model.pretrained": None,
+                           "adapter": "lora", "adapter.rank": "16", "adapter.target_modules": None,
+                           "max_grad_norm": "0.01", "augmult": "1", "accountant": "rdp"})
+    captions = None
+    if opts["data.path"] is not None or opts["units"] is None:
+        from dpdiff.data.formats import read_dataset
+        from dpdiff.data.prepare import resolve_data_path
+        from dpdiff.data.records import group_units
+
+        root, _ = resolve_data_path(opts["data.path"])
+        records = read_dataset(root)
+        units = group_units(records, unit=opts["unit"])
+        n = len(units)
+        captions = [records[m[0]].text for m in units.members]
+        where = f"{root} ({len(records)} images, {n} {opts['unit']} units)"
+    else:
+        n = int(opts["units"])
+        where = f"{n} privacy units"
+    eps = float(opts["target_epsilon"])
+    delta = float(opts["delta"]) if opts["delta"] else default_delta(n)
+    k = int(opts["augmult"])
+    c = float(opts["max_grad_norm"])
+    if opts["trainable"]:
+        d = int(opts["trainable"])
+    else:
+        tm = opts["adapter.target_modules"]
+        d = count_trainable(pretrained=opts["model.pretrained"], kind=opts["adapter"], rank=int(opts["adapter.rank"]),
+                            target_modules=tm.strip("[]").split(",") if tm else None)
+    if opts["steps"]:
+        b = int(opts["batch_size"] or 128)
+        rows = int(opts["steps"]) * b * k
+        budget = f"{opts['steps']} steps at batch {b} x K={k} = {rows} rows"
+    elif opts["minutes"]:
+        rows = int(float(opts["minutes"]) * 60 * float(opts["rows_per_second"]))
+        budget = f"{opts['minutes']} minutes at {opts['rows_per_second']} rows/s = {rows} rows"
+    else:
+        raise UserError("dpdiff plan needs a compute budget: steps=S (with batch_size=B) or minutes=M "
+                        "(with rows_per_second=R, measured on your hardware)")
+    grid = plan_grid(num_units=n, target_epsilon=eps, delta=delta, rows_budget=rows, trainable=d,
+                     max_grad_norm=c, augmult=k, accountant=opts["accountant"])
+    best = grid[0]
+    upp = units_per_prompt(captions or [])
+    print(f"dataset   : {where}")
+    print(f"budget    : epsilon {eps:g} at delta {delta:.2g} ({opts['accountant']}); {budget}")
+    print(f"trainable : {d:,} weights; clipping bound C={c:g}; K={k}")
+    print("\n  batch   steps        q   sigma  noise std/coord  noise/signal per step  over the run")
+    for r in sorted(grid, key=lambda r: r.batch_size):
+        mark = "  <- recommended" if r is best else ""
+        print(f"  {r.batch_size:5d}  {r.steps:6d}  {r.sample_rate:7.4f}  {r.noise_multiplier:6.3f}  "
+              f"{r.noise_std_per_coordinate:15.3g}  {r.nsr_step:21.3g}  {r.nsr_run:12.3g}{mark}")
+    print(f"\nrecommended: train.batch_size={best.batch_size} train.max_steps={best.steps} (sigma "
+          f"{best.noise_multiplier:.3f}, epsilon {best.epsilon:.3f})")
+    for w in assess(nsr_run=best.nsr_run, units_per_prompt=upp):
+        print(f"warning: {w}")
+    if captions is not None:
+        print("(units per prompt were counted from the captions: private data, read locally only)")

@@ -1,0 +1,67 @@
+"""`dpdiff plan`: the noise-to-signal arithmetic, the trainable-weight count and the command."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from helpers import run_cli
+
+from dpdiff.privacy.planning import assess, count_trainable, noise_to_signal, plan_grid
+
+
+def test_noise_norm_matches_the_engine():
+    """nsr_step * C is the norm of the noise the DP engine adds to the averaged gradient (zero gradients)."""
+    from dpdiff.privacy.engine import DPSGDEngine
+
+    lin = torch.nn.Linear(300, 100)
+    d = sum(p.numel() for p in lin.parameters())
+    sigma, c, b = 1.3, 0.5, 40.0
+    eng = DPSGDEngine(lin, noise_multiplier=sigma, max_grad_norm=c, expected_batch_size=b,
+                      noise_generator=torch.Generator().manual_seed(0))
+    eng.start_step()
+    eng.finalize()
+    measured = math.sqrt(sum(float(p.grad.pow(2).sum()) for p in lin.parameters()))
+    step, run = noise_to_signal(noise_multiplier=sigma, batch_size=b, steps=100, trainable=d)
+    assert measured == pytest.approx(step * c, rel=0.02)
+    assert run == pytest.approx(step / 10)
+    eng.close()
+
+
+def test_trainable_count_matches_peft(tmp_path):
+    """The count from an empty UNet equals the parameters peft actually attaches."""
+    from dpdiff.models import adapters
+    from dpdiff.models.loading import load_base
+
+    for rank, targets in ((4, None), (2, ["attn2.to_k", "attn2.to_v"])):
+        unet = load_base(None).unet
+        params = adapters.attach(unet, kind="lora", rank=rank, target_modules=targets)
+        assert count_trainable(pretrained=None, kind="lora", rank=rank, target_modules=targets) == \
+            sum(p.numel() for p in params)
+    unet = load_base(None).unet
+    assert count_trainable(pretrained=None, kind="full", rank=None, target_modules=None) == \
+        sum(p.numel() for p in unet.parameters())
+
+
+def test_grid_keeps_compute_and_epsilon():
+    grid = plan_grid(num_units=2000, target_epsilon=4.0, delta=1e-5, rows_budget=64 * 400, trainable=10_000,
+                     accountant="rdp")
+    assert grid == sorted(grid, key=lambda r: r.nsr_run)
+    for r in grid:
+        assert r.rows <= 64 * 400 and r.steps >= 50
+        assert r.epsilon <= 4.0 * 1.001
+
+
+def test_assess_warns_in_plain_words():
+    assert any(w.startswith("cannot learn") for w in assess(nsr_run=2.0, units_per_prompt=None))
+    assert any("few units per prompt" in w for w in assess(nsr_run=0.01, units_per_prompt=20))
+    assert assess(nsr_run=0.01, units_per_prompt=5000) == []
+
+
+def test_plan_command(tmp_path):
+    r = run_cli("plan", "units=5000", "trainable=20000", "steps=100", "batch_size=128", "target_epsilon=4")
+    assert r.returncode == 0, r.stderr
+    assert "recommended: train.batch_size=" in r.stdout and "sigma" in r.stdout
+    r = run_cli("plan", "units=5000", "trainable=20000")
+    assert r.returncode == 2 and "compute budget" in r.stderr
