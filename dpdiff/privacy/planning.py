@@ -57,8 +57,7 @@ def noise_to_signal(*, noise_multiplier: float, batch_size: float, steps: int, t
 
 def candidate(*, num_units: int, batch_size: int, steps: int, target_epsilon: float, delta: float,
               accountant: str, trainable: int, max_grad_norm: float, augmult: int) -> PlanRow:
-    from dpdiff.privacy.accountants import calibrate_noise_multiplier, get_accountant
-    from dpdiff.privacy.accountants import MechanismSegment
+    from dpdiff.privacy.accountants import MechanismSegment, calibrate_noise_multiplier, get_accountant
 
     q = batch_size / num_units
     acc = get_accountant(accountant)
