@@ -75,7 +75,7 @@ def bench_cache(quick: bool) -> dict:
     """One epoch of training rows from cached posteriors vs VAE-encoding the images every step."""
     import torch
 
-    from dpdiff.data.digits import builtin_digits_dir
+    from dpdiff.data.demos import builtin_digits_dir
     from dpdiff.data.formats import read_dataset
     from dpdiff.data.preprocess import to_pixels
     from dpdiff.data.records import PrivacyUnits

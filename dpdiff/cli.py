@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
         if cmd in RECIPES:
             run_recipe(cmd, rest)
         elif cmd == "plan":
-            from dpdiff.privacy.planning import plan_command
+            from dpdiff.report.cli import plan_command
 
             plan_command(rest)
         elif cmd == "report":

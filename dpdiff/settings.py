@@ -187,6 +187,7 @@ class DataSettings:
     """``data.*``: which images, how they are read, grouped, held out and cached."""
 
     path: str | None
+    demo: str  # which built-in demo data.path=null means
     caption_column: str
     resolution: int | None
     center_crop: bool
@@ -222,8 +223,13 @@ class DataSettings:
                             "and their sum <= 1")
         prompts = _get(d, "sample_prompts")
         path = _get(d, "path")
+        from dpdiff.data.demos import DEFAULT_DEMO, get_demo
+
+        demo = str(_get(d, "demo", DEFAULT_DEMO))
+        get_demo(demo)
         return cls(
             path=None if path in (None, "") else str(path),
+            demo=demo,
             caption_column=str(_get(d, "caption_column", "text")),
             resolution=res,
             center_crop=_bool(g, "center_crop", _get(d, "center_crop", True)),

@@ -318,7 +318,7 @@ class FinetuneRecipe:
             records=data.records, member_records=data.member_records(), nonmember_records=data.holdout_records(),
             resolution=self.resolution, device=self.proc.device, privacy=self.privacy_record,
             canaries=load_run_canaries(self.run_dir), seed=int(self.cfg.probes.get("seed", 0) or 0),
-            builtin_demo=data.builtin, unit_of_record=data.unit_of_record())
+            demo=data.demo, unit_of_record=data.unit_of_record())
 
     def probe(self) -> dict | None:
         if not self.proc.is_main or not self.cfg.probes.get("enabled", False):

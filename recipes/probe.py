@@ -60,7 +60,7 @@ class ProbeRecipe:
             member_records=data.member_records(), nonmember_records=data.holdout_records(),
             resolution=int(run.get("resolution") or base.resolution), device=device, privacy=privacy,
             canaries=load_canaries(self.run_dir), seed=int(probes.get("seed", 0) or 0),
-            unit_of_record=data.unit_of_record())
+            demo=data.demo, unit_of_record=data.unit_of_record())
 
     def _trained_unet(self, base, kind: str, device):
         if kind == "lora":

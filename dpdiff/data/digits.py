@@ -83,10 +83,3 @@ def materialize(directory: Path, digits: tuple[int, ...] = PRIVATE_DIGITS) -> Pa
 
         shutil.rmtree(tmp, ignore_errors=True)
     return directory
-
-
-def builtin_digits_dir() -> Path:
-    """The built-in private demo data, materialised under ``$DPDIFF_HOME`` on first use."""
-    from dpdiff.paths import home
-
-    return materialize(home() / "datasets" / "digits-5to9")

@@ -22,6 +22,7 @@ from dpdiff.errors import UserError
 class PreparedData:
     root: Path
     builtin: bool
+    demo: str | None
     records: list[ImageRecord]
     units: PrivacyUnits  # every unit (train + holdout)
     train_units: list[int]
@@ -56,7 +57,7 @@ class PreparedData:
 
     def summary(self) -> dict:
         return {
-            "path": str(self.root), "builtin_demo": self.builtin, "fingerprint": self.fingerprint,
+            "path": str(self.root), "builtin_demo": self.builtin, "demo": self.demo, "fingerprint": self.fingerprint,
             "source_fingerprint": self.source_fingerprint,
             "images": len(self.records), "privacy_units": len(self.units), "train_units": len(self.train_units),
             "holdout_units": len(self.holdout_units), "train_images": len(self.train_records()),
@@ -66,25 +67,31 @@ class PreparedData:
         }
 
 
-def resolve_data_path(path) -> tuple[Path, bool]:
-    if path in (None, "", "digits"):
-        from dpdiff.data.digits import builtin_digits_dir
+def resolve_data_path(path, *, demo: str | None = None) -> tuple[Path, str | None]:
+    """``(root, demo name)``: a user's folder (demo None), or a built-in demo's, materialised on first use
+    (``data.path=null``, or ``demo:NAME``)."""
+    from dpdiff.data.demos import DEFAULT_DEMO, get_demo
 
-        return builtin_digits_dir(), True
-    return Path(str(path)).expanduser().resolve(), False
+    if path in (None, "", "demo"):
+        name = demo or DEFAULT_DEMO
+        return get_demo(name).directory(), name
+    if str(path).startswith("demo:"):
+        name = str(path).split(":", 1)[1]
+        return get_demo(name).directory(), name
+    return Path(str(path)).expanduser().resolve(), None
 
 
-def load_and_check(*, path, caption_column: str = "text",
-                   check_pixels: bool = True) -> tuple[Path, bool, list[ImageRecord], list[Problem]]:
-    root, builtin = resolve_data_path(path)
+def load_and_check(*, path, caption_column: str = "text", demo: str | None = None,
+                   check_pixels: bool = True) -> tuple[Path, str | None, list[ImageRecord], list[Problem]]:
+    root, demo_name = resolve_data_path(path, demo=demo)
     records = read_dataset(root, caption_column=caption_column)
     problems = check_records(records, root=root, check_pixels=check_pixels)
-    return root, builtin, records, problems
+    return root, demo_name, records, problems
 
 
-def source_fingerprint(path, *, caption_column: str = "text") -> tuple[Path, str]:
+def source_fingerprint(path, *, caption_column: str = "text", demo: str | None = None) -> tuple[Path, str]:
     """The dataset's fingerprint as listed (no file skipped, none deduplicated): how ledgers find it."""
-    root, _ = resolve_data_path(path)
+    root, _ = resolve_data_path(path, demo=demo)
     return root, fingerprint(read_dataset(root, caption_column=caption_column))
 
 
@@ -93,7 +100,9 @@ def prepare(settings, *, unit: str, seed_holdout: int | None = None) -> Prepared
 
     Raises ``UserError`` (listing each bad file) unless ``data.skip_bad_files`` is set.
     """
-    root, builtin, records, problems = load_and_check(path=settings.path, caption_column=settings.caption_column)
+    root, demo, records, problems = load_and_check(path=settings.path, caption_column=settings.caption_column,
+                                                   demo=settings.demo)
+    builtin = demo is not None
     source_fp = fingerprint(records)
     fatal = [p for p in problems if p.fatal_for_record]
     remarks = [p for p in problems if not p.fatal_for_record]
@@ -126,13 +135,13 @@ def prepare(settings, *, unit: str, seed_holdout: int | None = None) -> Prepared
         source = "config"
         prompts = [str(p) for p in prompts]
     elif builtin:
-        from dpdiff.data.digits import PRIVATE_DIGITS, PUBLIC_DIGITS, caption
+        from dpdiff.data.demos import get_demo
 
-        prompts, source = [caption(d) for d in PUBLIC_DIGITS[:2] + PRIVATE_DIGITS], "builtin"
+        prompts, source = get_demo(demo).sample_prompts, "builtin"
     else:
         counts = Counter(records[i].text for u in train for i in units.members[u])
         prompts, source = [c for c, _ in counts.most_common(6)], "training captions"
-    return PreparedData(root=root, builtin=builtin, records=records, units=units, train_units=train,
+    return PreparedData(root=root, builtin=builtin, demo=demo, records=records, units=units, train_units=train,
                         holdout_units=hold, fingerprint=fingerprint(records), source_fingerprint=source_fp,
                         skipped=skipped, remarks=remarks,
                         dedup=dedup_info, sample_prompts=prompts, sample_prompts_source=source)

@@ -92,3 +92,34 @@ def save(unet: nn.Module, *, kind: str, out_dir: Path) -> Path:
 def trainable_state(unet: nn.Module) -> dict[str, torch.Tensor]:
     """The trainable tensors by name (for checkpoints and EMA)."""
     return {n: p.detach().clone() for n, p in unet.named_parameters() if p.requires_grad}
+
+
+def count_trainable(*, pretrained: str | None, kind: str, rank: int | None, target_modules: list[str] | None) -> int:
+    """Trainable weights of an adapter on a pipeline's UNet, counted on an empty (meta) UNet: no weights read."""
+    import json
+    from pathlib import Path
+
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+    from torch import nn
+
+    from dpdiff.models.loading import resolve_pretrained
+
+    path = Path(resolve_pretrained(pretrained, allow_download=False)) / "unet" / "config.json"
+    with init_empty_weights():
+        unet = UNet2DConditionModel.from_config(json.loads(path.read_text()))
+    if kind == "full":
+        return sum(p.numel() for p in unet.parameters())
+    targets = list(target_modules or ["to_q", "to_k", "to_v", "to_out.0"])
+    total = 0
+    for name, m in unet.named_modules():
+        if not any(name == t or name.endswith("." + t) for t in targets):
+            continue
+        if kind == "attn":
+            total += sum(p.numel() for p in m.parameters(recurse=False))
+        elif isinstance(m, nn.Linear):
+            total += int(rank) * (m.in_features + m.out_features)
+        elif isinstance(m, nn.Conv2d):
+            k = m.kernel_size[0] * m.kernel_size[1]
+            total += int(rank) * (m.in_channels * k + m.out_channels)
+    return total

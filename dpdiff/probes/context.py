@@ -29,7 +29,7 @@ class ProbeContext:
     canaries: dict | None = None  # canaries.json of the run, when the audit inserted canaries
     base_unet: torch.nn.Module | None = None  # a separate base UNet (full / attn fine-tuning)
     seed: int = 0
-    builtin_demo: bool = False
+    demo: str | None = None  # the built-in demo's name (dpdiff.data.demos), None for a user's data
     cache: dict = field(default_factory=dict)
     # record index -> privacy unit id (PreparedData.units); None: one unit per user_id when the
     # privacy unit is the user, else one per record

@@ -114,11 +114,17 @@ def utility_rows(utility: dict) -> list[tuple[str, str]]:
                          f"{_fmt(res['heldout_loss'])} vs {_fmt(res['heldout_loss_base'])} on {res['images']} images"))
         elif name == "digit_accuracy":
             ft, base = res["finetuned"], res["base"]
-            rows.append(("digit accuracy on the private digits 5-9 (fine-tuned vs base)",
-                         f"{ft['private_digits_accuracy']:.0%} vs {base['private_digits_accuracy']:.0%}"))
-            rows.append(("digit accuracy on the public digits 0-4 (fine-tuned vs base)",
-                         f"{ft['public_digits_accuracy']:.0%} vs {base['public_digits_accuracy']:.0%}"))
-            rows.append(("per digit (fine-tuned)", ", ".join(f"{k}: {v:.0%}" for k, v in ft["per_digit"].items())))
+            style = res.get("private_style", "private")
+            rows.append((f"requested digit in the {style} look (fine-tuned vs base)",
+                         f"{ft['accuracy_in_style']:.0%} vs {base['accuracy_in_style']:.0%}"))
+            rows.append(("requested digit, any look (fine-tuned vs base)",
+                         f"{ft['prompt_accuracy']:.0%} vs {base['prompt_accuracy']:.0%}"))
+            rows.append(("retention: the base's own prompts still drawn right (fine-tuned vs base)",
+                         f"{ft['retention_accuracy']:.0%} vs {base['retention_accuracy']:.0%} "
+                         f"(in the handwritten look: {ft['retention_style_rate']:.0%} vs "
+                         f"{base['retention_style_rate']:.0%})"))
+            rows.append(("per digit, fine-tuned (right digit in the look)",
+                         ", ".join(f"{k}: {v['both']:.0%}" for k, v in ft["per_digit"].items())))
         elif name == "fid":
             rows.append(("FID / KID", f"{_fmt(res['fid'])} / {_fmt(res['kid'])} vs {res['reference']}"))
         else:

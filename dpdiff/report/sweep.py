@@ -31,12 +31,12 @@ def _overrides(run: Path) -> str:
 
 
 def utility_value(util: dict | None) -> tuple[str, float | None]:
-    """The headline utility of a run: digit accuracy on the private digits, else minus held-out loss."""
+    """The headline utility of a run: the demo's right-digit-in-the-private-look rate, else held-out loss."""
     if not util:
         return "", None
-    acc = (util.get("digit_accuracy") or {}).get("finetuned", {}).get("private_digits_accuracy")
+    acc = (util.get("digit_accuracy") or {}).get("finetuned", {}).get("accuracy_in_style")
     if acc is not None:
-        return "private-digit accuracy", float(acc)
+        return "digit accuracy in the private look", float(acc)
     hl = (util.get("heldout_loss") or {}).get("heldout_loss")
     if hl is not None:
         return "held-out loss (lower is better)", float(hl)

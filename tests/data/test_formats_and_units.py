@@ -97,7 +97,7 @@ def test_planted_near_duplicates_are_found_and_grouped(tmp_path):
 
 
 def test_digits_demo_has_no_false_duplicates():
-    from dpdiff.data.digits import builtin_digits_dir
+    from dpdiff.data.demos import builtin_digits_dir
 
     recs = read_dataset(builtin_digits_dir())
     assert len(recs) > 800

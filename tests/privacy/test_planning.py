@@ -8,7 +8,8 @@ import pytest
 import torch
 from helpers import run_cli
 
-from dpdiff.privacy.planning import assess, count_trainable, noise_to_signal, plan_grid
+from dpdiff.models.adapters import count_trainable
+from dpdiff.privacy.planning import assess, noise_to_signal, plan_grid
 
 
 def test_noise_norm_matches_the_engine():

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from dpdiff.data.digits import builtin_digits_dir
+from dpdiff.data.demos import builtin_digits_dir
 from dpdiff.paths import config_dir
 
 pytestmark = pytest.mark.slow

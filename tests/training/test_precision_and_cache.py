@@ -58,7 +58,7 @@ def test_bf16_dp_step_norms_match_fp32():
 
 def test_cached_posterior_gives_the_on_the_fly_loss():
     """Rows from cached VAE posteriors equal encoding the pixels on the fly with the same draw."""
-    from dpdiff.data.digits import builtin_digits_dir
+    from dpdiff.data.demos import builtin_digits_dir
     from dpdiff.data.formats import read_dataset
     from dpdiff.data.preprocess import to_pixels
     from dpdiff.data.records import PrivacyUnits
