@@ -152,7 +152,7 @@ def test_gdp_simulation_rarely_exceeds_the_true_epsilon():
 
 
 def test_gdp_epsilon_against_dp_accounting_and_the_formula():
-    dp_accounting = pytest.importorskip("dp_accounting")
+    import dp_accounting
     from scipy.stats import norm
 
     for mu in (0.5, 1.0, 2.0, 5.0):

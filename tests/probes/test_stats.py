@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+import sklearn.metrics as sklearn_metrics
 from scipy.stats import binomtest
 
 from dpdiff.probes.stats import (
@@ -17,8 +18,6 @@ from dpdiff.probes.stats import (
     roc_auc,
     tpr_at_fpr,
 )
-
-sklearn_metrics = pytest.importorskip("sklearn.metrics")
 
 
 def _sklearn_tpr_at_fpr(members, nonmembers, fpr):
