@@ -162,7 +162,9 @@ class TwoPassDPSGDEngine(DPSGDEngine):
         outputs = list(self.hooks.outputs)  # kept for a masked pass 2
         self._pass = "norms"
         self.hooks.backward_to_outputs(row_loss.sum(), retain_graph=True)  # pass 1: norms only
-        norms = self._sq_norms.sqrt()
+        # ghost norms are sums of Gram products: a zero gradient can come out at -1e-12, whose sqrt is NaN;
+        # clamp_min keeps NaN (a non-finite unit) NaN
+        norms = self._sq_norms.clamp_min(0.0).sqrt()
         factor = clipping.clip_factors(norms=norms, max_grad_norm=self.max_grad_norm)
         finite = torch.isfinite(norms)
         weights = (row_weight.to(torch.float32) * factor[unit_pos]).to(row_loss.dtype)
