@@ -1,21 +1,45 @@
 # dpdiff: `make demo` runs the default DP fine-tuning demo, `make test` runs the tests.
-# Both set everything up on a fresh machine (a .venv with a CPU torch unless CUDA is present).
+# Both set everything up on a fresh machine: a .venv with the versions pinned in constraints.txt
+# (those the test suite passed with; the accountants' epsilons depend on opacus and dp-accounting).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# torch first: on a machine without CUDA, the pinned CPU build; elsewhere pip's default build.
-TORCH_SPEC ?= torch==2.13.0
+CONSTRAINTS ?= constraints.txt
+PIP_INSTALL = -m pip install --quiet -c $(CONSTRAINTS)
+# torch is installed first, at the version pinned in constraints.txt, as pip's indexes offer it: there
+# is no CUDA detection. From PyPI on Linux x86_64 that is the CUDA build (which also runs on CPU only);
+# where a local CPU build of that version is offered too (pip find-links), pip takes that one (2.13.0+cpu
+# sorts above 2.13.0). For the CPU-only build on any machine add PyTorch's CPU wheel index:
+#   make test TORCH_INDEX_ARGS="--extra-index-url URL"
+TORCH_INDEX_ARGS ?=
 
-.PHONY: setup demo test test-slow test-all bench lint clean
+.PHONY: setup demo test test-slow test-all bench lint lock clean
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e ".[dev,wandb]"
+	$(PY) $(PIP_INSTALL) $(TORCH_INDEX_ARGS) torch
+	$(PY) $(PIP_INSTALL) -e ".[dev,wandb]"
 	touch $@
+
+# Upgrade the pins: resolve the newest versions pyproject.toml allows in a scratch venv and write them to
+# constraints.txt (without dpdiff itself and without local build labels such as +cpu). Then run
+# `rm -rf $(VENV) && make test` and commit constraints.txt if the tests pass.
+lock:
+	tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+	$(PYTHON) -m venv "$$tmp/venv" && \
+	"$$tmp/venv/bin/python" -m pip install --quiet --upgrade pip && \
+	"$$tmp/venv/bin/python" -m pip install --quiet $(TORCH_INDEX_ARGS) torch && \
+	"$$tmp/venv/bin/python" -m pip install --quiet -e ".[dev,wandb]" && \
+	{ printf '%s\n' \
+	  "# The versions \`make setup\` installs (pip install -c constraints.txt): those the test suite passed with." \
+	  "# Regenerate with \`make lock\` (the newest versions pyproject.toml allows), run \`make test\` on a fresh .venv," \
+	  "# commit. Local build labels (+cpu, +cu121) are dropped: pip takes the build its indexes offer for the machine." && \
+	  "$$tmp/venv/bin/python" -c 'import platform, sys; print(f"# Resolved with Python {platform.python_version()} on {sys.platform}/{platform.machine()}.")' && \
+	  "$$tmp/venv/bin/python" -m pip freeze --all --exclude-editable | grep -v '^#' | grep -iv -e '^dpdiff==' -e '^pip==' | sed -E 's/\+[0-9A-Za-z.]+$$//'; \
+	} > $(CONSTRAINTS).new && grep -q '^torch==' $(CONSTRAINTS).new && mv $(CONSTRAINTS).new $(CONSTRAINTS)
 
 demo: setup
 	$(VENV)/bin/dpdiff finetune

@@ -3,7 +3,7 @@
 A run's privacy history is a list of ``MechanismSegment(noise_multiplier, sample_rate, steps)``:
 ``steps`` compositions of the Poisson-subsampled Gaussian mechanism (Abadi et al. 2016) under
 add/remove-one-unit adjacency. Every accountant computes epsilon from that history alone, so the
-ledger persisted with each checkpoint is the single source of truth (DESIGN.md section 3.3).
+ledger persisted with each checkpoint is the single source of truth.
 
 Accountants (plug-ins with a small Protocol and a registry, as in opacus ``accountants/registry.py``):
 
@@ -16,6 +16,15 @@ Accountants (plug-ins with a small Protocol and a registry, as in opacus ``accou
   Koskela et al. 2020; Doroshenko et al. 2022) with pessimistic discretisation (an upper bound).
 
 GDP/CLT accounting is deliberately absent: it under-estimates epsilon (9-13% below PLD).
+
+Every accountant answers in seconds for any noise multiplier > 0, always with a valid upper bound.
+Small noise multipliers make the numerical accountants' discretisations explode (PRV's domain
+grows with epsilon, PLD's grid with 1/sigma^2: sigma=0.001 asked Opacus' PRV for 7 TiB, sigma=0.01
+kept PLD busy for hours). So RDP, cheap for any sigma, is computed first; above
+``EPSILON_LIMIT`` no guarantee is meaningful and its bound is reported as it stands, with a note
+saying so (``EpsilonReport.describe()`` prints it in one line). Below, PRV falls back to RDP if its
+grid would still be too large, and PLD coarsens its grid (a pessimistic PLD is an upper bound at
+any discretisation).
 
 Known value (the PLD accountant on CIFAR-10-like settings), used as a doctest:
 
@@ -33,6 +42,10 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Protocol
+
+#: Above this epsilon a guarantee is vacuous (it bounds a likelihood ratio by e^100): accountants
+#: report their cheap RDP upper bound there instead of running a numerical accountant, and say so.
+EPSILON_LIMIT = 100.0
 
 
 @dataclass(frozen=True)
@@ -64,6 +77,17 @@ class EpsilonReport:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def meaningful(self) -> bool:
+        """False when epsilon is above ``EPSILON_LIMIT`` (or infinite): no useful guarantee."""
+        return self.epsilon <= EPSILON_LIMIT
+
+    def describe(self) -> str:
+        """One line for logs and reports, e.g. ``epsilon <= 1.23 at delta 1e-05 (pld; ...)``."""
+        eps = "inf" if math.isinf(self.epsilon) else f"{self.epsilon:.4g}"
+        note = f"; {self.error_note}" if self.error_note else ""
+        return f"epsilon <= {eps} at delta {self.delta:g} ({self.accountant}{note})"
 
 
 class Accountant(Protocol):
@@ -97,8 +121,18 @@ def _trivial(history: list[MechanismSegment], delta: float, name: str) -> Epsilo
 _EXTRA_RDP_ORDERS = [80, 96, 128, 192, 256, 384, 512, 1024]
 
 
+def _beyond_limit(rdp: EpsilonReport, name: str) -> EpsilonReport:
+    """The RDP report (already above the limit and saying so) as the answer of accountant ``name``."""
+    return EpsilonReport(epsilon=rdp.epsilon, delta=rdp.delta, accountant=name,
+                         error_note=f"{rdp.error_note}; {name.upper()} not computed")
+
+
 class RdpAccountant:
-    """Opacus' RDP accountant over Opacus' default orders plus orders up to 1024."""
+    """Opacus' RDP accountant over Opacus' default orders plus orders up to 1024.
+
+    Cheap for any sigma > 0 (about 0.1 s: a fixed set of orders, each a short series), which is why
+    the numerical accountants ask it first.
+    """
 
     name = "rdp"
 
@@ -115,11 +149,27 @@ class RdpAccountant:
         # dp_accounting's default orders which reach 512.
         # (Beyond 1024 the warning is only reached by the huge sigmas a calibration bisection tries; the
         # bound stays valid, merely loose, so it is not shown to users.)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             eps, alpha = acc.get_privacy_spent(delta=delta, alphas=RDPAccountant.DEFAULT_ALPHAS + _EXTRA_RDP_ORDERS)
-        return EpsilonReport(epsilon=float(eps), delta=delta, accountant=self.name,
-                             error_note=f"RDP upper bound (best order {alpha:g})")
+        eps = float(eps)
+        if math.isnan(eps):
+            eps = math.inf  # never report less than we know
+        for w in caught:
+            msg = str(w.message)
+            # "smallest alpha": tiny sigma; the bound is then far above EPSILON_LIMIT and flagged as such
+            if "largest alpha" in msg or ("smallest alpha" in msg and eps > EPSILON_LIMIT):
+                continue
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        note = f"RDP upper bound (best order {alpha:g})"
+        if not eps <= EPSILON_LIMIT:
+            note = f"above {EPSILON_LIMIT:g}, no meaningful guarantee: {note}"
+        return EpsilonReport(epsilon=eps, delta=delta, accountant=self.name, error_note=note)
+
+
+#: Largest PRV grid (points of Opacus' discretisation domain) computed: a few seconds (3.2e6 points
+#: took 4 s on one core). Real runs need 1e5-1e6 points; the grid grows with epsilon and sqrt(steps).
+_PRV_MAX_POINTS = 5_000_000
 
 
 class PrvAccountant:
@@ -138,31 +188,71 @@ class PrvAccountant:
         hist = _compress(history)
         if (triv := _trivial(hist, delta, self.name)) is not None:
             return triv
+        rdp = RdpAccountant().epsilon(history=hist, delta=delta)
+        if rdp.epsilon > EPSILON_LIMIT:
+            return _beyond_limit(rdp, self.name)
+        import numpy as np
         from opacus.accountants import PRVAccountant
+        from opacus.accountants.analysis.prv import (
+            PoissonSubsampledGaussianPRV,
+            TruncatedPrivacyRandomVariable,
+            compose_heterogeneous,
+            discretize,
+        )
 
         acc = PRVAccountant()
-        acc.history = [(s.noise_multiplier, s.sample_rate, s.steps) for s in hist]
+        prvs = [PoissonSubsampledGaussianPRV(s.sample_rate, s.noise_multiplier) for s in hist]
+        counts = [s.steps for s in hist]
         delta_error = delta / 1000
         try:
-            # Opacus sizes the PRV domain from an RDP bound over its own orders; when that bound is loose
-            # (large sigma) it warns "optimal order is the largest alpha": a wider domain, not a wrong epsilon.
-            with warnings.catch_warnings():
+            # Opacus' _get_dprv, split so the grid's size is known before it is allocated (Opacus has no
+            # such check: sigma=0.001 asked for 7 TiB). Opacus sizes the domain from an RDP bound over its
+            # own orders; when that bound is loose (large sigma) it warns "optimal order is the largest
+            # alpha": a wider domain, not a wrong epsilon.
+            with warnings.catch_warnings(), np.errstate(divide="ignore"):  # log(1 - q) = -inf at q = 1
                 warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
-                dprv = acc._get_dprv(eps_error=self.eps_error, delta_error=delta_error)
-            lower, estimate, upper = dprv.compute_epsilon(delta, delta_error, self.eps_error)
-        except (RuntimeError, ValueError, OverflowError) as err:
+                domain = acc._get_domain(prvs=prvs, num_self_compositions=counts, eps_error=self.eps_error,
+                                         delta_error=delta_error)
+            if domain.size > _PRV_MAX_POINTS:
+                return EpsilonReport(epsilon=rdp.epsilon, delta=delta, accountant=self.name,
+                                     error_note=f"PRV grid of {domain.size:.3g} points not computed; "
+                                                f"{rdp.error_note} reported instead")
+            with np.errstate(divide="ignore"):
+                dprvs = [discretize(TruncatedPrivacyRandomVariable(prv, domain.t_min, domain.t_max), domain)
+                         for prv in prvs]
+                dprv = compose_heterogeneous(dprvs=dprvs, num_self_compositions=counts)
+                lower, estimate, upper = dprv.compute_epsilon(delta, delta_error, self.eps_error)
+        except (RuntimeError, ValueError, OverflowError, MemoryError) as err:
             # PRV's discretisation fails for some extreme settings (opacus #601/#604): fall
             # back to the RDP upper bound, which stays valid, and say so.
-            rdp = RdpAccountant().epsilon(history=hist, delta=delta)
             return EpsilonReport(epsilon=rdp.epsilon, delta=delta, accountant=self.name,
                                  error_note=f"PRV failed ({err}); RDP upper bound reported instead")
         if not math.isfinite(upper):
-            rdp = RdpAccountant().epsilon(history=hist, delta=delta)
             return EpsilonReport(epsilon=rdp.epsilon, delta=delta, accountant=self.name,
                                  error_note="PRV returned inf; RDP upper bound reported instead")
         return EpsilonReport(epsilon=float(upper), delta=delta, accountant=self.name,
                              estimate=float(estimate), lower=float(lower),
                              error_note=f"certified PRV bound: estimate +/- {self.eps_error}")
+
+
+#: Largest PLD grid of one step's privacy loss (about 3 s for a 200-step run): sigma >= 0.45 keeps
+#: the default interval of 1e-4; smaller sigmas get a coarser one (see ``pld_discretization``).
+_PLD_MAX_POINTS = 500_000
+
+
+def pld_discretization(*, noise_multiplier: float, base: float = 1e-4) -> float:
+    """PLD value-discretisation interval for the smallest noise multiplier of a history.
+
+    dp_accounting discretises the Gaussian privacy loss ``L(x) = (x - 1/2) / sigma^2`` over the x
+    whose tail mass is above e^-50 (``log_mass_truncation_bound``), |x - mean| <= about 10 sigma: a
+    range of about ``(1 + 20 sigma) / sigma^2``, hence ``range / interval`` points, and time. At
+    sigma=0.01 and 1e-4 that is 1e8 points and hours. The interval is widened to keep the grid at
+    ``_PLD_MAX_POINTS``: the *pessimistic* discretisation (Koskela et al. 2020; Doroshenko et al.
+    2022: each loss rounded up to the grid) dominates the true PLD at any interval, so epsilon stays
+    an upper bound, looser by up to about ``steps * interval``.
+    """
+    loss_range = (1 + 20 * noise_multiplier) / noise_multiplier**2
+    return max(base, loss_range / _PLD_MAX_POINTS)
 
 
 class PldAccountant:
@@ -177,6 +267,9 @@ class PldAccountant:
         hist = _compress(history)
         if (triv := _trivial(hist, delta, self.name)) is not None:
             return triv
+        rdp = RdpAccountant().epsilon(history=hist, delta=delta)
+        if rdp.epsilon > EPSILON_LIMIT:
+            return _beyond_limit(rdp, self.name)
         import dp_accounting
         from dp_accounting import pld
 
@@ -187,11 +280,16 @@ class PldAccountant:
             )
             for s in hist
         ]
-        acc = pld.PLDAccountant(value_discretization_interval=self.value_discretization_interval)
+        interval = pld_discretization(noise_multiplier=min(s.noise_multiplier for s in hist if s.sample_rate > 0),
+                                      base=self.value_discretization_interval)
+        acc = pld.PLDAccountant(value_discretization_interval=interval)
         acc.compose(dp_accounting.ComposedDpEvent(events))
         eps = float(acc.get_epsilon(delta))
+        if math.isnan(eps):
+            return EpsilonReport(epsilon=rdp.epsilon, delta=delta, accountant=self.name,
+                                 error_note=f"PLD returned nan; {rdp.error_note} reported instead")
         return EpsilonReport(epsilon=eps, delta=delta, accountant=self.name,
-                             error_note=f"pessimistic PLD, discretisation {self.value_discretization_interval:g}")
+                             error_note=f"pessimistic PLD, discretisation {interval:.3g}")
 
 
 DEFAULT_ACCOUNTANT = "prv"  # of runs (privacy.accountant) and of every cross-run composition

@@ -6,6 +6,8 @@ Dockhorn et al. 2023, "noise multiplicity", and user-level DP, McMahan et al. 20
     g_u   = sum_{rows r of unit u} w_r * grad loss_r        w_r = 1/(rows of u): the mean over the
                                                             unit's images and K augmentation draws
     g~_u  = g_u * min(1, C / (||g_u|| + 1e-6))              one clipped gradient per privacy unit
+                                                            (``clipping.clip_factors``); 0 if
+                                                            ||g_u|| is NaN or inf
     G     = sum_u g~_u  (+ all-reduce over ranks)
     g^    = (G + N(0, sigma^2 C^2 I)) / (q * N)             noise drawn once in total (rank 0);
                                                             q*N the exact expected batch size
@@ -13,11 +15,15 @@ Dockhorn et al. 2023, "noise multiplicity", and user-level DP, McMahan et al. 20
 Per-row gradients come from Opacus' per-layer formulas (activations x backprops of a summed
 loss, so row r's gradient is that of its own loss), evaluated in a tensor hook per layer and
 summed per unit at once. Unlike Opacus' ``DPOptimizer``, which clips every batch row, rows are
-summed per unit *before* clipping; norms are computed
-in fp32 whatever the parameter dtype (PITFALLS: bf16 norms overshoot C). A logical batch is
-fed in micro-batches of whole units; ``finalize`` is called once per logical step, also for
-an empty batch (noise only, still accounted). Opacus' clip formula and the one-rank noise of
+summed per unit *before* clipping; norms are computed in fp32 whatever the parameter dtype
+(clipped with bf16 norms, unit gradients overshoot C). A logical
+batch is fed in micro-batches of whole units; ``finalize`` is called once per logical step, also
+for an empty batch (noise only, still accounted). Opacus' clip formula and the one-rank noise of
 its ``DistributedDPOptimizer`` are followed on purpose, so results compare with Opacus runs.
+
+A unit whose gradient is not finite (NaN or inf anywhere, e.g. from a corrupt image or an
+overflow) contributes exactly zero, selected away with ``torch.where`` so that no other unit's
+contribution changes, and is counted in the step's ``nonfinite_units`` statistic.
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from dpdiff.privacy import clipping
+
 
 @dataclass
 class StepStats:
@@ -36,16 +44,33 @@ class StepStats:
 
     units: int = 0
     rows: int = 0
-    loss_sum: float = 0.0
-    norms: list[float] = field(default_factory=list)
+    loss_sum: float = 0.0  # over the rows whose loss is finite
+    loss_rows: int = 0
+    norms: list[float] = field(default_factory=list)  # the finite per-unit gradient norms
+    nonfinite_units: int = 0  # units whose gradient was NaN/inf: they contributed zero
+
+    def add(self, *, row_loss: torch.Tensor, norms: torch.Tensor | None, num_units: int) -> None:
+        """Record one micro-batch: its row losses and (DP engines) its per-unit gradient norms."""
+        loss = row_loss.detach()
+        finite_loss = torch.isfinite(loss)
+        self.units += num_units
+        self.rows += int(loss.numel())
+        self.loss_sum += float(loss[finite_loss].sum())
+        self.loss_rows += int(finite_loss.sum())
+        if norms is not None:
+            finite = torch.isfinite(norms)
+            self.norms += norms[finite].tolist()
+            self.nonfinite_units += int((~finite).sum())
 
     def summary(self, max_grad_norm: float | None) -> dict:
         out = {"units": self.units, "rows": self.rows,
-               "loss": self.loss_sum / self.rows if self.rows else float("nan")}
-        if self.norms and max_grad_norm is not None:
-            t = torch.tensor(self.norms)
-            out.update(grad_norm_median=float(t.median()),
-                       clip_fraction=float((t > max_grad_norm).float().mean()))
+               "loss": self.loss_sum / self.loss_rows if self.loss_rows else float("nan")}
+        if max_grad_norm is not None:  # DP engines: clipping diagnostics
+            out["nonfinite_units"] = self.nonfinite_units
+            if self.norms:
+                t = torch.tensor(self.norms)
+                out.update(grad_norm_median=float(t.median()),
+                           clip_fraction=float((t > max_grad_norm).float().mean()))
         return out
 
 
@@ -196,14 +221,13 @@ class DPSGDEngine:
             raise RuntimeError(
                 f"{len(missing)} trainable parameter(s) received no per-unit gradient; was the forward run after "
                 "engine.start_step(), and the model moved to its device before the engine attached?")
-        factor = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+        factor = clipping.clip_factors(norms=norms, max_grad_norm=self.max_grad_norm)
+        finite = torch.isfinite(norms)
         for acc, p in zip(self._summed, self.params):
-            acc += torch.einsum("u,u...->...", factor, self._unit_grads[p])
+            ug = clipping.zero_nonfinite_units(unit_grads=self._unit_grads[p], finite=finite)
+            acc += torch.einsum("u,u...->...", factor, ug)
         self._unit_grads = {}
-        self.stats.units += num_units
-        self.stats.rows += int(row_loss.numel())
-        self.stats.loss_sum += float(row_loss.detach().sum())
-        self.stats.norms += norms.tolist()
+        self.stats.add(row_loss=row_loss, norms=norms, num_units=num_units)
 
     def finalize(self) -> dict:
         """Sum over ranks, add noise once, normalise by q*N and write ``p.grad`` (fp32 -> p.dtype)."""
@@ -249,9 +273,7 @@ class NonPrivateEngine:
         if row_loss.numel() == 0:
             return
         (row_loss * row_weight).sum().backward()  # sum over units of each unit's mean loss
-        self.stats.units += num_units
-        self.stats.rows += int(row_loss.numel())
-        self.stats.loss_sum += float(row_loss.detach().sum())
+        self.stats.add(row_loss=row_loss, norms=None, num_units=num_units)
 
     def finalize(self) -> dict:
         units = torch.tensor([float(self.stats.units)])

@@ -17,6 +17,19 @@ pass 2 (hooks off): backward of sum_r w_r c_u(r) loss_r, with c_u = min(1, C/(||
 
 Noise, the all-reduce and the normalisation are the single-pass engine's (``DPSGDEngine.finalize``).
 Exactness is tested against the same naive per-unit loop.
+
+Non-finite units. A unit whose norm from pass 1 is NaN or inf gets c_u = 0 (``clipping.clip_factors``),
+but pass 2 cannot simply run with it: its rows' activations or backprops may be NaN/inf, and the
+weight gradient autograd forms, a sum over *all* rows of backprop x activation, would carry
+0 * NaN = NaN into every unit's contribution. For such a micro-batch pass 2 is instead a second
+hooked backward (to the layers' outputs only) of the same reweighted loss, in which each layer's
+weight gradient is formed from its activations and backprops with the bad units' rows *selected
+away* (``torch.where``) first: exactly sum_u c_u g_u over the finite units, with no re-forward
+(rows are independent through the network, the assumption every per-sample rule already makes).
+
+Shared layers. A layer (or a parameter) used twice in one forward has gradient g1 + g2 per unit,
+but per-layer norms would add ||g1||^2 + ||g2||^2 (a tiny model clips to 1.41 C): it is refused,
+as the single-pass engine refuses it.
 """
 
 from __future__ import annotations
@@ -24,6 +37,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dpdiff.privacy import clipping
 from dpdiff.privacy.engine import DPSGDEngine, reduce_rows_to_units
 
 
@@ -38,7 +52,10 @@ class TwoPassDPSGDEngine(DPSGDEngine):
         self.ghost = ghost
         self.ghost_layers = 0
         self.materialised_layers = 0
-        self._second_pass = False
+        self._pass = "norms"  # which backward the output hooks are in: norms | reweighted | masked
+        self._seen_params: set[int] = set()
+        self._row_ok: torch.Tensor | None = None
+        self._index = {id(p): i for i, p in enumerate(self.params)}
 
     def _use_ghost(self, module, backprops) -> bool:
         if not isinstance(module, nn.Linear) or self.ghost == "never":
@@ -52,8 +69,19 @@ class TwoPassDPSGDEngine(DPSGDEngine):
 
     def _on_layer(self, module, acts, backprops) -> None:
         """Pass 1: this layer's contribution to every unit's squared gradient norm."""
-        if self._second_pass:  # the output hooks fire again in pass 2: nothing to do then
+        if self._pass == "reweighted":  # the output hooks fire again in an autograd pass 2: nothing to do
             return
+        if self._pass == "masked":
+            self._add_masked_layer_grads(module, acts, backprops)
+            return
+        for p in module.parameters(recurse=False):
+            if p.requires_grad:
+                if id(p) in self._seen_params:
+                    raise RuntimeError(
+                        f"{type(module).__name__} (or a parameter it shares) ran twice in one forward; per-unit "
+                        "gradients of shared layers are not supported (their norms would be computed as "
+                        "sqrt(|g1|^2 + |g2|^2) instead of |g1 + g2|)")
+                self._seen_params.add(id(p))
         if self._use_ghost(module, backprops):
             self.ghost_layers += 1
             self._sq_norms += self._ghost_sq_norms(module, acts[0], backprops)
@@ -93,6 +121,36 @@ class TwoPassDPSGDEngine(DPSGDEngine):
             out[j] = total
         return out
 
+    def _add_masked_layer_grads(self, module, acts, backprops) -> None:
+        """Masked pass 2: this layer's sum over the finite units' rows of backprop x activation.
+
+        The backprops are those of sum_r w_r c_u(r) loss_r, so the sum over rows is this layer's part
+        of sum_u c_u g_u. Rows of non-finite units are replaced by zeros *before* any product, so
+        their NaN/inf never reaches a sum over rows.
+        """
+        ok = self._row_ok
+
+        def keep(t: torch.Tensor) -> torch.Tensor:
+            return torch.where(ok.view(-1, *([1] * (t.dim() - 1))), t, t.new_zeros(()))
+
+        acts = [keep(a) for a in acts]
+        backprops = keep(backprops)
+        if isinstance(module, nn.Linear):  # one matrix product, as autograd does, instead of per-row gradients
+            a = acts[0].to(torch.float32).reshape(-1, module.in_features)
+            b = backprops.to(torch.float32).reshape(-1, module.out_features)
+            grads = {}
+            if module.weight.requires_grad:
+                grads[module.weight] = b.T @ a
+            if module.bias is not None and module.bias.requires_grad:
+                grads[module.bias] = b.sum(0)
+        else:
+            grads = {p: gs.to(torch.float32).sum(0)
+                     for p, gs in self.hooks.per_row_grads(module, acts, backprops).items()}
+        for p, g in grads.items():
+            i = self._index.get(id(p))
+            if i is not None and p.requires_grad:
+                self._summed[i] += g
+
     def backward(self, row_loss: torch.Tensor, *, unit_pos: torch.Tensor, row_weight: torch.Tensor,
                  num_units: int) -> None:
         assert self._summed is not None, "call start_step() first"
@@ -100,22 +158,32 @@ class TwoPassDPSGDEngine(DPSGDEngine):
             return
         self._unit_pos, self._row_weight, self._num_units = unit_pos, row_weight, num_units
         self._sq_norms = torch.zeros(num_units, dtype=torch.float32, device=row_loss.device)
+        self._seen_params = set()
+        outputs = list(self.hooks.outputs)  # kept for a masked pass 2
+        self._pass = "norms"
         self.hooks.backward_to_outputs(row_loss.sum(), retain_graph=True)  # pass 1: norms only
-        norms = self._sq_norms.sqrt()
-        factor = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+        # ghost norms are sums of Gram products: a zero gradient can come out at -1e-12, whose sqrt is NaN;
+        # clamp_min keeps NaN (a non-finite unit) NaN
+        norms = self._sq_norms.clamp_min(0.0).sqrt()
+        factor = clipping.clip_factors(norms=norms, max_grad_norm=self.max_grad_norm)
+        finite = torch.isfinite(norms)
         weights = (row_weight.to(torch.float32) * factor[unit_pos]).to(row_loss.dtype)
-        for p in self.params:
-            p.grad = None
-        self._second_pass = True
         try:
-            (row_loss * weights).sum().backward()  # pass 2: sum_u c_u g_u in p.grad
+            if bool(finite.all()):
+                for p in self.params:
+                    p.grad = None
+                self._pass = "reweighted"
+                (row_loss * weights).sum().backward()  # pass 2: sum_u c_u g_u in p.grad
+                for acc, p in zip(self._summed, self.params):
+                    if p.grad is not None:
+                        acc += p.grad.to(torch.float32)
+                    p.grad = None
+            else:
+                self._pass = "masked"
+                self._row_ok = finite[unit_pos]
+                self.hooks.outputs = outputs
+                self.hooks.backward_to_outputs((row_loss * weights).sum())
         finally:
-            self._second_pass = False
-        for acc, p in zip(self._summed, self.params):
-            if p.grad is not None:
-                acc += p.grad.to(torch.float32)
-            p.grad = None
-        self.stats.units += num_units
-        self.stats.rows += int(row_loss.numel())
-        self.stats.loss_sum += float(row_loss.detach().sum())
-        self.stats.norms += norms.tolist()
+            self._pass = "norms"
+            self._row_ok = None
+        self.stats.add(row_loss=row_loss, norms=norms, num_units=num_units)

@@ -287,3 +287,172 @@ def test_two_pass_ghost_regular_units_match_naive_loop():
     want = clip_sum(ref, C)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
     assert eng.ghost_layers > 0
+
+
+# --- the clip factor, non-finite unit gradients, shared layers ------------------------------------------------------
+
+def test_clip_factors_is_abadi_clipping_keyword_only_and_zero_when_not_finite():
+    from dpdiff.privacy.clipping import clip_factors
+
+    C = 0.7
+    norms = torch.tensor([0.0, 1e-9, 0.3, 0.7, 0.7000001, 2.0, 1e3, 1e30, float("nan"), float("inf"), -float("inf")])
+    c = clip_factors(norms=norms, max_grad_norm=C)
+    finite = torch.isfinite(norms)
+    # Abadi et al. 2016, Algorithm 1: g / max(1, ||g|| / C); the + 1e-6 of Opacus clips at most 1e-6/C more
+    abadi = 1.0 / torch.clamp(norms[finite].double() / C, min=1.0)
+    torch.testing.assert_close(c[finite].double(), abadi, rtol=2e-6, atol=0.0)
+    assert bool((c[finite].double() * norms[finite].double() <= C * (1 + 1e-6)).all())  # C, up to fp32 rounding
+    assert c[~finite].tolist() == [0.0, 0.0, 0.0]  # a non-finite unit contributes nothing
+    with pytest.raises(TypeError):
+        clip_factors(norms, C)  # keyword-only: a swapped C and norm cannot slip through
+
+
+def _spy_clip_factors(monkeypatch):
+    from dpdiff.privacy import clipping
+
+    calls = []
+    original = clipping.clip_factors
+
+    def spy(**kw):
+        calls.append(kw)
+        return original(**kw)
+
+    monkeypatch.setattr(clipping, "clip_factors", spy)
+    return calls
+
+
+@pytest.mark.parametrize("engine", ["hooks", "two_pass"])
+def test_both_engines_clip_with_the_named_clip_function(monkeypatch, engine):
+    from dpdiff.privacy.fast_clip import TwoPassDPSGDEngine
+
+    calls = _spy_clip_factors(monkeypatch)
+    model = _Linear(6, 4)
+    cls = DPSGDEngine if engine == "hooks" else TwoPassDPSGDEngine
+    eng = cls(model, noise_multiplier=0.0, max_grad_norm=0.5, expected_batch_size=1.0,
+              noise_generator=torch.Generator())
+    x, t = torch.randn(3, 6), torch.randn(3, 4)
+    eng.start_step()
+    eng.backward((model(x) * t).sum(1), unit_pos=torch.arange(3), row_weight=torch.ones(3), num_units=3)
+    eng.finalize()
+    assert len(calls) == 1 and calls[0]["max_grad_norm"] == 0.5 and calls[0]["norms"].shape == (3,)
+
+
+def _unet(kind: str):
+    from diffusers import UNet2DConditionModel
+
+    from dpdiff.models import tiny
+
+    if kind == "lora":
+        return make_tiny_lora_unet(rank=4)
+    torch.manual_seed(0)
+    cfg = tiny.unet_config()
+    cfg.update(block_out_channels=(32, 32), layers_per_block=1)
+    return UNet2DConditionModel(**cfg).train()
+
+
+def _subset(rows: RowBatch, units: list[int]) -> RowBatch:
+    sel = torch.cat([(rows.unit_pos == u).nonzero().flatten() for u in units])
+    remap = torch.full((rows.num_units,), -1, dtype=torch.long)
+    remap[torch.tensor(units)] = torch.arange(len(units))
+    return RowBatch(rows.latents[sel], rows.noise[sel], rows.timesteps[sel], rows.encoder_hidden_states[sel],
+                    remap[rows.unit_pos[sel]], rows.row_weight[sel], len(units))
+
+
+@pytest.mark.parametrize("engine", ["hooks", "two_pass_never", "two_pass_always"])
+@pytest.mark.parametrize("kind", ["lora", "full"])
+def test_a_nonfinite_unit_contributes_zero_and_leaves_the_others_exact(kind, engine):
+    """One unit's latents are NaN: its contribution is exactly 0, the other units' clipped sum is exactly
+    that of a run without it (per-unit loop reference), and the step counts it."""
+    from dpdiff.privacy.fast_clip import TwoPassDPSGDEngine
+    from dpdiff.training.trainer import split_units
+
+    objective = _objective()
+    model = _unet(kind)
+    rows = _rows([2, 1, 3, 2])
+    bad = 1
+    rows.latents[rows.unit_pos == bad] = float("nan")
+    good = [u for u in range(rows.num_units) if u != bad]
+    ref = naive_unit_gradients(copy.deepcopy(model), objective, _subset(rows, good))
+    assert bool(torch.isfinite(ref).all())
+    C = float(ref.norm(dim=1).median())
+    params = [p for p in model.parameters() if p.requires_grad]
+    kw = dict(noise_multiplier=0.0, max_grad_norm=C, expected_batch_size=2.0,
+              noise_generator=torch.Generator().manual_seed(0), params=params)
+    eng = (DPSGDEngine(model, **kw) if engine == "hooks"
+           else TwoPassDPSGDEngine(model, **kw, ghost=engine.removeprefix("two_pass_")))
+    eng.start_step()
+    for micro in split_units(rows, 2):  # the bad unit shares its micro-batch with a good one
+        eng.backward(objective.row_losses(model, micro), unit_pos=micro.unit_pos, row_weight=micro.row_weight,
+                     num_units=micro.num_units)
+    stats = eng.finalize()
+    eng.close()
+    got = torch.cat([p.grad.flatten() for p in params])
+    want = clip_sum(ref, C) / 2.0
+    assert bool(torch.isfinite(got).all())
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
+    assert stats["nonfinite_units"] == 1 and stats["units"] == 4
+    assert len(eng.stats.norms) == 3 and math.isfinite(stats["loss"]) and math.isfinite(stats["grad_norm_median"])
+
+
+@pytest.mark.parametrize("engine", ["hooks", "two_pass_never", "two_pass_always"])
+def test_an_infinite_unit_gradient_with_finite_activations_contributes_zero(engine):
+    """inf only in one row's backprop (its activations finite): 0 * inf = NaN in the reweighted backward must
+    not reach the shared weight gradient either."""
+    from dpdiff.privacy.fast_clip import TwoPassDPSGDEngine
+
+    g = torch.Generator().manual_seed(5)
+    x, t = torch.randn(4, 10, generator=g), torch.randn(4, 6, generator=g)
+    t[2, 3] = float("inf")
+    model = _Linear(10, 6)
+    kw = dict(noise_multiplier=0.0, max_grad_norm=0.5, expected_batch_size=1.0, noise_generator=torch.Generator())
+    eng = (DPSGDEngine(model, **kw) if engine == "hooks"
+           else TwoPassDPSGDEngine(model, **kw, ghost=engine.removeprefix("two_pass_")))
+    eng.start_step()
+    eng.backward((model(x) * t).sum(1), unit_pos=torch.arange(4), row_weight=torch.ones(4), num_units=4)
+    stats = eng.finalize()
+    per_unit = torch.stack([torch.outer(t[i], x[i]) for i in (0, 1, 3)])
+    norms = per_unit.flatten(1).norm(dim=1)
+    want = (per_unit * (0.5 / (norms + 1e-6)).clamp(max=1)[:, None, None]).sum(0)
+    torch.testing.assert_close(model.lin.weight.grad, want)
+    assert stats["nonfinite_units"] == 1
+
+
+class _Twice(nn.Module):
+    """One nn.Linear applied twice in the forward: each unit's gradient is g1 + g2."""
+
+    def __init__(self, d=5):
+        super().__init__()
+        self.lin = nn.Linear(d, d, bias=True)
+
+    def forward(self, x):
+        return self.lin(torch.tanh(self.lin(x)))
+
+
+class _Tied(nn.Module):
+    """Two nn.Linear sharing one weight."""
+
+    def __init__(self, d=5):
+        super().__init__()
+        self.a = nn.Linear(d, d, bias=False)
+        self.b = nn.Linear(d, d, bias=False)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+
+@pytest.mark.parametrize("model_cls", [_Twice, _Tied])
+@pytest.mark.parametrize("engine", ["hooks", "two_pass_never", "two_pass_always"])
+def test_a_layer_used_twice_in_one_forward_is_refused(engine, model_cls):
+    """Per-layer norms of a reused layer would be sqrt(|g1|^2 + |g2|^2), not |g1 + g2|: fail closed."""
+    from dpdiff.privacy.fast_clip import TwoPassDPSGDEngine
+
+    torch.manual_seed(0)
+    model = model_cls()
+    kw = dict(noise_multiplier=0.0, max_grad_norm=1e-3, expected_batch_size=1.0, noise_generator=torch.Generator())
+    eng = (DPSGDEngine(model, **kw) if engine == "hooks"
+           else TwoPassDPSGDEngine(model, **kw, ghost=engine.removeprefix("two_pass_")))
+    x, t = torch.randn(3, 5), torch.randn(3, 5)
+    eng.start_step()
+    with pytest.raises(RuntimeError, match="ran twice in one forward"):
+        eng.backward((model(x) * t).sum(1), unit_pos=torch.arange(3), row_weight=torch.ones(3), num_units=3)
