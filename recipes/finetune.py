@@ -152,6 +152,7 @@ class FinetuneRecipe:
         from diffusers.training_utils import EMAModel
 
         from dpdiff.data.records import PrivacyUnits
+        from dpdiff.models import adapters
         from dpdiff.training.checkpoint import set_generator_state
         from dpdiff.training.loss import DiffusionObjective
         from dpdiff.training.precision import autocast_dtype
@@ -176,6 +177,8 @@ class FinetuneRecipe:
         self.engine = self.plan.engine(self.base.unet, params=self.params, device=proc.device,
                                        per_sample=t.per_sample, micro_batch_size=t.micro_batch_size,
                                        memory_gb=t.per_sample_memory_gb)
+        self.engine.param_groups = adapters.parameter_groups(self.base.unet, self.params)
+        self.gradient_canaries = self._gradient_canaries()
         self.objective = DiffusionObjective(self.base.noise_scheduler, snr_gamma=t.snr_gamma)
         if t.optimizer == "sgd":
             self.optimizer = torch.optim.SGD(self.params, lr=t.lr, momentum=t.adam_beta1, weight_decay=t.weight_decay)
@@ -199,6 +202,26 @@ class FinetuneRecipe:
             device=proc.device, privacy=self.plan, ema=self.ema, is_main=proc.is_main, log_every=t.log_every,
             checkpoint_every=t.checkpoint_every, checkpoints_total_limit=t.checkpoints_total_limit,
             autocast_dtype=autocast_dtype(t.mixed_precision, proc.device), start_step=start, progress=t.progress)
+
+    def _gradient_canaries(self):
+        """Opt-in white-box gradient canaries for the audit (``probes.audit.gradient_canaries=m``, DP only)."""
+        m = int((self.cfg.probes.get("audit") or {}).get("gradient_canaries", 0) or 0)
+        if m <= 0 or self.plan.mechanism is None:
+            return None
+        if self.resume is not None:
+            raise UserError("probes.audit.gradient_canaries: a resumed run cannot be audited with gradient canaries "
+                            "(their scores live in the process that started the run); set it to 0 to resume")
+        from dpdiff.probes.canaries import GradientCanaries, GradientCanaryHook
+
+        mech = self.plan.mechanism
+        canaries = GradientCanaries(count=m, num_params=sum(p.numel() for p in self.params),
+                                    seed=int((self.cfg.probes.get("audit") or {}).get("seed", 0) or 0))
+        hook = GradientCanaryHook(canaries, shapes=[tuple(p.shape) for p in self.params],
+                                  noise_multiplier=mech.noise_multiplier, sample_rate=mech.sample_rate,
+                                  clip_norm=self.settings.privacy.max_grad_norm)
+        if self.proc.is_main:
+            self.engine.gradient_canaries = hook
+        return hook
 
     def _restore_training_state(self, row_gen, set_generator_state) -> None:
         ckpt, proc = self.checkpoint, self.proc
@@ -261,6 +284,8 @@ class FinetuneRecipe:
     def train(self) -> None:
         self.trainer.run()
         self.trainer.checkpoint()
+        if self.gradient_canaries is not None and self.proc.is_main:
+            self.gradient_canaries.save(self.run_dir)
 
     # ----------------------------------------------------------------------------------- save
     def save(self) -> dict:

@@ -89,6 +89,28 @@ def save(unet: nn.Module, *, kind: str, out_dir: Path) -> Path:
     return out_dir / "unet"
 
 
+def parameter_groups(unet: nn.Module, params: list[nn.Parameter]) -> dict[str, list[int]]:
+    """Indices of ``params`` by the part of the UNet they belong to (self-attention, cross-attention,
+    resnets, ...), for per-group statistics."""
+    index = {id(p): i for i, p in enumerate(params)}
+    groups: dict[str, list[int]] = {}
+    for name, p in unet.named_parameters():
+        if id(p) not in index:
+            continue
+        if ".attn1." in name:
+            g = "self-attention"
+        elif ".attn2." in name:
+            g = "cross-attention"
+        elif ".resnets." in name:
+            g = "resnets"
+        elif ".attentions." in name:
+            g = "attention blocks (other)"
+        else:
+            g = name.split(".")[0]
+        groups.setdefault(g, []).append(index[id(p)])
+    return groups
+
+
 def trainable_state(unet: nn.Module) -> dict[str, torch.Tensor]:
     """The trainable tensors by name (for checkpoints and EMA)."""
     return {n: p.detach().clone() for n, p in unet.named_parameters() if p.requires_grad}

@@ -167,6 +167,8 @@ class DPSGDEngine:
         self.max_grad_norm = float(max_grad_norm)
         self.expected_batch_size = float(expected_batch_size)
         self.noise_generator = noise_generator
+        self.param_groups: dict[str, list[int]] = {}  # name -> indices into params, for the SNR statistics
+        self.gradient_canaries = None  # an opt-in audit (dpdiff.probes.canaries.GradientCanaryHook)
         self.hooks = LayerHooks(model, self._on_layer)
         self._summed: list[torch.Tensor] | None = None
         self._unit_grads: dict = {}
@@ -230,22 +232,59 @@ class DPSGDEngine:
         self.stats.add(row_loss=row_loss, norms=norms, num_units=num_units)
 
     def finalize(self) -> dict:
-        """Sum over ranks, add noise once, normalise by q*N and write ``p.grad`` (fp32 -> p.dtype)."""
+        """Sum the clipped gradients over ranks, add the noise once (rank 0) to that global sum, give every
+        rank the same noisy sum, normalise by q*N and write ``p.grad`` (fp32 -> p.dtype).
+
+        Rank 0 also measures, per parameter group, the norm of the clipped mean (the signal) against the
+        norm of the noise added to it: a non-private statistic, logged for the data owner to see whether a
+        run can learn (a ratio far below 1 at every step means the update is mostly noise).
+        """
         assert self._summed is not None, "call start_step() first"
         self.hooks.enabled = False
         self.hooks.outputs = []
         std = self.noise_multiplier * self.max_grad_norm
-        add_noise_here = not _dist_ready() or dist.get_rank() == 0
-        for acc in self._summed:
-            if add_noise_here and std > 0:
-                acc += torch.normal(0.0, std, size=acc.shape, generator=self.noise_generator,
-                                    device=acc.device, dtype=torch.float32)
-            if _dist_ready():
+        distributed = _dist_ready()
+        if distributed:  # the noise-free global sum, identical on every rank
+            for acc in self._summed:
                 dist.all_reduce(acc, op=dist.ReduceOp.SUM)
+        main = not distributed or dist.get_rank() == 0
+        signal_sq = [float(acc.pow(2).sum()) for acc in self._summed] if main else []
+        noise_sq = [0.0] * len(self._summed)
+        if main and self.gradient_canaries is not None:
+            self.gradient_canaries.inject(self._summed, generator=self.noise_generator)
+        for i, acc in enumerate(self._summed):
+            if main and std > 0:
+                z = torch.normal(0.0, std, size=acc.shape, generator=self.noise_generator, device=acc.device,
+                                 dtype=torch.float32)
+                noise_sq[i] = float(z.pow(2).sum())
+                acc += z
+            if distributed:  # rank 0's noisy sum to every rank: one noise draw in total
+                dist.broadcast(acc, src=0)
+        if main and self.gradient_canaries is not None:
+            self.gradient_canaries.observe(self._summed)
         for p, acc in zip(self.params, self._summed):
             p.grad = (acc / self.expected_batch_size).to(p.dtype)
         self._summed = None
-        return self.stats.summary(self.max_grad_norm)
+        out = self.stats.summary(self.max_grad_norm)
+        if main:
+            out.update(signal_to_noise(signal_sq, noise_sq, groups=self.param_groups,
+                                       expected_batch_size=self.expected_batch_size))
+        return out
+
+
+def signal_to_noise(signal_sq: list[float], noise_sq: list[float], *, groups: dict[str, list[int]],
+                    expected_batch_size: float) -> dict:
+    """``signal_norm`` (of the clipped mean gradient), ``noise_norm`` (of the noise in the averaged gradient) and
+    their ratio ``snr``, overall and as ``snr/<group>`` per parameter group (squared norms per tensor in)."""
+    def ratio(s: float, n: float) -> float:
+        return math.sqrt(s) / math.sqrt(n) if n > 0 else math.inf
+
+    s, n = sum(signal_sq), sum(noise_sq)
+    out = {"signal_norm": math.sqrt(s) / expected_batch_size, "noise_norm": math.sqrt(n) / expected_batch_size,
+           "snr": ratio(s, n)}
+    for name, idx in groups.items():
+        out[f"snr/{name}"] = ratio(sum(signal_sq[i] for i in idx), sum(noise_sq[i] for i in idx))
+    return out
 
 
 class NonPrivateEngine:
@@ -287,25 +326,6 @@ class NonPrivateEngine:
                 dist.all_reduce(p.grad)
             p.grad /= total
         return self.stats.summary(None)
-
-
-def noise_generator(*, seed: int | None, secure: bool, device: torch.device | str = "cpu") -> torch.Generator:
-    """The generator of the Gaussian noise.
-
-    ``secure=True`` seeds it from the OS CSPRNG (``os.urandom``), so the noise cannot be
-    reproduced from the run's seed or config. Caveat: torch's generator itself is a Mersenne
-    Twister, not a CSPRNG, and Gaussian samples in floating point are vulnerable to the
-    least-significant-bit attack of Mironov (CCS 2012); the guarantee is that of the
-    idealised real-valued mechanism, as in every DP-SGD library without a discrete sampler.
-    """
-    import os
-
-    gen = torch.Generator(device=device)
-    if secure:
-        gen.manual_seed(int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1))
-    else:
-        gen.manual_seed(int(seed) if seed is not None else 0)
-    return gen
 
 
 def expected_noise_std(*, noise_multiplier: float, max_grad_norm: float, expected_batch_size: float) -> float:

@@ -182,8 +182,13 @@ class GradientCanaries:
     def observe(self, noisy_summed_grad, *, noise_multiplier: float, sample_rate: float, clip_norm: float) -> None:
         """Add this step's log likelihood ratio to each canary's score (the flat noisy *sum*, before
         any division by the batch size)."""
-        x = noisy_summed_grad.view(-1)[self._coords(noisy_summed_grad.device)].double().cpu().numpy()
-        x /= float(clip_norm)
+        values = noisy_summed_grad.view(-1)[self._coords(noisy_summed_grad.device)].double().cpu().numpy()
+        self.observe_values(values, noise_multiplier=noise_multiplier, sample_rate=sample_rate, clip_norm=clip_norm)
+
+    def observe_values(self, values: np.ndarray, *, noise_multiplier: float, sample_rate: float,
+                       clip_norm: float) -> None:
+        """``observe`` given the noisy sum's values at the canary coordinates only."""
+        x = np.asarray(values, dtype=np.float64) / float(clip_norm)
         q, var = float(sample_rate), float(noise_multiplier) ** 2
         if q >= 1.0:
             self.scores += (x - 0.5) / var
@@ -207,3 +212,38 @@ def load_gradient_canaries(run_dir: Path) -> dict | None:
 
     p = Path(run_dir) / "gradient_canaries.json"
     return json.loads(p.read_text()) if p.exists() else None
+
+
+class GradientCanaryHook:
+    """Connects ``GradientCanaries`` to a DP engine's noise step, whose clipped sum is a list of tensors (one
+    per trainable parameter): the canaries' flat coordinates are mapped onto (tensor, offset) once. The
+    engine calls ``inject(tensors, generator=...)`` before the noise and ``observe(tensors)`` after it,
+    on the process that adds the noise."""
+
+    def __init__(self, canaries: GradientCanaries, *, shapes: list[tuple[int, ...]], noise_multiplier: float,
+                 sample_rate: float, clip_norm: float):
+        sizes = np.array([int(np.prod(s)) for s in shapes], dtype=np.int64)
+        starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        if int(sizes.sum()) <= int(canaries.coordinates.max()):
+            raise ValueError("gradient canaries were drawn over more parameters than the engine trains")
+        self.canaries = canaries
+        self.tensor = np.searchsorted(starts, canaries.coordinates, side="right") - 1
+        self.offset = canaries.coordinates - starts[self.tensor]
+        self.noise_multiplier, self.sample_rate, self.clip_norm = noise_multiplier, sample_rate, clip_norm
+
+    def inject(self, tensors, *, generator=None) -> int:
+        import torch
+
+        joined = (torch.rand(self.canaries.count, generator=generator) < self.sample_rate).numpy()
+        joined &= self.canaries.included
+        for j in np.flatnonzero(joined):
+            tensors[int(self.tensor[j])].view(-1)[int(self.offset[j])] += float(self.clip_norm)
+        return int(joined.sum())
+
+    def observe(self, tensors) -> None:
+        values = np.array([float(tensors[int(t)].view(-1)[int(o)]) for t, o in zip(self.tensor, self.offset)])
+        self.canaries.observe_values(values, noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate,
+                                     clip_norm=self.clip_norm)
+
+    def save(self, run_dir: Path) -> Path:
+        return self.canaries.save(run_dir)
