@@ -51,7 +51,8 @@ def run_one(name: str, overrides: list[str], out_dir: Path, env: dict) -> dict:
         "style_rate": ft.get("style_rate"), "retention_accuracy": ft.get("retention_accuracy"),
         "retention_style_rate": ft.get("retention_style_rate"),
         "per_digit": {k: v["both"] for k, v in (ft.get("per_digit") or {}).items()},
-        "base_accuracy_in_style": base.get("accuracy_in_style"), "base_retention_accuracy": base.get("retention_accuracy"),
+        "base_accuracy_in_style": base.get("accuracy_in_style"),
+        "base_retention_accuracy": base.get("retention_accuracy"),
         "heldout_loss": held.get("heldout_loss"), "heldout_loss_base": held.get("heldout_loss_base"),
         "snr_median": sorted(snr)[len(snr) // 2] if snr else None,
         "nsr_run_planned": (priv.get("plan") or {}).get("nsr_run"),
@@ -80,10 +81,13 @@ def write_results(rows: list[dict], demo: str, meta: dict) -> None:
     for r in ok:
         rel = (r["accuracy_in_style"] / head) if (head and r["accuracy_in_style"] is not None) else None
         eps = "none (non-private)" if not r["dp"] else _f(r["epsilon"], "{:.2f}")
-        lines.append(f"| {eps} | {_f(r['noise_multiplier'], '{:.3f}')} | {r['steps']} x {_f(r['expected_batch_size'], '{:.0f}')} "
-                     f"| {_f(r['accuracy_in_style'], '{:.0%}')} | {_f(rel, '{:.0%}')} | {_f(r['prompt_accuracy'], '{:.0%}')} "
-                     f"| {_f(r['retention_accuracy'], '{:.0%}')} | {_f(r['heldout_loss'], '{:.4f}')} "
-                     f"({_f(r['heldout_loss_base'], '{:.4f}')}) | {_f(r['snr_median'], '{:.3f}')} | {r['wall_seconds']} |")
+        cells = [eps, _f(r["noise_multiplier"], "{:.3f}"),
+                 f"{r['steps']} x {_f(r['expected_batch_size'], '{:.0f}')}",
+                 _f(r["accuracy_in_style"], "{:.0%}"), _f(rel, "{:.0%}"), _f(r["prompt_accuracy"], "{:.0%}"),
+                 _f(r["retention_accuracy"], "{:.0%}"),
+                 f"{_f(r['heldout_loss'], '{:.4f}')} ({_f(r['heldout_loss_base'], '{:.4f}')})",
+                 _f(r["snr_median"], "{:.3f}"), str(r["wall_seconds"])]
+        lines.append("| " + " | ".join(cells) + " |")
     if ok:
         lines += ["", f"Base model: right digit in the private look {_f(ok[0]['base_accuracy_in_style'], '{:.0%}')}, "
                   f"retention {_f(ok[0]['base_retention_accuracy'], '{:.0%}')}.", "",
