@@ -142,6 +142,9 @@ def resolve_mechanism(settings: PrivacySettings, *, num_units: float, batch_size
             raise UserError(f"privacy.target_epsilon={settings.target_epsilon:g}: {err}") from None
     report = acc.epsilon(history=[*history, MechanismSegment(sigma, q, remaining)], delta=delta)
     eps = report.epsilon
+    if not report.meaningful:
+        log.warning("privacy.noise_multiplier=%g over %d steps at q=%.4g: %s", sigma, spent + remaining, q,
+                    report.describe())
     if settings.target_epsilon is not None and eps > settings.target_epsilon:
         fit = max_steps_within(target_epsilon=settings.target_epsilon, delta=delta, noise_multiplier=sigma,
                                sample_rate=q, accountant=acc, history=history)

@@ -21,6 +21,8 @@ def terminal_summary(*, privacy: dict, probes: dict | None, steps: int, seconds:
     if privacy["dp"]:
         guarantee = (f"({privacy['epsilon']:.3f}, {privacy['delta']:.2g})-DP per {privacy['privacy_unit']} "
                      f"[{privacy['accountant']}], target epsilon {privacy['target_epsilon']}")
+        if privacy["epsilon"] is not None and not privacy["epsilon"] <= 100:
+            guarantee += " (NO MEANINGFUL GUARANTEE: epsilon above 100)"
         if privacy.get("reproducible_noise"):
             guarantee += " (REPRODUCIBLE NOISE: debugging only, no guarantee across runs)"
     else:

@@ -61,6 +61,9 @@ def test_runs_with_one_seed_draw_independent_noise_and_masks(tmp_path):
                     "train.lr=0.05", *extra, f"hydra.run.dir={runs[name]}")
         assert r.returncode == 0, r.stderr[-3000:]
     wa, wb, ra, rb = (lora(runs[n]) for n in ("a", "b", "ra", "rb"))
+    # nothing that regenerates the noise or the masks is saved with a default run's checkpoint
+    state = json.loads(next(runs["a"].glob("checkpoint-*/state.json")).read_text())
+    assert state["noise_generator"] is None and all(r["sampler"] is None for r in state["ranks"])
     assert any(not torch.equal(wa[k], wb[k]) for k in wa)
     assert all(torch.equal(ra[k], rb[k]) for k in ra)
     assert _priv(runs["a"])["reproducible_noise"] is False
@@ -110,3 +113,16 @@ def test_a_crash_after_the_last_checkpoint_is_still_counted(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     # every step ever taken is accounted: the discarded ones after the checkpoint, then 2 more
     assert _priv(b)["steps"] == spent + 2
+
+
+def test_a_run_dir_holding_a_run_is_not_reused(tmp_path):
+    """A second fresh run into a run dir is refused before Hydra writes anything there; resuming is the way."""
+    a = tmp_path / "a"
+    r = run_cli("finetune", *FAST, "train.max_steps=2", "privacy.target_epsilon=50", f"hydra.run.dir={a}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    before = {p.name: p.read_bytes() for p in (a / ".hydra").iterdir()} | {"m": (a / "metrics.jsonl").read_bytes()}
+    r = run_cli("finetune", *FAST, "train.max_steps=3", "privacy.target_epsilon=40", f"hydra.run.dir={a}")
+    assert r.returncode == 2 and "already holds a run" in r.stderr.strip().splitlines()[-1]
+    assert "train.resume_from=latest" in r.stderr
+    after = {p.name: p.read_bytes() for p in (a / ".hydra").iterdir()} | {"m": (a / "metrics.jsonl").read_bytes()}
+    assert after == before
