@@ -1,4 +1,4 @@
-"""Figures of a run: epsilon vs step and the training loss (matplotlib, Agg, PNG)."""
+"""Figures of a run: epsilon vs step, the training loss, the signal-to-noise per step (matplotlib, Agg, PNG)."""
 
 from __future__ import annotations
 
@@ -69,4 +69,22 @@ def write_run_plots(run_dir: Path, *, metrics: list[dict], privacy: dict) -> dic
         fig.savefig(path)
         plt.close(fig)
         out["training loss"] = path
+    snr = [(m["step"], m["snr"]) for m in metrics if m.get("snr") is not None]
+    if snr:
+        fig, ax = plt.subplots(figsize=(5.5, 3.2), dpi=110)
+        ax.plot([p[0] for p in snr], [p[1] for p in snr], color="#1a7f37", lw=1.5, label="all trainable weights")
+        for g in sorted({k for m in metrics for k in m if k.startswith("snr/")}):
+            pts = [(m["step"], m[g]) for m in metrics if m.get(g) is not None]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=0.8, alpha=0.7, label=g[4:])
+        ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_ylabel("|clipped mean| / |noise|")
+        ax.set_title("Signal to noise per step (non-private statistic)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+        fig.tight_layout()
+        path = Path(run_dir) / "plot_snr.png"
+        fig.savefig(path)
+        plt.close(fig)
+        out["signal to noise"] = path
     return out

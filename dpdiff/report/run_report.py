@@ -132,6 +132,30 @@ def utility_rows(utility: dict) -> list[tuple[str, str]]:
     return rows
 
 
+def signal_rows(plan: dict | None, metrics: list[dict]) -> list[tuple[str, str]]:
+    """The plan's noise-to-signal budget and the signal-to-noise the run measured (non-private statistics)."""
+    rows = []
+    if plan:
+        rows += [("trainable weights", f"{plan['trainable_parameters']:,}"),
+                 ("noise std per coordinate of the averaged gradient", _fmt(plan["noise_std_per_coordinate"])),
+                 ("noise / largest possible signal: per step, over the run",
+                  f"{_fmt(plan['nsr_step'], 3)}, {_fmt(plan['nsr_run'], 3)} (planned; the signal is at most C)")]
+        if plan.get("units_per_prompt") is not None:
+            rows.append(("units per prompt (median)", _fmt(plan["units_per_prompt"])))
+    snr = sorted(m["snr"] for m in metrics if m.get("snr") is not None)
+    if snr:
+        rows.append(("measured signal / noise per step (median over logged steps)",
+                     f"{_fmt(snr[len(snr) // 2], 3)} (signal: the clipped mean gradient; below ~0.1 the updates are "
+                     "mostly noise)"))
+        groups = sorted({k for m in metrics for k in m if k.startswith("snr/")})
+        for g in groups:
+            vals = sorted(m[g] for m in metrics if m.get(g) is not None)
+            rows.append((f"  {g[4:]}", _fmt(vals[len(vals) // 2], 3)))
+    for w in (plan or {}).get("warnings") or []:
+        rows.append(("warning", w))
+    return rows or [("status", "no signal-to-noise statistics were logged")]
+
+
 def build_sections(*, priv: dict, run: dict, probes: dict | None, metrics: list[dict],
                    utility: dict | None = None) -> list[tuple[str, list]]:
     """(title, rows) pairs shared by the markdown and HTML renderers."""
@@ -155,7 +179,11 @@ def build_sections(*, priv: dict, run: dict, probes: dict | None, metrics: list[
             ("final loss", _fmt(last.get("loss"))),
             ("median per-unit gradient norm (last log)", _fmt(last.get("grad_norm_median"))),
             ("fraction of units clipped (last log)", _fmt(last.get("clip_fraction"))),
+            ("units with a non-finite gradient (contributed zero)",
+             _fmt(sum(int(m.get("nonfinite_units") or 0) for m in metrics))),
         ]))
+    if priv.get("dp"):
+        out.append(("Signal and noise: can this run learn?", signal_rows(priv.get("plan"), metrics)))
     if utility:
         out.append(("Utility", utility_rows(utility)))
     if probes:
