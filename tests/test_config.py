@@ -31,7 +31,7 @@ def test_every_option_composes(group, option):
     "privacy.accountant=prv", "privacy.accountant=rdp", "privacy.accountant=pld", "privacy.augmult=2",
     "train.max_steps=5", "train.lr=1e-4", "train.batch_size=8", "train.seed=3", "probes=none",
     "probes=default", "tracker=local", "tracker=wandb", "privacy.unit=user", "train.micro_batch_size=4",
-    "train.resume_from=latest", "privacy.reproducible_noise=true", "train.optimizer=sgd",
+    "train.resume_from=latest", "privacy.reproducible_noise=true", "train.optimizer=sgd", "data.demo=handwritten59",
 ])
 def test_contract_overrides_exist(override):
     key, value = override.split("=", 1)
