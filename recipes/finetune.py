@@ -399,6 +399,12 @@ class FinetuneRecipe:
                                stopped_for_budget=self.trainer.stopped_for_budget), flush=True)
 
 
+def _timed(name: str, fn) -> None:
+    t = time.time()
+    fn()
+    log.info("%s: %.0f s", name, time.time() - t)
+
+
 def run(cfg: DictConfig) -> None:
     """Hydra task: one finetune run in Hydra's run dir."""
     from hydra.core.hydra_config import HydraConfig
@@ -409,13 +415,10 @@ def run(cfg: DictConfig) -> None:
     recipe = FinetuneRecipe(cfg, run_dir.path)
     started = False
     try:
-        recipe.setup()
+        _timed("setup", recipe.setup)
         started = True
-        recipe.train()
-        recipe.save()
-        recipe.probe()
-        recipe.evaluate()
-        recipe.report()
+        for name in ("train", "save", "probe", "evaluate", "report"):
+            _timed(name, getattr(recipe, name))
         recipe.print_summary()
     except UserError:
         if not started:  # nothing was trained: no charge to the dataset, no half-written run dir

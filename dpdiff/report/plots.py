@@ -14,14 +14,25 @@ def _plt():
     return plt
 
 
-def epsilon_curve(privacy: dict, points: int = 40) -> tuple[list[int], list[float]]:
-    """Epsilon after each of ``points`` step counts, recomputed from the ledger."""
+def epsilon_curve(privacy: dict, metrics: list[dict] | None = None, points: int = 12) -> tuple[list[int], list[float]]:
+    """Epsilon against the step count.
+
+    The values the run logged (metrics.jsonl ``epsilon``: the run's accountant over its ledger at that
+    step) plus the final one from privacy.json, when the run logged at least three; otherwise recomputed
+    from the ledger at ``points`` step counts (a PRV epsilon costs about a second, so not at every step).
+    """
     from dpdiff.privacy.accountants import MechanismSegment, get_accountant
 
     segs = [MechanismSegment(**s) for s in privacy.get("ledger") or []]
     total = sum(s.steps for s in segs)
     if not total:
         return [], []
+    logged = {int(m["step"]): float(m["epsilon"]) for m in metrics or []
+              if m.get("epsilon") is not None and 0 < int(m["step"]) <= total}
+    if len(logged) >= 3 and privacy.get("epsilon") is not None:
+        logged[total] = float(privacy["epsilon"])
+        steps = sorted(logged)
+        return steps, [logged[t] for t in steps]
     acc = get_accountant(privacy["accountant"])
     steps = sorted({max(1, round(total * i / points)) for i in range(1, points + 1)})
     eps = []
@@ -40,7 +51,7 @@ def write_run_plots(run_dir: Path, *, metrics: list[dict], privacy: dict) -> dic
     plt = _plt()
     out: dict[str, Path] = {}
     if privacy.get("dp"):
-        steps, eps = epsilon_curve(privacy)
+        steps, eps = epsilon_curve(privacy, metrics)
         if steps:
             fig, ax = plt.subplots(figsize=(5.5, 3.2), dpi=110)
             ax.plot(steps, eps, color="#0969da", lw=2)
