@@ -31,12 +31,16 @@ def epsilon_curve(privacy: dict, metrics: list[dict] | None = None, points: int 
               if m.get("epsilon") is not None and 0 < int(m["step"]) <= total}
     if len(logged) >= 3 and privacy.get("epsilon") is not None:
         logged[total] = float(privacy["epsilon"])
+        logged[0] = 0.0  # nothing spent before the first step
         steps = sorted(logged)
         return steps, [logged[t] for t in steps]
     acc = get_accountant(privacy["accountant"])
-    steps = sorted({max(1, round(total * i / points)) for i in range(1, points + 1)})
+    steps = sorted({0} | {max(1, round(total * i / points)) for i in range(1, points + 1)})
     eps = []
     for t in steps:
+        if t == 0:
+            eps.append(0.0)
+            continue
         left, hist = t, []
         for s in segs:
             take = min(left, s.steps)

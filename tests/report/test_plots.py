@@ -18,7 +18,7 @@ def _privacy(steps: int) -> dict:
 def test_curve_recomputed_from_the_ledger_without_logged_values():
     priv = _privacy(60)
     steps, eps = epsilon_curve(priv, [], points=6)
-    assert steps == [10, 20, 30, 40, 50, 60]
+    assert steps == [0, 10, 20, 30, 40, 50, 60] and eps[0] == 0
     assert eps == sorted(eps) and eps[-1] == pytest.approx(priv["epsilon"])
 
 
