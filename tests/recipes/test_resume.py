@@ -24,6 +24,7 @@ def _priv(run_dir):
     return json.loads((run_dir / "privacy.json").read_text())
 
 
+@pytest.mark.slow  # 3 runs; the resume's ledger arithmetic is covered fast in tests/privacy/test_plan.py
 def test_resume_equals_uninterrupted_run(tmp_path):
     """With reproducible (seeded) noise, a debugging mode, resume is bit-exact."""
     fixed = ["privacy.noise_multiplier=1.0", "privacy.target_epsilon=50", "privacy.reproducible_noise=true"]
@@ -57,7 +58,8 @@ def test_runs_with_one_seed_draw_independent_noise_and_masks(tmp_path):
     for name, extra in (("a", []), ("b", []), ("ra", ["privacy.reproducible_noise=true"]),
                         ("rb", ["privacy.reproducible_noise=true"])):
         runs[name] = tmp_path / name
-        r = run_cli("finetune", *FAST, "train.max_steps=2", "train.seed=7", "privacy.target_epsilon=50",
+        r = run_cli("finetune", *FAST, "train.max_steps=2", "train.seed=7", "privacy.noise_multiplier=1.0",
+                    "privacy.target_epsilon=null",
                     "train.lr=0.05", *extra, f"hydra.run.dir={runs[name]}")
         assert r.returncode == 0, r.stderr[-3000:]
     wa, wb, ra, rb = (lora(runs[n]) for n in ("a", "b", "ra", "rb"))
@@ -71,6 +73,7 @@ def test_runs_with_one_seed_draw_independent_noise_and_masks(tmp_path):
     assert priv["reproducible_noise"] is True and any("no guarantee across runs" in c for c in priv["caveats"])
 
 
+@pytest.mark.slow  # the refusal and its message are covered fast in tests/privacy/test_plan.py
 def test_raising_steps_past_the_target_is_refused(tmp_path):
     a = tmp_path / "a"
     r = run_cli("finetune", *FAST, "privacy.target_epsilon=2", "train.max_steps=3", f"hydra.run.dir={a}")
