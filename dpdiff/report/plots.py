@@ -14,6 +14,13 @@ def _plt():
     return plt
 
 
+def _save(plt, fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def epsilon_curve(privacy: dict, metrics: list[dict] | None = None, points: int = 12) -> tuple[list[int], list[float]]:
     """Epsilon against the step count.
 
@@ -66,11 +73,7 @@ def write_run_plots(run_dir: Path, *, metrics: list[dict], privacy: dict) -> dic
             ax.set_ylabel(f"epsilon (delta={privacy['delta']:.2g})")
             ax.set_title(f"Privacy spent ({privacy['accountant']})")
             ax.grid(alpha=0.3)
-            fig.tight_layout()
-            path = Path(run_dir) / "plot_epsilon.png"
-            fig.savefig(path)
-            plt.close(fig)
-            out["epsilon vs step"] = path
+            out["epsilon vs step"] = _save(plt, fig, Path(run_dir) / "plot_epsilon.png")
     pts = [(m["step"], m["loss"]) for m in metrics if m.get("loss") is not None]
     if pts:
         fig, ax = plt.subplots(figsize=(5.5, 3.2), dpi=110)
@@ -79,11 +82,7 @@ def write_run_plots(run_dir: Path, *, metrics: list[dict], privacy: dict) -> dic
         ax.set_ylabel("denoising loss (train, non-private)")
         ax.set_title("Training loss")
         ax.grid(alpha=0.3)
-        fig.tight_layout()
-        path = Path(run_dir) / "plot_loss.png"
-        fig.savefig(path)
-        plt.close(fig)
-        out["training loss"] = path
+        out["training loss"] = _save(plt, fig, Path(run_dir) / "plot_loss.png")
     snr = [(m["step"], m["snr"]) for m in metrics if m.get("snr") is not None]
     if snr:
         fig, ax = plt.subplots(figsize=(5.5, 3.2), dpi=110)
@@ -97,9 +96,5 @@ def write_run_plots(run_dir: Path, *, metrics: list[dict], privacy: dict) -> dic
         ax.set_title("Signal to noise per step (non-private statistic)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6)
-        fig.tight_layout()
-        path = Path(run_dir) / "plot_snr.png"
-        fig.savefig(path)
-        plt.close(fig)
-        out["signal to noise"] = path
+        out["signal to noise"] = _save(plt, fig, Path(run_dir) / "plot_snr.png")
     return out
