@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -69,3 +70,27 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
     e.update(env or {})
     return subprocess.run([sys.executable, "-m", "dpdiff.cli", *args], cwd=cwd or ROOT, env=e,
                           capture_output=True, text=True, timeout=timeout)
+
+
+@contextlib.contextmanager
+def trained_recipe(run_dir: Path, overrides: list[str], patch=None):
+    """A FinetuneRecipe composed from ``overrides``, set up, patched, trained and saved in ``run_dir``
+    (in this process, so a test can patch it); cleaned up on exit."""
+    from hydra import compose, initialize_config_dir
+
+    from dpdiff.paths import config_dir
+    from recipes.finetune import FinetuneRecipe
+
+    with initialize_config_dir(config_dir=str(config_dir()), version_base=None):
+        cfg = compose("finetune", overrides=overrides)
+    run_dir.mkdir(parents=True)
+    recipe = FinetuneRecipe(cfg, run_dir)
+    try:
+        recipe.setup()
+        if patch:
+            patch(recipe)
+        recipe.train()
+        recipe.save()
+        yield recipe
+    finally:
+        recipe.cleanup()

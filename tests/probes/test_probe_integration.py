@@ -9,10 +9,9 @@ import json
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
+from helpers import trained_recipe
 
 from dpdiff.data.demos import builtin_digits_dir
-from dpdiff.paths import config_dir
 
 pytestmark = pytest.mark.slow
 
@@ -31,22 +30,9 @@ def few_digits(root: Path, n: int = 24) -> Path:
 
 
 def run_recipe(run_dir: Path, overrides: list[str], patch=None):
-    from recipes.finetune import FinetuneRecipe
-
-    with initialize_config_dir(config_dir=str(config_dir()), version_base=None):
-        cfg = compose("finetune", overrides=overrides)
-    run_dir.mkdir(parents=True)
-    recipe = FinetuneRecipe(cfg, run_dir)
-    try:
-        recipe.setup()
-        if patch:
-            patch(recipe)
-        recipe.train()
-        recipe.save()
+    with trained_recipe(run_dir, overrides, patch) as recipe:
         recipe.probe()
         recipe.report()
-    finally:
-        recipe.cleanup()
     return json.loads((run_dir / "probes.json").read_text()), json.loads((run_dir / "privacy.json").read_text())
 
 

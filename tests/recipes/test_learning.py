@@ -15,9 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-
-from dpdiff.paths import config_dir
+from helpers import trained_recipe
 
 COMMON = ["train.max_steps=60", "train.batch_size=32", "train.micro_batch_size=32", "train.lr=3e-3",
           "train.lr_warmup_steps=0", "train.sample.per_prompt=1", "train.sample.steps=2", "train.progress=false",
@@ -36,21 +34,8 @@ def printed(tmp_path_factory) -> Path:
 
 def _gain(run_dir: Path, overrides: list[str], patch=None) -> float:
     """(base - fine-tuned) held-out denoising loss after training."""
-    from recipes.finetune import FinetuneRecipe
-
-    with initialize_config_dir(config_dir=str(config_dir()), version_base=None):
-        cfg = compose("finetune", overrides=[*COMMON, *overrides])
-    run_dir.mkdir(parents=True)
-    recipe = FinetuneRecipe(cfg, run_dir)
-    try:
-        recipe.setup()
-        if patch:
-            patch(recipe)
-        recipe.train()
-        recipe.save()
+    with trained_recipe(run_dir, [*COMMON, *overrides], patch) as recipe:
         util = recipe.evaluate()["heldout_loss"]
-    finally:
-        recipe.cleanup()
     return util["heldout_loss_base"] - util["heldout_loss"]
 
 
