@@ -1,7 +1,7 @@
 """Time and peak memory of one training step configuration, in a fresh process (so peak RSS is its own).
 
     python benchmarks/bench_step.py --model tiny|sd15 --adapter lora|full --mode nondp|dp|naive
-        [--engine hooks|two_pass] [--batch 32] [--micro 32] [--augmult 1] [--steps 5] [--resolution 16]
+        [--engine hooks|two_pass|bookkeeping] [--batch 32] [--micro 32] [--augmult 1] [--steps 5] [--resolution 16]
 
 Prints one JSON line: median seconds per logical step (after a warm-up step) and peak RSS (MiB).
 ``naive`` is the straightforward DP implementation: a forward/backward per unit, clip, sum, noise.
@@ -74,6 +74,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
+    from dpdiff.privacy.bookkeeping import BookKeepingDPSGDEngine
     from dpdiff.privacy.engine import DPSGDEngine, NonPrivateEngine
     from dpdiff.privacy.fast_clip import TwoPassDPSGDEngine
     from dpdiff.training.loss import DiffusionObjective
@@ -83,7 +84,7 @@ def main() -> None:
     obj = DiffusionObjective(sched)
     opt = torch.optim.AdamW(params, lr=1e-5)
     if a.mode == "dp":
-        cls = TwoPassDPSGDEngine if a.engine == "two_pass" else DPSGDEngine
+        cls = {"hooks": DPSGDEngine, "two_pass": TwoPassDPSGDEngine, "bookkeeping": BookKeepingDPSGDEngine}[a.engine]
         engine = cls(unet, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=float(a.batch),
                      noise_generator=torch.Generator().manual_seed(0), params=params)
     else:

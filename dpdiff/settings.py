@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dpdiff.errors import UserError
+from dpdiff.privacy.plan import ENGINES
 from dpdiff.privacy.settings import PrivacySettings
 
 ADAPTER_KINDS = ("lora", "full", "attn")
 DEDUP_MODES = ("report", "drop", "group")
-ENGINES = ("auto", "hooks", "two_pass")
 PRECISIONS = ("no", "bf16", "fp16")
 FROZEN_DTYPES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
 

@@ -41,6 +41,92 @@ from dpdiff.privacy import clipping
 from dpdiff.privacy.engine import DPSGDEngine, reduce_rows_to_units
 
 
+def ghost_capable(module: nn.Module) -> bool:
+    """Layers whose per-unit gradient norm has a ghost form here: ``nn.Linear`` (Li et al. 2022), and
+    ``nn.Conv2d`` without groups and with numeric zero padding, as a linear layer on unfolded patches (Bu et al.
+    2022, "Scalable and efficient training of large convolutional neural networks with differential privacy")."""
+    if isinstance(module, nn.Linear):
+        return True
+    return (isinstance(module, nn.Conv2d) and module.groups == 1 and module.padding_mode == "zeros"
+            and not isinstance(module.padding, str))
+
+
+def as_token_matrices(module: nn.Module, act: torch.Tensor, backprops: torch.Tensor):
+    """A ghost-capable layer's input and output gradient as ``[R, T, i]`` and ``[R, T, o]`` (fp32): the layer is
+    then ``out[r, t] = W a[r, t] (+ b)`` for every row r and token t (Conv2d: patches, unfolded as Opacus does)."""
+    rows = backprops.shape[0]
+    if isinstance(module, nn.Conv2d):
+        from opacus.utils.tensor_utils import unfold2d
+
+        a = unfold2d(act.to(torch.float32), kernel_size=module.kernel_size, padding=module.padding,
+                     stride=module.stride, dilation=module.dilation).transpose(1, 2)
+        b = backprops.to(torch.float32).reshape(rows, module.out_channels, -1).transpose(1, 2)
+        return a, b
+    return (act.to(torch.float32).reshape(rows, -1, module.in_features),
+            backprops.to(torch.float32).reshape(rows, -1, module.out_features))
+
+
+def ghost_is_cheaper(module: nn.Module, backprops: torch.Tensor, *, num_units: int) -> bool:
+    """The per-layer rule of mixed ghost clipping (Bu et al. 2022, 2023): ghost norms cost ``(k T)^2 (i + o)`` per
+    unit (T tokens or output pixels per row, k rows per unit), instantiated per-unit gradients ``k T i o``. The same
+    ratio compares their memory: ``k T (i + o)`` for a unit's inputs and output gradients against ``i o`` for its
+    gradient, so the cheaper choice in FLOPs is also the smaller one."""
+    rows = backprops.shape[0]
+    if isinstance(module, nn.Conv2d):
+        tokens = backprops[0].numel() // module.out_channels
+        i = module.in_channels * module.kernel_size[0] * module.kernel_size[1]
+        o = module.out_channels
+    else:
+        tokens = backprops[0].numel() // backprops.shape[-1]  # T (1 for [R, o])
+        i, o = module.in_features, module.out_features
+    per_unit_tokens = tokens * max(rows / max(num_units, 1), 1.0)
+    return per_unit_tokens * (i + o) < i * o
+
+
+def ghost_sq_norms(a: torch.Tensor, b: torch.Tensor, *, unit_pos: torch.Tensor, row_weight: torch.Tensor,
+                   num_units: int, weight: bool, bias: bool) -> torch.Tensor:
+    """Squared norm of each unit's gradient ``sum_r w_r B_r^T A_r`` (weight) and ``sum_r w_r sum_t B_rt`` (bias)
+    without forming it: ``sum((A_u A_u^T) * (B_u B_u^T))`` over the unit's stacked tokens (the ghost norm, Goodfellow
+    2015; Li et al. 2022), for ``a`` ``[R, T, i]`` and ``b`` ``[R, T, o]``."""
+    b = b * row_weight.to(torch.float32).view(-1, 1, 1)
+    u = num_units
+    out = torch.zeros(u, dtype=torch.float32, device=b.device)
+    counts = torch.bincount(unit_pos, minlength=u)
+    k = int(counts[0])
+    regular = bool((counts == k).all()) and bool(
+        (unit_pos == torch.arange(u, device=unit_pos.device).repeat_interleave(k)).all())
+    if regular:  # every unit has k consecutive rows: one batched Gram product for all units
+        au = a.reshape(u, -1, a.shape[-1])
+        bu = b.reshape(u, -1, b.shape[-1])
+        if weight:
+            out += (torch.bmm(au, au.transpose(1, 2)) * torch.bmm(bu, bu.transpose(1, 2))).sum((1, 2))
+        if bias:
+            out += bu.sum(1).pow(2).sum(1)
+        return out
+    for j in range(u):
+        sel = (unit_pos == j).nonzero().flatten()
+        au = a[sel].reshape(-1, a.shape[-1])
+        bu = b[sel].reshape(-1, b.shape[-1])
+        if weight:
+            out[j] += ((au @ au.T) * (bu @ bu.T)).sum()
+        if bias:
+            out[j] += bu.sum(0).pow(2).sum()
+    return out
+
+
+def refuse_shared(module: nn.Module, seen: set[int]) -> None:
+    """Refuse a layer (or a parameter it shares) that runs twice in one forward: its per-unit gradient is g1 + g2,
+    but per-layer norms would add ||g1||^2 + ||g2||^2 (a tied model clips to 1.41 C)."""
+    for p in module.parameters(recurse=False):
+        if p.requires_grad:
+            if id(p) in seen:
+                raise RuntimeError(
+                    f"{type(module).__name__} (or a parameter it shares) ran twice in one forward; per-unit "
+                    "gradients of shared layers are not supported (their norms would be computed as "
+                    "sqrt(|g1|^2 + |g2|^2) instead of |g1 + g2|)")
+            seen.add(id(p))
+
+
 class TwoPassDPSGDEngine(DPSGDEngine):
     def __init__(self, model: nn.Module, *, noise_multiplier: float, max_grad_norm: float,
                  expected_batch_size: float, noise_generator: torch.Generator,
@@ -58,14 +144,9 @@ class TwoPassDPSGDEngine(DPSGDEngine):
         self._index = {id(p): i for i, p in enumerate(self.params)}
 
     def _use_ghost(self, module, backprops) -> bool:
-        if not isinstance(module, nn.Linear) or self.ghost == "never":
+        if self.ghost == "never" or not ghost_capable(module):
             return False
-        if self.ghost == "always":
-            return True
-        rows = backprops.shape[0]
-        tokens = backprops[0].numel() // backprops.shape[-1]  # T (1 for [R, o])
-        per_unit_tokens = tokens * max(rows / max(self._num_units, 1), 1.0)
-        return per_unit_tokens * (module.in_features + module.out_features) < module.in_features * module.out_features
+        return self.ghost == "always" or ghost_is_cheaper(module, backprops, num_units=self._num_units)
 
     def _on_layer(self, module, acts, backprops) -> None:
         """Pass 1: this layer's contribution to every unit's squared gradient norm."""
@@ -74,52 +155,20 @@ class TwoPassDPSGDEngine(DPSGDEngine):
         if self._pass == "masked":
             self._add_masked_layer_grads(module, acts, backprops)
             return
-        for p in module.parameters(recurse=False):
-            if p.requires_grad:
-                if id(p) in self._seen_params:
-                    raise RuntimeError(
-                        f"{type(module).__name__} (or a parameter it shares) ran twice in one forward; per-unit "
-                        "gradients of shared layers are not supported (their norms would be computed as "
-                        "sqrt(|g1|^2 + |g2|^2) instead of |g1 + g2|)")
-                self._seen_params.add(id(p))
+        refuse_shared(module, self._seen_params)
         if self._use_ghost(module, backprops):
             self.ghost_layers += 1
-            self._sq_norms += self._ghost_sq_norms(module, acts[0], backprops)
+            a, b = as_token_matrices(module, acts[0], backprops)
+            self._sq_norms += ghost_sq_norms(
+                a, b, unit_pos=self._unit_pos, row_weight=self._row_weight, num_units=self._num_units,
+                weight=module.weight.requires_grad, bias=module.bias is not None and module.bias.requires_grad)
             return
         self.materialised_layers += 1
         for p, gs in self.hooks.per_row_grads(module, acts, backprops).items():
             if p.requires_grad:
-                ug = reduce_rows_to_units(gs, self._unit_pos, self._row_weight, self._num_units)
+                ug = reduce_rows_to_units(gs, self._unit_pos, self._row_weight, self._num_units,
+                                          identity=self._identity)
                 self._sq_norms += ug.flatten(1).pow(2).sum(1)
-
-    def _ghost_sq_norms(self, module: nn.Linear, act: torch.Tensor, backprops: torch.Tensor) -> torch.Tensor:
-        a = act.to(torch.float32).reshape(act.shape[0], -1, module.in_features)
-        b = backprops.to(torch.float32).reshape(backprops.shape[0], -1, module.out_features)
-        b = b * self._row_weight.to(torch.float32).view(-1, 1, 1)
-        u = self._num_units
-        counts = torch.bincount(self._unit_pos, minlength=u)
-        k = int(counts[0])
-        regular = bool((counts == k).all()) and bool(
-            (self._unit_pos == torch.arange(u, device=self._unit_pos.device).repeat_interleave(k)).all())
-        if regular:  # every unit has k consecutive rows: one batched Gram product for all units
-            au = a.reshape(u, -1, a.shape[-1])
-            bu = b.reshape(u, -1, b.shape[-1])
-            out = torch.zeros(u, dtype=torch.float32, device=backprops.device)
-            if module.weight.requires_grad:
-                out += (torch.bmm(au, au.transpose(1, 2)) * torch.bmm(bu, bu.transpose(1, 2))).sum((1, 2))
-            if module.bias is not None and module.bias.requires_grad:
-                out += bu.sum(1).pow(2).sum(1)
-            return out
-        out = torch.zeros(u, dtype=torch.float32, device=backprops.device)
-        for j in range(u):
-            sel = (self._unit_pos == j).nonzero().flatten()
-            au = a[sel].reshape(-1, a.shape[-1])
-            bu = b[sel].reshape(-1, b.shape[-1])
-            total = ((au @ au.T) * (bu @ bu.T)).sum() if module.weight.requires_grad else au.new_zeros(())
-            if module.bias is not None and module.bias.requires_grad:
-                total = total + bu.sum(0).pow(2).sum()
-            out[j] = total
-        return out
 
     def _add_masked_layer_grads(self, module, acts, backprops) -> None:
         """Masked pass 2: this layer's sum over the finite units' rows of backprop x activation.
@@ -156,7 +205,7 @@ class TwoPassDPSGDEngine(DPSGDEngine):
         assert self._summed is not None, "call start_step() first"
         if row_loss.numel() == 0:
             return
-        self._unit_pos, self._row_weight, self._num_units = unit_pos, row_weight, num_units
+        self._start_micro_batch(unit_pos, row_weight, num_units)
         self._sq_norms = torch.zeros(num_units, dtype=torch.float32, device=row_loss.device)
         self._seen_params = set()
         outputs = list(self.hooks.outputs)  # kept for a masked pass 2

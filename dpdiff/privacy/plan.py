@@ -12,7 +12,7 @@ It owns everything that decides or records the guarantee:
 * the stop rule (``may_step``) and the ledger (``record_step``, saved after every step);
 * the randomness of the mechanism (fresh OS entropy per run and process; ``dpdiff.privacy.randomness``);
 * the sampler (Poisson for DP, never shuffled batches accounted as Poisson) and the clipping engine
-  (hooks or two-pass: a performance choice, both exact);
+  (hooks, book-keeping or two-pass: a performance choice, all exact; ``choose_engine``);
 * the dataset-ledger charge, with ``privacy.dataset_budget`` refused before training.
 
 A non-private plan (``privacy=none``) has the same interface: no mechanism, a shuffle sampler, the
@@ -41,7 +41,7 @@ from dpdiff.privacy.settings import PrivacySettings, default_delta
 
 log = logging.getLogger("dpdiff")
 
-ENGINES = ("auto", "hooks", "two_pass")
+ENGINES = ("auto", "hooks", "bookkeeping", "two_pass")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -166,13 +166,15 @@ def resolve_mechanism(settings: PrivacySettings, *, num_units: float, batch_size
 
 
 def choose_engine(mode: str, *, trainable_numel: int, micro_batch_size: int, memory_gb: float) -> str:
-    """``hooks`` (every trainable weight's per-unit gradient held at once: fastest) when a micro-batch's
-    per-unit gradients fit in ``memory_gb``, else ``two_pass`` (one layer at a time). Both are exact."""
+    """``hooks`` (every trainable weight's per-unit gradient held at once: the least work per layer, LoRA's case)
+    when a micro-batch's per-unit gradients fit in ``memory_gb``, else ``bookkeeping`` (one backward, per layer the
+    cheaper of ghost norms and per-unit gradients: full fine-tuning's case). ``two_pass`` is never chosen: it does
+    the book-keeping engine's work plus a second backward. All three are exact."""
     if mode not in ENGINES:
         raise UserError(f"train.per_sample={mode}: must be one of {', '.join(ENGINES)}")
     if mode != "auto":
         return mode
-    return "hooks" if 4 * trainable_numel * micro_batch_size <= memory_gb * 2**30 else "two_pass"
+    return "hooks" if 4 * trainable_numel * micro_batch_size <= memory_gb * 2**30 else "bookkeeping"
 
 
 class PrivacyPlan:
@@ -303,7 +305,9 @@ class PrivacyPlan:
                               world_size=world_size)
 
     def engine(self, model, *, params, device, per_sample: str, micro_batch_size: int, memory_gb: float):
-        """The clipping engine for this plan (hooks or two-pass, both exact), its noise from fresh entropy."""
+        """The clipping engine for this plan (hooks, book-keeping or two-pass, all exact), its noise from fresh
+        entropy."""
+        from dpdiff.privacy.bookkeeping import BookKeepingDPSGDEngine
         from dpdiff.privacy.engine import DPSGDEngine, NonPrivateEngine
         from dpdiff.privacy.fast_clip import TwoPassDPSGDEngine
 
@@ -312,7 +316,8 @@ class PrivacyPlan:
             return NonPrivateEngine(model, params=params)
         self.engine_kind = choose_engine(per_sample, trainable_numel=sum(p.numel() for p in params),
                                          micro_batch_size=micro_batch_size, memory_gb=memory_gb)
-        cls = TwoPassDPSGDEngine if self.engine_kind == "two_pass" else DPSGDEngine
+        cls = {"hooks": DPSGDEngine, "bookkeeping": BookKeepingDPSGDEngine,
+               "two_pass": TwoPassDPSGDEngine}[self.engine_kind]
         return cls(model, noise_multiplier=self.mechanism.noise_multiplier,
                    max_grad_norm=self.settings.max_grad_norm,
                    expected_batch_size=self.mechanism.expected_batch_size,

@@ -63,6 +63,23 @@ def engine_gradient(model, objective, rows, *, C, sigma=0.0, expected=1.0, micro
     return g, stats
 
 
+#: every clipping engine and per-layer policy the tests compare with the per-unit loop
+ENGINES = ["hooks", "two_pass_never", "two_pass_always", "bookkeeping_never", "bookkeeping_always",
+           "bookkeeping_auto"]
+
+
+def make_engine(engine: str, model, **kw):
+    """``hooks``, ``two_pass_<ghost>`` or ``bookkeeping_<ghost>`` (ghost: never | always | auto)."""
+    from dpdiff.privacy.bookkeeping import BookKeepingDPSGDEngine
+    from dpdiff.privacy.fast_clip import TwoPassDPSGDEngine
+
+    if engine == "hooks":
+        return DPSGDEngine(model, **kw)
+    kind, ghost = engine.rsplit("_", 1)
+    cls = {"two_pass": TwoPassDPSGDEngine, "bookkeeping": BookKeepingDPSGDEngine}[kind]
+    return cls(model, **kw, ghost=ghost)
+
+
 def clip_sum(ref: torch.Tensor, C: float) -> torch.Tensor:
     norms = ref.norm(dim=1)
     return (ref * (C / (norms + 1e-6)).clamp(max=1.0)[:, None]).sum(0)
@@ -171,6 +188,36 @@ def test_noise_std_matches_sigma_C_over_expected_batch():
     assert abs(float(g.mean())) < 6 * want / math.sqrt(n)
 
 
+def test_noise_drawn_in_parallel_chunks_is_iid_with_the_right_std_and_reproducible(monkeypatch):
+    """A full UNet's noise is drawn in chunks on several threads, one generator per chunk: every coordinate still
+    has std sigma*C/B and mean 0, chunks are uncorrelated (not copies of one stream), the same seed gives the
+    same noise and another seed other noise."""
+    monkeypatch.setattr(DPSGDEngine, "NOISE_CHUNK", 30_000)
+    model = nn.Sequential(*[nn.Linear(100, 100) for _ in range(10)])  # 10 x 10,100 weights: 5 chunks of 2 layers
+    sigma, C, expected = 2.0, 0.5, 4.0
+
+    def noise(seed: int) -> list[torch.Tensor]:
+        eng = DPSGDEngine(model, noise_multiplier=sigma, max_grad_norm=C, expected_batch_size=expected,
+                          noise_generator=torch.Generator().manual_seed(seed))
+        assert len(eng._noise_chunks()) == 5
+        eng.start_step()  # no micro-batch: the step is noise only
+        stats = eng.finalize()
+        assert stats["noise_norm"] > 0
+        return [p.grad.flatten().double().clone() for p in eng.params]
+
+    a = noise(1)
+    g = torch.cat(a)
+    want = sigma * C / expected
+    n = g.numel()
+    assert abs(float(g.std()) / want - 1) < 6 / math.sqrt(2 * n)
+    assert abs(float(g.mean())) < 6 * want / math.sqrt(n)
+    w0, w9 = a[0], a[-2]  # the first and the last layer's weights: different chunks, different generators
+    corr = float(torch.corrcoef(torch.stack([w0, w9]))[0, 1])
+    assert abs(corr) < 6 / math.sqrt(w0.numel())
+    assert all(torch.equal(x, y) for x, y in zip(a, noise(1)))
+    assert not torch.equal(g, torch.cat(noise(2)))
+
+
 def test_zero_noise_gives_the_exact_clipped_mean():
     g = torch.Generator().manual_seed(3)
     x, t = torch.randn(4, 10, generator=g), torch.randn(4, 6, generator=g)
@@ -228,30 +275,21 @@ def test_unsupported_trainable_layer_is_refused():
                     noise_generator=torch.Generator())
 
 
-@pytest.mark.parametrize("ghost", ["never", "always", "auto"])
+@pytest.mark.parametrize("engine", [e for e in ENGINES if e != "hooks"] + ["two_pass_auto"])
 @pytest.mark.parametrize("kind", ["lora", "full"])
-def test_two_pass_engine_matches_naive_loop(kind, ghost):
-    """Fast (two-pass) clipping, per-layer norms and ghost norms: the same clipped sum as the loop."""
-    from diffusers import UNet2DConditionModel
-
-    from dpdiff.models import tiny
-    from dpdiff.privacy.fast_clip import TwoPassDPSGDEngine
+def test_fast_engines_match_naive_loop(kind, engine):
+    """Two-pass and book-keeping clipping, instantiated and ghost norms (Linear and Conv2d): the same clipped sum
+    and the same per-unit norms as the per-unit loop, with K draws and a variable number of images per unit."""
     from dpdiff.training.trainer import split_units
 
-    if kind == "lora":
-        model = make_tiny_lora_unet(rank=4)
-    else:
-        torch.manual_seed(0)
-        cfg = tiny.unet_config()
-        cfg.update(block_out_channels=(32, 32), layers_per_block=1)
-        model = UNet2DConditionModel(**cfg).train()
+    model = _unet(kind)
     objective = _objective()
     rows = _rows([2, 1, 3])  # K draws and variable images per unit
     ref = naive_unit_gradients(copy.deepcopy(model), objective, rows)
     C = float(ref.norm(dim=1).median())
     params = [p for p in model.parameters() if p.requires_grad]
-    eng = TwoPassDPSGDEngine(model, noise_multiplier=0.0, max_grad_norm=C, expected_batch_size=3.0,
-                             noise_generator=torch.Generator().manual_seed(0), params=params, ghost=ghost)
+    eng = make_engine(engine, model, noise_multiplier=0.0, max_grad_norm=C, expected_batch_size=3.0,
+                      noise_generator=torch.Generator().manual_seed(0), params=params)
     eng.start_step()
     for micro in split_units(rows, 2):
         eng.backward(objective.row_losses(model, micro), unit_pos=micro.unit_pos, row_weight=micro.row_weight,
@@ -262,23 +300,25 @@ def test_two_pass_engine_matches_naive_loop(kind, ghost):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
     torch.testing.assert_close(torch.tensor(sorted(eng.stats.norms)), ref.norm(dim=1).sort().values,
                                rtol=1e-4, atol=1e-8)
-    if ghost == "always":
+    if engine == "two_pass_always":
         assert eng.ghost_layers > 0
+    if engine == "bookkeeping_always":  # every Linear and Conv2d by ghost norms, the norms' weights instantiated
+        assert eng.layer_choice["ghost"] > 0 and (kind == "lora" or eng.layer_choice["units"] > 0)
     eng.close()
 
 
-def test_two_pass_ghost_regular_units_match_naive_loop():
-    """Equal rows per unit takes the batched ghost-norm path."""
-    from dpdiff.privacy.fast_clip import TwoPassDPSGDEngine
-
-    model = make_tiny_lora_unet(rank=4)
+@pytest.mark.parametrize("engine", ["two_pass_always", "bookkeeping_always"])
+@pytest.mark.parametrize("kind", ["lora", "full"])
+def test_ghost_norms_of_regular_units_match_naive_loop(kind, engine):
+    """Equal rows per unit (K = 2) takes the batched ghost-norm path."""
+    model = _unet(kind)
     objective = _objective()
     rows = _rows([2, 2, 2])
     ref = naive_unit_gradients(copy.deepcopy(model), objective, rows)
     C = float(ref.norm(dim=1).median())
     params = [p for p in model.parameters() if p.requires_grad]
-    eng = TwoPassDPSGDEngine(model, noise_multiplier=0.0, max_grad_norm=C, expected_batch_size=1.0,
-                             noise_generator=torch.Generator(), params=params, ghost="always")
+    eng = make_engine(engine, model, noise_multiplier=0.0, max_grad_norm=C, expected_batch_size=1.0,
+                      noise_generator=torch.Generator(), params=params)
     eng.start_step()
     eng.backward(objective.row_losses(model, rows), unit_pos=rows.unit_pos, row_weight=rows.row_weight,
                  num_units=rows.num_units)
@@ -286,7 +326,7 @@ def test_two_pass_ghost_regular_units_match_naive_loop():
     got = torch.cat([p.grad.flatten() for p in params])
     want = clip_sum(ref, C)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
-    assert eng.ghost_layers > 0
+    assert (eng.ghost_layers if engine.startswith("two_pass") else eng.layer_choice["ghost"]) > 0
 
 
 # --- the clip factor, non-finite unit gradients, shared layers ------------------------------------------------------
@@ -321,15 +361,12 @@ def _spy_clip_factors(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("engine", ["hooks", "two_pass"])
-def test_both_engines_clip_with_the_named_clip_function(monkeypatch, engine):
-    from dpdiff.privacy.fast_clip import TwoPassDPSGDEngine
-
+@pytest.mark.parametrize("engine", ["hooks", "two_pass_auto", "bookkeeping_auto"])
+def test_every_engine_clips_with_the_named_clip_function(monkeypatch, engine):
     calls = _spy_clip_factors(monkeypatch)
     model = _Linear(6, 4)
-    cls = DPSGDEngine if engine == "hooks" else TwoPassDPSGDEngine
-    eng = cls(model, noise_multiplier=0.0, max_grad_norm=0.5, expected_batch_size=1.0,
-              noise_generator=torch.Generator())
+    eng = make_engine(engine, model, noise_multiplier=0.0, max_grad_norm=0.5, expected_batch_size=1.0,
+                      noise_generator=torch.Generator())
     x, t = torch.randn(3, 6), torch.randn(3, 4)
     eng.start_step()
     eng.backward((model(x) * t).sum(1), unit_pos=torch.arange(3), row_weight=torch.ones(3), num_units=3)
@@ -358,12 +395,11 @@ def _subset(rows: RowBatch, units: list[int]) -> RowBatch:
                     remap[rows.unit_pos[sel]], rows.row_weight[sel], len(units))
 
 
-@pytest.mark.parametrize("engine", ["hooks", "two_pass_never", "two_pass_always"])
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("kind", ["lora", "full"])
 def test_a_nonfinite_unit_contributes_zero_and_leaves_the_others_exact(kind, engine):
     """One unit's latents are NaN: its contribution is exactly 0, the other units' clipped sum is exactly
     that of a run without it (per-unit loop reference), and the step counts it."""
-    from dpdiff.privacy.fast_clip import TwoPassDPSGDEngine
     from dpdiff.training.trainer import split_units
 
     objective = _objective()
@@ -378,8 +414,7 @@ def test_a_nonfinite_unit_contributes_zero_and_leaves_the_others_exact(kind, eng
     params = [p for p in model.parameters() if p.requires_grad]
     kw = dict(noise_multiplier=0.0, max_grad_norm=C, expected_batch_size=2.0,
               noise_generator=torch.Generator().manual_seed(0), params=params)
-    eng = (DPSGDEngine(model, **kw) if engine == "hooks"
-           else TwoPassDPSGDEngine(model, **kw, ghost=engine.removeprefix("two_pass_")))
+    eng = make_engine(engine, model, **kw)
     eng.start_step()
     for micro in split_units(rows, 2):  # the bad unit shares its micro-batch with a good one
         eng.backward(objective.row_losses(model, micro), unit_pos=micro.unit_pos, row_weight=micro.row_weight,
@@ -394,19 +429,17 @@ def test_a_nonfinite_unit_contributes_zero_and_leaves_the_others_exact(kind, eng
     assert len(eng.stats.norms) == 3 and math.isfinite(stats["loss"]) and math.isfinite(stats["grad_norm_median"])
 
 
-@pytest.mark.parametrize("engine", ["hooks", "two_pass_never", "two_pass_always"])
+@pytest.mark.parametrize("engine", ENGINES)
 def test_an_infinite_unit_gradient_with_finite_activations_contributes_zero(engine):
     """inf only in one row's backprop (its activations finite): 0 * inf = NaN in the reweighted backward must
     not reach the shared weight gradient either."""
-    from dpdiff.privacy.fast_clip import TwoPassDPSGDEngine
 
     g = torch.Generator().manual_seed(5)
     x, t = torch.randn(4, 10, generator=g), torch.randn(4, 6, generator=g)
     t[2, 3] = float("inf")
     model = _Linear(10, 6)
     kw = dict(noise_multiplier=0.0, max_grad_norm=0.5, expected_batch_size=1.0, noise_generator=torch.Generator())
-    eng = (DPSGDEngine(model, **kw) if engine == "hooks"
-           else TwoPassDPSGDEngine(model, **kw, ghost=engine.removeprefix("two_pass_")))
+    eng = make_engine(engine, model, **kw)
     eng.start_step()
     eng.backward((model(x) * t).sum(1), unit_pos=torch.arange(4), row_weight=torch.ones(4), num_units=4)
     stats = eng.finalize()
@@ -442,17 +475,61 @@ class _Tied(nn.Module):
 
 
 @pytest.mark.parametrize("model_cls", [_Twice, _Tied])
-@pytest.mark.parametrize("engine", ["hooks", "two_pass_never", "two_pass_always"])
+@pytest.mark.parametrize("engine", ENGINES)
 def test_a_layer_used_twice_in_one_forward_is_refused(engine, model_cls):
     """Per-layer norms of a reused layer would be sqrt(|g1|^2 + |g2|^2), not |g1 + g2|: fail closed."""
-    from dpdiff.privacy.fast_clip import TwoPassDPSGDEngine
 
     torch.manual_seed(0)
     model = model_cls()
     kw = dict(noise_multiplier=0.0, max_grad_norm=1e-3, expected_batch_size=1.0, noise_generator=torch.Generator())
-    eng = (DPSGDEngine(model, **kw) if engine == "hooks"
-           else TwoPassDPSGDEngine(model, **kw, ghost=engine.removeprefix("two_pass_")))
+    eng = make_engine(engine, model, **kw)
     x, t = torch.randn(3, 5), torch.randn(3, 5)
     eng.start_step()
     with pytest.raises(RuntimeError, match="ran twice in one forward"):
         eng.backward((model(x) * t).sum(1), unit_pos=torch.arange(3), row_weight=torch.ones(3), num_units=3)
+
+
+# --- book-keeping: one backward pass, the per-layer rule, the engine choice ----------------------------------------
+
+@pytest.mark.parametrize("engine,passes", [("hooks", 1), ("bookkeeping_auto", 1), ("bookkeeping_always", 1),
+                                           ("two_pass_auto", 2)])
+def test_bookkeeping_runs_one_backward_pass(monkeypatch, engine, passes):
+    """Book-keeping forms the clipped sum from what it kept: one autograd backward per micro-batch, as hooks."""
+    model = _unet("full")
+    objective = _objective()
+    rows = _rows([1, 1, 2])
+    calls = []
+    original = torch.autograd.backward
+    monkeypatch.setattr(torch.autograd, "backward", lambda *a, **k: calls.append(1) or original(*a, **k))
+    eng = make_engine(engine, model, noise_multiplier=0.0, max_grad_norm=1.0, expected_batch_size=1.0,
+                      noise_generator=torch.Generator())
+    eng.start_step()
+    eng.backward(objective.row_losses(model, rows), unit_pos=rows.unit_pos, row_weight=rows.row_weight,
+                 num_units=rows.num_units)
+    eng.finalize()
+    assert len(calls) == passes
+
+
+@pytest.mark.parametrize("layer,out_shape,ghost", [
+    (nn.Conv2d(1280, 1280, 3, padding=1), (2, 1280, 8, 8), True),  # SD 1.5's lowest resolution: ghost
+    (nn.Conv2d(320, 320, 3, padding=1), (2, 320, 64, 64), False),  # its highest at 512 px: per-unit gradients
+    (nn.Linear(1280, 1280), (2, 64, 1280), True),  # attention projections over 8x8 tokens
+    (nn.Linear(320, 320), (2, 4096, 320), False),  # ... over 64x64 tokens
+    (nn.Linear(320, 4), (2, 4096, 320), False),  # a LoRA factor: tiny gradient, instantiate
+])
+def test_mixed_rule_picks_ghost_norms_where_they_are_cheaper(layer, out_shape, ghost):
+    from dpdiff.privacy.fast_clip import ghost_is_cheaper
+
+    assert ghost_is_cheaper(layer, torch.empty(out_shape), num_units=2) is ghost
+
+
+def test_auto_picks_hooks_when_per_unit_gradients_fit_else_bookkeeping():
+    from dpdiff.errors import UserError
+    from dpdiff.privacy.plan import choose_engine
+
+    lora, unet = 800_000, 860_000_000
+    assert choose_engine("auto", trainable_numel=lora, micro_batch_size=64, memory_gb=2.0) == "hooks"
+    assert choose_engine("auto", trainable_numel=unet, micro_batch_size=4, memory_gb=2.0) == "bookkeeping"
+    assert choose_engine("two_pass", trainable_numel=lora, micro_batch_size=4, memory_gb=2.0) == "two_pass"
+    with pytest.raises(UserError, match="per_sample=ghost"):
+        choose_engine("ghost", trainable_numel=lora, micro_batch_size=4, memory_gb=2.0)

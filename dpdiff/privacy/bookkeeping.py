@@ -1,0 +1,152 @@
+"""Book-keeping per-unit clipping: exact DP-SGD for full fine-tuning in one backward pass.
+
+Followed: Bu, Wang, Zha and Karypis 2023, "Differentially private optimization on large model at
+small cost" (book-keeping, BK; fastDP's ``clipping_mode="MixOpt"``), generalised from rows to
+dpdiff's privacy units (K augmentation draws, or all images of a user, per unit).
+
+Opacus' ghost clipping and the ``two_pass`` engine run two backward passes: one for the per-unit
+norms, one for the reweighted loss. BK runs one. During it every trainable layer's unit-gradient
+norms are computed from the layer's input A and output gradient B, and what is needed to form
+the clipped gradient later is *kept* (book-kept); once the backward has given every unit's norm,
+the clip factors c_u are known and each layer's clipped sum ``sum_u c_u g_u`` is formed at once:
+
+    ghost     ghost norm (``fast_clip.ghost_sq_norms``: Linear, and Conv2d on unfolded patches), keep
+              (A, B); clipped sum = ``B'^T A`` with B' = B scaled row by row by ``w_r c_u(r)``: one
+              matmul (Linear) or one convolution weight gradient (Conv2d), the cost of autograd's own
+              weight gradient. Cheaper when a unit has few tokens for the layer's size: the low-
+              resolution convolutions and attention projections of a UNet.
+    units     per-unit gradients instantiated (Opacus' per-layer formulas, rows summed per unit), their
+              norms taken, the gradients kept; clipped sum = ``einsum(c, g_u)``. Cheaper for layers with
+              many tokens per unit: high-resolution convolutions, LoRA factors, norms' affine weights.
+
+The choice per layer is the mixed rule (``fast_clip.ghost_is_cheaper``); the same ratio compares the
+memory of (A, B) with that of the per-unit gradients, so the cheaper choice is also the smaller
+one, and no large layer's per-unit gradients are ever held (the single-pass ``hooks`` engine holds
+all of them). Autograd never forms weight gradients (the backward stops at the layers' outputs).
+
+Non-finite units: c_u = 0 (``clipping.clip_factors``), and their rows of A and B (or their
+per-unit gradients) are *selected away* before any product, so 0 * NaN never reaches a sum over
+rows. A layer that runs twice in one forward is refused (``fast_clip.refuse_shared``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dpdiff.privacy import clipping
+from dpdiff.privacy.engine import DPSGDEngine, reduce_rows_to_units
+from dpdiff.privacy.fast_clip import as_token_matrices, ghost_capable, ghost_is_cheaper, ghost_sq_norms, refuse_shared
+
+
+def _select_rows(t: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
+    """``t`` with the rows where ``ok`` is False replaced by zeros (selection: NaN/inf never multiply)."""
+    return torch.where(ok.view(-1, *([1] * (t.dim() - 1))), t, t.new_zeros(()))
+
+
+def weight_gradient(module: nn.Module, act: torch.Tensor, grad_out: torch.Tensor) -> dict:
+    """The sum over rows of a Linear or Conv2d layer's parameter gradients for output gradient ``grad_out``, formed
+    as autograd forms it (one matmul; ``torch.nn.grad.conv2d_weight``), in fp32."""
+    act, grad_out = act.to(torch.float32), grad_out.to(torch.float32)
+    grads = {}
+    if isinstance(module, nn.Conv2d):
+        if module.weight.requires_grad:
+            grads[module.weight] = torch.nn.grad.conv2d_weight(
+                act, module.weight.shape, grad_out, stride=module.stride, padding=module.padding,
+                dilation=module.dilation, groups=module.groups)
+        if module.bias is not None and module.bias.requires_grad:
+            grads[module.bias] = grad_out.sum((0, 2, 3))
+        return grads
+    b = grad_out.reshape(-1, module.out_features)
+    if module.weight.requires_grad:
+        grads[module.weight] = b.T @ act.reshape(-1, module.in_features)
+    if module.bias is not None and module.bias.requires_grad:
+        grads[module.bias] = b.sum(0)
+    return grads
+
+
+class BookKeepingDPSGDEngine(DPSGDEngine):
+    """One backward pass, per-layer ghost or instantiated unit-gradient norms, exact per-unit clipping.
+
+    ``ghost``: ``auto`` (the cheaper per layer), ``always`` (every ghost-capable layer), ``never`` (instantiate
+    everything: the single-pass engine's arithmetic with per-layer book-keeping); the last two are for tests.
+    """
+
+    def __init__(self, model: nn.Module, *, noise_multiplier: float, max_grad_norm: float,
+                 expected_batch_size: float, noise_generator: torch.Generator,
+                 params: list[nn.Parameter] | None = None, ghost: str = "auto"):
+        super().__init__(model, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+                         expected_batch_size=expected_batch_size, noise_generator=noise_generator, params=params)
+        if ghost not in ("auto", "always", "never"):
+            raise ValueError("ghost must be auto, always or never")
+        self.ghost = ghost
+        self.layer_choice: dict[str, int] = {"ghost": 0, "units": 0}  # of the last micro-batch, for the logs
+        self._index = {id(p): i for i, p in enumerate(self.params)}
+        self._kept: list[tuple] = []
+        self._seen_params: set[int] = set()
+
+    def _use_ghost(self, module, backprops) -> bool:
+        if self.ghost == "never" or not ghost_capable(module):
+            return False
+        return self.ghost == "always" or ghost_is_cheaper(module, backprops, num_units=self._num_units)
+
+    def _on_layer(self, module, acts, backprops) -> None:
+        """In the backward: this layer's part of every unit's squared norm, and what its clipped sum needs."""
+        refuse_shared(module, self._seen_params)
+        if self._use_ghost(module, backprops):
+            a, b = as_token_matrices(module, acts[0], backprops)
+            self._sq_norms += ghost_sq_norms(
+                a, b, unit_pos=self._unit_pos, row_weight=self._row_weight, num_units=self._num_units,
+                weight=module.weight.requires_grad, bias=module.bias is not None and module.bias.requires_grad)
+            del a, b  # the unfolded patches are not kept: A and B are, as they came
+            self._kept.append(("ghost", module, acts[0], backprops))
+            self.layer_choice["ghost"] += 1
+            return
+        unit_grads = {}
+        for p, gs in self.hooks.per_row_grads(module, acts, backprops).items():
+            if p.requires_grad and id(p) in self._index:
+                ug = reduce_rows_to_units(gs, self._unit_pos, self._row_weight, self._num_units,
+                                          identity=self._identity)
+                self._sq_norms += ug.flatten(1).pow(2).sum(1)
+                unit_grads[p] = ug
+        self._kept.append(("units", unit_grads))
+        self.layer_choice["units"] += 1
+
+    def backward(self, row_loss: torch.Tensor, *, unit_pos: torch.Tensor, row_weight: torch.Tensor,
+                 num_units: int) -> None:
+        assert self._summed is not None, "call start_step() first"
+        if row_loss.numel() == 0:
+            return
+        self._start_micro_batch(unit_pos, row_weight, num_units)
+        self._sq_norms = torch.zeros(num_units, dtype=torch.float32, device=row_loss.device)
+        self._seen_params = set()
+        self._kept = []
+        self.layer_choice = {"ghost": 0, "units": 0}
+        try:
+            self.hooks.backward_to_outputs(row_loss.sum())  # the one backward: norms, and A, B or g_u kept
+            if not {id(p) for p in self.params} <= self._seen_params:
+                raise RuntimeError(
+                    "a trainable parameter received no per-unit gradient; was the forward run after "
+                    "engine.start_step(), and the model moved to its device before the engine attached?")
+            # ghost norms are sums of Gram products: a zero gradient can come out at -1e-12, whose sqrt is NaN;
+            # clamp_min keeps NaN (a non-finite unit) NaN
+            norms = self._sq_norms.clamp_min(0.0).sqrt()
+            factor = clipping.clip_factors(norms=norms, max_grad_norm=self.max_grad_norm)
+            finite = torch.isfinite(norms)
+            row_ok = finite[unit_pos]
+            row_scale = torch.where(row_ok, row_weight.to(torch.float32) * factor[unit_pos], 0.0)
+            while self._kept:  # the clipped sum, layer by layer, releasing each layer's book-keeping as it goes
+                record = self._kept.pop()
+                if record[0] == "units":
+                    for p, ug in record[1].items():
+                        ug = clipping.zero_nonfinite_units(unit_grads=ug, finite=finite)
+                        self._summed[self._index[id(p)]] += torch.einsum("u,u...->...", factor, ug)
+                else:
+                    _, module, act, grad_out = record
+                    grad_out = _select_rows(grad_out.to(torch.float32), row_ok)
+                    grad_out = grad_out * row_scale.view(-1, *([1] * (grad_out.dim() - 1)))
+                    for p, g in weight_gradient(module, _select_rows(act, row_ok), grad_out).items():
+                        self._summed[self._index[id(p)]] += g
+        finally:
+            self._kept = []
+        self.stats.add(row_loss=row_loss, norms=norms, num_units=num_units)
