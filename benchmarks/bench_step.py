@@ -2,8 +2,12 @@
 
     python benchmarks/bench_step.py --model tiny|sd15 --adapter lora|full --mode nondp|dp|naive
         [--engine hooks|two_pass|bookkeeping] [--batch 32] [--micro 32] [--augmult 1] [--steps 5] [--resolution 16]
+        [--device auto|cpu|cuda]
 
-Prints one JSON line: median seconds per logical step (after a warm-up step) and peak RSS (MiB).
+Prints one JSON line: median seconds per logical step (after a warm-up step), peak memory (MiB) and the
+device it ran on. On a CPU the peak is the process's RSS during the steps (sampled every 20 ms); on CUDA it
+is ``torch.cuda.max_memory_allocated`` (timings synchronise the device). The same script, unchanged, gives
+GPU figures where a GPU exists (``--device auto`` picks it).
 ``naive`` is the straightforward DP implementation: a forward/backward per unit, clip, sum, noise.
 """
 
@@ -23,6 +27,20 @@ def sd15_unet_config(sample_size: int) -> dict:
                 layers_per_block=2, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=768,
                 attention_head_dim=8, norm_num_groups=32)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({torch.get_num_threads()} threads)"
+    except OSError:
+        pass
+    import platform
+
+    return f"{platform.machine()} {platform.processor()} ({torch.get_num_threads()} threads)"
 
 
 def build(model: str, adapter: str, resolution: int):
@@ -50,14 +68,14 @@ def build(model: str, adapter: str, resolution: int):
     return unet, params, sched, (4, latent, latent), (text_len, text_dim)
 
 
-def rows(batch: int, augmult: int, shape, text, seed: int):
+def rows(batch: int, augmult: int, shape, text, seed: int, device: torch.device | str = "cpu"):
     from dpdiff.training.loss import RowBatch
 
     g = torch.Generator().manual_seed(seed)
     r = batch * augmult
     return RowBatch(torch.randn(r, *shape, generator=g), torch.randn(r, *shape, generator=g),
                     torch.randint(0, 1000, (r,), generator=g), torch.randn(r, *text, generator=g),
-                    torch.arange(batch).repeat_interleave(augmult), torch.full((r,), 1.0 / augmult), batch)
+                    torch.arange(batch).repeat_interleave(augmult), torch.full((r,), 1.0 / augmult), batch).to(device)
 
 
 def main() -> None:
@@ -72,8 +90,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--resolution", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="auto")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device)
+    cuda = device.type == "cuda"
     from dpdiff.privacy.bookkeeping import BookKeepingDPSGDEngine
     from dpdiff.privacy.engine import DPSGDEngine, NonPrivateEngine
     from dpdiff.privacy.fast_clip import TwoPassDPSGDEngine
@@ -81,12 +102,13 @@ def main() -> None:
     from dpdiff.training.trainer import split_units
 
     unet, params, sched, shape, text = build(a.model, a.adapter, a.resolution)
+    unet.to(device)  # parameters move in place: the engines' and optimizer's references stay valid
     obj = DiffusionObjective(sched)
     opt = torch.optim.AdamW(params, lr=1e-5)
     if a.mode == "dp":
         cls = {"hooks": DPSGDEngine, "two_pass": TwoPassDPSGDEngine, "bookkeeping": BookKeepingDPSGDEngine}[a.engine]
         engine = cls(unet, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=float(a.batch),
-                     noise_generator=torch.Generator().manual_seed(0), params=params)
+                     noise_generator=torch.Generator(device).manual_seed(0), params=params)
     else:
         engine = NonPrivateEngine(unet, params=params)
 
@@ -106,6 +128,10 @@ def main() -> None:
         for p, s in zip(params, summed):
             p.grad = (s + torch.randn_like(s)) / rb.num_units
 
+    def sync():
+        if cuda:
+            torch.cuda.synchronize(device)
+
     import threading
 
     import psutil
@@ -120,10 +146,15 @@ def main() -> None:
             peak[0] = max(peak[0], proc.memory_info().rss)
             time.sleep(0.02)
 
-    threading.Thread(target=poll, daemon=True).start()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+        baseline = torch.cuda.memory_allocated(device)
+    else:
+        threading.Thread(target=poll, daemon=True).start()
     times = []
     for step in range(a.steps + 1):
-        rb = rows(a.batch, a.augmult, shape, text, step)
+        rb = rows(a.batch, a.augmult, shape, text, step, device)
+        sync()
         t0 = time.perf_counter()
         if a.mode == "naive":
             naive_step(rb)
@@ -135,14 +166,16 @@ def main() -> None:
             engine.finalize()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        sync()
         if step > 0:
             times.append(time.perf_counter() - t0)
     done.set()
-    peak_mib = max(peak[0], proc.memory_info().rss) / 2**20
+    peak_mib = (torch.cuda.max_memory_allocated(device) if cuda else max(peak[0], proc.memory_info().rss)) / 2**20
     print(json.dumps({"model": a.model, "adapter": a.adapter, "mode": a.mode, "engine": a.engine, "batch": a.batch,
                       "micro": a.micro, "augmult": a.augmult, "resolution": a.resolution,
-                      "step_seconds": statistics.median(times), "peak_rss_mib": round(peak_mib, 1),
-                      "baseline_rss_mib": round(baseline / 2**20, 1),
+                      "device": device_name(device), "memory_kind": "CUDA allocated" if cuda else "RSS",
+                      "step_seconds": statistics.median(times), "peak_mib": round(peak_mib, 1),
+                      "baseline_mib": round(baseline / 2**20, 1),
                       "training_mib": round(peak_mib - baseline / 2**20, 1),
                       "trainable": sum(p.numel() for p in params)}))
 

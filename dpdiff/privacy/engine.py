@@ -114,6 +114,8 @@ class LayerHooks:
         self.outputs.append(output)
 
     def per_row_grads(self, module, acts, backprops) -> dict:
+        if type(module) is nn.Linear:
+            return linear_per_row_grads(module, acts[0], backprops)
         return self.samplers[type(module)](module, acts, backprops)
 
     def backward_to_outputs(self, loss: torch.Tensor, *, retain_graph: bool = False) -> None:
@@ -129,6 +131,24 @@ class LayerHooks:
             h.remove()
         self.handles = []
         self.outputs = []
+
+
+def linear_per_row_grads(module: nn.Linear, act: torch.Tensor, backprops: torch.Tensor) -> dict:
+    """Opacus' rule for ``nn.Linear`` (``compute_linear_grad_sample``: row r's weight gradient is
+    ``sum_t B[r, t]^T A[r, t]``), with the batched product oriented by shape: ``[o, T] x [T, i]`` with ``i << o``
+    (a LoRA up-projection) runs 3-4x slower on CPU than ``([i, T] x [T, o])^T``. Returns views, maybe transposed."""
+    a = act.to(backprops.dtype)
+    rows = backprops.shape[0]
+    i, o = module.in_features, module.out_features
+    b3 = backprops.reshape(rows, -1, o)
+    grads = {}
+    if module.weight.requires_grad:
+        a3 = a.reshape(rows, -1, i)
+        grads[module.weight] = (torch.bmm(b3.transpose(1, 2), a3) if i >= o
+                                else torch.bmm(a3.transpose(1, 2), b3).transpose(1, 2))
+    if module.bias is not None and module.bias.requires_grad:
+        grads[module.bias] = b3.sum(1)
+    return grads
 
 
 def rows_are_units(unit_pos: torch.Tensor, row_weight: torch.Tensor, num_units: int) -> bool:
@@ -207,7 +227,7 @@ class DPSGDEngine:
             self._seen[id(p)] = True
             ug = reduce_rows_to_units(gs, self._unit_pos, self._row_weight, self._num_units, identity=self._identity)
             start, end = self._slices[id(p)]
-            self._unit_flat[:, start:end].copy_(ug.reshape(self._num_units, -1))
+            self._unit_flat[:, start:end].view(ug.shape).copy_(ug)  # ug may be a transposed view: one copy
             self._written += 1
 
     #: noise is drawn in chunks of whole tensors of at most this many coordinates: one draw for a LoRA's weights, a
