@@ -86,7 +86,20 @@ class LayerHooks:
     mechanism of Opacus' hooks (per-layer activations x backprops) with a tensor hook instead of
     ``register_full_backward_hook`` (which wraps every input and output in an extra autograd node)
     and without Opacus' per-row buffers: the callback reduces rows to units at once. The per-layer
-    per-row gradient formulas are Opacus' own (``GradSampleModule.GRAD_SAMPLERS``).
+    per-row gradient formulas are Opacus' own (``GradSampleModule.GRAD_SAMPLERS``; for ``nn.Linear``
+    the same formula by :func:`linear_per_row_grads`).
+
+    The backward must reach every hooked output but form no weight gradient (DP-SGD replaces them).
+    ``autograd.backward(loss, inputs=outputs)`` would do it, but autograd then *clones* every output's
+    gradient into ``.grad`` and keeps all of them to the end of the backward: a copy of every layer's
+    output gradient (for a full UNet at 512 px, gigabytes). Instead the backward asks for the gradient
+    of one zero scalar leaf, ``sink``, only: no weight is asked for and nothing is retained. Every
+    hooked layer must lie on a path to the sink. A hooked layer one of whose inputs requires grad does:
+    only trainable weights make a tensor require grad, every trainable weight belongs to a hooked
+    layer, so that input descends from a hooked output, which (by induction) leads to the sink. A
+    hooked layer none of whose inputs requires grad (the first layer; a LoRA factor on the text
+    embeddings; the time embedding) gets ``output + sink`` (same value, same dtype). A UNet has a few
+    such layers, so the sink costs a few adds and sums per step.
     """
 
     def __init__(self, model: nn.Module, callback):
@@ -101,17 +114,25 @@ class LayerHooks:
                 "(Opacus has no exact per-sample rule for them); freeze them or choose another adapter")
         self.callback = callback
         self.enabled = False
-        self.outputs: list[torch.Tensor] = []
+        self.sink: torch.Tensor | None = None
+        self.sinks = 0  # hooked outputs joined to the sink since the last backward
         self.handles = [m.register_forward_hook(self._forward) for m in self.layers]
 
     def _forward(self, module, inputs, output):
         if not self.enabled or not torch.is_grad_enabled():
-            return
+            return None
         if not isinstance(output, torch.Tensor) or not output.requires_grad:
             raise RuntimeError(f"trainable layer {type(module).__name__} produced an output without grad")
-        acts = [x.detach() for x in inputs if isinstance(x, torch.Tensor)]
+        tensors = [x for x in inputs if isinstance(x, torch.Tensor)]
+        acts = [x.detach() for x in tensors]
+        out = None
+        if not any(x.requires_grad for x in tensors):  # not downstream of another hooked layer: join the sink
+            if self.sink is None or self.sink.device != output.device:
+                self.sink = torch.zeros((), device=output.device, requires_grad=True)
+            out = output = output + self.sink  # a 0-dim tensor keeps the output's dtype
+            self.sinks += 1
         output.register_hook(lambda grad, m=module, a=acts: self.callback(m, a, grad.detach()))
-        self.outputs.append(output)
+        return out
 
     def per_row_grads(self, module, acts, backprops) -> dict:
         if type(module) is nn.Linear:
@@ -121,16 +142,18 @@ class LayerHooks:
     def backward_to_outputs(self, loss: torch.Tensor, *, retain_graph: bool = False) -> None:
         """Backward only as far as the hooked layers' outputs: the callbacks fire, and the weight
         gradients that DP-SGD replaces by per-unit ones are never computed."""
-        outs, self.outputs = self.outputs, []
-        torch.autograd.backward(loss, inputs=outs, retain_graph=retain_graph)
-        for o in outs:
-            o.grad = None
+        if self.sink is None or not self.sinks:
+            raise RuntimeError("no hooked layer joined the sink in this forward: was it run after engine.start_step(), "
+                               "and does no input of the model require grad?")
+        torch.autograd.backward(loss, inputs=[self.sink], retain_graph=retain_graph)
+        self.sink.grad = None
+        if not retain_graph:
+            self.sinks = 0
 
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
         self.handles = []
-        self.outputs = []
 
 
 def linear_per_row_grads(module: nn.Linear, act: torch.Tensor, backprops: torch.Tensor) -> dict:
@@ -287,7 +310,6 @@ class DPSGDEngine:
         self.stats = StepStats()
         for p in self.params:
             p.grad = None
-        self.hooks.outputs = []
         self.hooks.enabled = True
 
     def _start_micro_batch(self, unit_pos, row_weight, num_units) -> None:
@@ -334,7 +356,6 @@ class DPSGDEngine:
         """
         assert self._summed is not None, "call start_step() first"
         self.hooks.enabled = False
-        self.hooks.outputs = []
         std = self.noise_multiplier * self.max_grad_norm
         distributed = _dist_ready()
         if distributed:  # the noise-free global sum, identical on every rank: one collective for all weights

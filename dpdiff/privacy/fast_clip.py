@@ -208,7 +208,6 @@ class TwoPassDPSGDEngine(DPSGDEngine):
         self._start_micro_batch(unit_pos, row_weight, num_units)
         self._sq_norms = torch.zeros(num_units, dtype=torch.float32, device=row_loss.device)
         self._seen_params = set()
-        outputs = list(self.hooks.outputs)  # kept for a masked pass 2
         self._pass = "norms"
         self.hooks.backward_to_outputs(row_loss.sum(), retain_graph=True)  # pass 1: norms only
         # ghost norms are sums of Gram products: a zero gradient can come out at -1e-12, whose sqrt is NaN;
@@ -230,7 +229,6 @@ class TwoPassDPSGDEngine(DPSGDEngine):
             else:
                 self._pass = "masked"
                 self._row_ok = finite[unit_pos]
-                self.hooks.outputs = outputs
                 self.hooks.backward_to_outputs((row_loss * weights).sum())
         finally:
             self._pass = "norms"
