@@ -114,7 +114,7 @@ class BookKeepingDPSGDEngine(DPSGDEngine):
 
     def backward(self, row_loss: torch.Tensor, *, unit_pos: torch.Tensor, row_weight: torch.Tensor,
                  num_units: int) -> None:
-        assert self._summed is not None, "call start_step() first"
+        assert self._step_open, "call start_step() first"
         if row_loss.numel() == 0:
             return
         self._start_micro_batch(unit_pos, row_weight, num_units)
@@ -133,8 +133,9 @@ class BookKeepingDPSGDEngine(DPSGDEngine):
             norms = self._sq_norms.clamp_min(0.0).sqrt()
             factor = clipping.clip_factors(norms=norms, max_grad_norm=self.max_grad_norm)
             finite = torch.isfinite(norms)
-            row_ok = finite[unit_pos]
+            row_ok, all_finite = finite[unit_pos], bool(finite.all())
             row_scale = torch.where(row_ok, row_weight.to(torch.float32) * factor[unit_pos], 0.0)
+            self._sums()
             while self._kept:  # the clipped sum, layer by layer, releasing each layer's book-keeping as it goes
                 record = self._kept.pop()
                 if record[0] == "units":
@@ -143,9 +144,10 @@ class BookKeepingDPSGDEngine(DPSGDEngine):
                         self._summed[self._index[id(p)]] += torch.einsum("u,u...->...", factor, ug)
                 else:
                     _, module, act, grad_out = record
-                    grad_out = _select_rows(grad_out.to(torch.float32), row_ok)
-                    grad_out = grad_out * row_scale.view(-1, *([1] * (grad_out.dim() - 1)))
-                    for p, g in weight_gradient(module, _select_rows(act, row_ok), grad_out).items():
+                    if not all_finite:  # select the bad units' rows away before any product (0 * NaN is NaN)
+                        act, grad_out = _select_rows(act, row_ok), _select_rows(grad_out, row_ok)
+                    grad_out = grad_out.to(torch.float32) * row_scale.view(-1, *([1] * (grad_out.dim() - 1)))
+                    for p, g in weight_gradient(module, act, grad_out).items():
                         self._summed[self._index[id(p)]] += g
         finally:
             self._kept = []

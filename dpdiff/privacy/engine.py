@@ -228,8 +228,8 @@ class DPSGDEngine:
         self.numel = start
         self.hooks = LayerHooks(model, self._on_layer)
         self._flat_sum: torch.Tensor | None = None
-        self._sum_buffer: torch.Tensor | None = None
         self._summed: list[torch.Tensor] | None = None  # per-parameter views of _flat_sum
+        self._step_open = False
         self._unit_flat: torch.Tensor | None = None
         self._written = 0
         self.stats = StepStats()
@@ -300,17 +300,22 @@ class DPSGDEngine:
     # --- one logical step -------------------------------------------------------------
     def start_step(self) -> None:
         """Begin a logical step: the forwards of its micro-batches run with the hooks on."""
-        # one buffer for the whole run, zeroed per step: a fresh one would page-fault 4 bytes per weight every step
-        if self._sum_buffer is None or self._sum_buffer.device != self._device():
-            self._sum_buffer = torch.zeros(self.numel, dtype=torch.float32, device=self._device())
-        else:
-            self._sum_buffer.zero_()
-        self._flat_sum = self._sum_buffer
-        self._summed = [self._flat_sum[slice(*self._slices[id(p)])].view(p.shape) for p in self.params]
+        self._flat_sum = self._summed = None  # allocated by the first micro-batch, after its backward
+        self._step_open = True
         self.stats = StepStats()
         for p in self.params:
             p.grad = None
         self.hooks.enabled = True
+
+    def _sums(self) -> list[torch.Tensor]:
+        """The step's clipped-sum accumulators (per-parameter views of one fp32 buffer), allocated on first use:
+        after the first micro-batch's backward has freed its activations, as autograd allocates ``p.grad``, so a
+        full model's gradient buffer never coexists with a forward's activations that non-DP training would not
+        hold together either."""
+        if self._flat_sum is None:
+            self._flat_sum = torch.zeros(self.numel, dtype=torch.float32, device=self._device())
+            self._summed = [self._flat_sum[slice(*self._slices[id(p)])].view(p.shape) for p in self.params]
+        return self._summed
 
     def _start_micro_batch(self, unit_pos, row_weight, num_units) -> None:
         self._unit_pos, self._row_weight, self._num_units = unit_pos, row_weight, num_units
@@ -325,7 +330,7 @@ class DPSGDEngine:
         and counts with weight ``row_weight[r]`` (the rows of a unit weigh 1 in total). The forward
         that produced ``row_loss`` must have run after ``start_step()``.
         """
-        assert self._summed is not None, "call start_step() first"
+        assert self._step_open, "call start_step() first"
         if row_loss.numel() == 0:
             return  # never forward/backward an empty batch (diffusers' attention crashes)
         self._start_micro_batch(unit_pos, row_weight, num_units)
@@ -341,6 +346,7 @@ class DPSGDEngine:
             norms = torch.linalg.vector_norm(self._unit_flat, dim=1)
             factor = clipping.clip_factors(norms=norms, max_grad_norm=self.max_grad_norm)
             unit_grads = clipping.zero_nonfinite_units(unit_grads=self._unit_flat, finite=torch.isfinite(norms))
+            self._sums()
             self._flat_sum += factor @ unit_grads
         finally:
             self._unit_flat = None
@@ -354,7 +360,8 @@ class DPSGDEngine:
         norm of the noise added to it: a non-private statistic, logged for the data owner to see whether a
         run can learn (a ratio far below 1 at every step means the update is mostly noise).
         """
-        assert self._summed is not None, "call start_step() first"
+        assert self._step_open, "call start_step() first"
+        self._sums()  # an empty logical batch: zeros, then noise only
         self.hooks.enabled = False
         std = self.noise_multiplier * self.max_grad_norm
         distributed = _dist_ready()
@@ -375,6 +382,7 @@ class DPSGDEngine:
         for p, acc in zip(self.params, self._summed):
             p.grad = acc if acc.dtype == p.dtype else acc.to(p.dtype)
         self._summed = self._flat_sum = None
+        self._step_open = False
         out = self.stats.summary(self.max_grad_norm)
         if main:
             out.update(signal_to_noise(signal_sq, noise_sq, groups=self.param_groups,

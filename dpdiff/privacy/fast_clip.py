@@ -202,7 +202,7 @@ class TwoPassDPSGDEngine(DPSGDEngine):
 
     def backward(self, row_loss: torch.Tensor, *, unit_pos: torch.Tensor, row_weight: torch.Tensor,
                  num_units: int) -> None:
-        assert self._summed is not None, "call start_step() first"
+        assert self._step_open, "call start_step() first"
         if row_loss.numel() == 0:
             return
         self._start_micro_batch(unit_pos, row_weight, num_units)
@@ -217,6 +217,7 @@ class TwoPassDPSGDEngine(DPSGDEngine):
         finite = torch.isfinite(norms)
         weights = (row_weight.to(torch.float32) * factor[unit_pos]).to(row_loss.dtype)
         try:
+            self._sums()
             if bool(finite.all()):
                 for p in self.params:
                     p.grad = None
