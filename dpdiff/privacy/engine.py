@@ -343,7 +343,7 @@ class DPSGDEngine:
                     f"{len(self.params) - self._written} trainable parameter(s) received no per-unit gradient; was "
                     "the forward run after engine.start_step(), and the model moved to its device before the engine "
                     "attached?")
-            norms = torch.linalg.vector_norm(self._unit_flat, dim=1)
+            norms = unit_norms(self._unit_flat)
             factor = clipping.clip_factors(norms=norms, max_grad_norm=self.max_grad_norm)
             unit_grads = clipping.zero_nonfinite_units(unit_grads=self._unit_flat, finite=torch.isfinite(norms))
             self._sums()
@@ -390,11 +390,28 @@ class DPSGDEngine:
         return out
 
 
+#: columns per block when summing squares (bounds the temporary of ``pow(2)``)
+_NORM_BLOCK = 2**22
+
+
+def unit_norms(unit_grads: torch.Tensor) -> torch.Tensor:
+    """``||g_u||`` of each row of ``unit_grads`` ([U, P] fp32), accurate to fp32 rounding for any P.
+
+    Not ``torch.linalg.vector_norm`` / ``Tensor.norm`` / ``torch._foreach_norm``: on a CPU (torch 2.13) they
+    accumulate a long fp32 row naively, and on rows of a few million weights come out up to 1e-4 *low*, so a
+    unit clipped by them keeps a norm above C (the sensitivity the noise is calibrated to). ``pow(2).sum``
+    reduces pairwise; blocks of columns bound its temporary and are added in float64."""
+    total = torch.zeros(unit_grads.shape[0], dtype=torch.float64, device=unit_grads.device)
+    for block in unit_grads.split(_NORM_BLOCK, dim=1):
+        total += block.pow(2).sum(1).double()
+    return total.sqrt().to(torch.float32)
+
+
 def _squared_norms(tensors: list[torch.Tensor]) -> list[float]:
-    """``||t||^2`` of each tensor, in one fused call and one device sync."""
+    """``||t||^2`` of each tensor (``pow(2).sum``, accurate: see :func:`unit_norms`), with one device sync."""
     if not tensors:
         return []
-    return torch.stack(torch._foreach_norm(tensors)).double().pow(2).tolist()
+    return torch.stack([t.pow(2).sum() for t in tensors]).double().tolist()
 
 
 def signal_to_noise(signal_sq: list[float], noise_sq: list[float], *, groups: dict[str, list[int]],
