@@ -1,6 +1,6 @@
 """Time and peak memory of one training step configuration, in a fresh process (so peak RSS is its own).
 
-    python benchmarks/bench_step.py --model tiny|sd15 --adapter lora|full --mode nondp|dp|naive
+    python benchmarks/bench_step.py --model tiny|sd15|sdxl|sd3|flux --adapter lora|full --mode nondp|dp|naive
         [--engine hooks|two_pass|bookkeeping] [--batch 32] [--micro 32] [--augmult 1] [--steps 5] [--resolution 16]
         [--device auto|cpu|cuda]
 
@@ -44,38 +44,57 @@ def device_name(device: torch.device) -> str:
 
 
 def build(model: str, adapter: str, resolution: int):
+    """(denoiser, trainable params, objective, latent shape, text shape, family) of a benchmark model: ``tiny`` (the
+    built-in SD), ``sd15`` (SD 1.5's UNet, random weights), or the tiny ``sdxl`` / ``sd3`` / ``flux`` denoisers."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
     from dpdiff.models import adapters, tiny
+    from dpdiff.models.families import FAMILIES
+    from dpdiff.training.loss import DiffusionObjective, FlowMatchingObjective
 
     torch.manual_seed(0)
+    family = FAMILIES["sd"]
+    targets = None
     if model == "tiny":
         from dpdiff.models.loading import load_base
 
         unet = load_base(None).unet
         text_len, text_dim, latent = 32, unet.config.cross_attention_dim, unet.config.sample_size
+    elif model in tiny.FAMILY_DENOISERS:
+        family = FAMILIES[model]
+        unet = tiny.family_denoiser(model)
+        (text_len, text_dim), latent, targets = tiny.FAMILY_DENOISERS[model][2], 8, list(family.lora_targets)
     else:
         latent = resolution
         unet = UNet2DConditionModel(**sd15_unet_config(latent))
         text_len, text_dim = 77, 768
-    params = adapters.attach(unet, kind=adapter, rank=16)
+    params = adapters.attach(unet, kind=adapter, rank=16, target_modules=targets)
     if adapter == "lora":
         for n, p in unet.named_parameters():  # non-zero B so every LoRA weight has a gradient
             if "lora_B" in n:
                 p.data.normal_(0, 0.01)
     unet.train()
-    sched = DDPMScheduler(**tiny.scheduler_config())
-    return unet, params, sched, (4, latent, latent), (text_len, text_dim)
+    if family.objective == "flow":
+        obj = FlowMatchingObjective(tiny.family_scheduler(model), family=family)
+    else:
+        obj = DiffusionObjective(DDPMScheduler(**tiny.scheduler_config()), family=family)
+    return unet, params, obj, (4, latent, latent), (text_len, text_dim), family
 
 
-def rows(batch: int, augmult: int, shape, text, seed: int, device: torch.device | str = "cpu"):
+def rows(batch: int, augmult: int, shape, text, seed: int, device: torch.device | str = "cpu", family: str = "sd"):
+    from dpdiff.models import tiny
     from dpdiff.training.loss import RowBatch
 
     g = torch.Generator().manual_seed(seed)
     r = batch * augmult
+    if family in tiny.FAMILY_DENOISERS:
+        emb, added = tiny.family_conditioning(family, r, generator=g)
+    else:
+        emb, added = torch.randn(r, *text, generator=g), {}
     return RowBatch(torch.randn(r, *shape, generator=g), torch.randn(r, *shape, generator=g),
-                    torch.randint(0, 1000, (r,), generator=g), torch.randn(r, *text, generator=g),
-                    torch.arange(batch).repeat_interleave(augmult), torch.full((r,), 1.0 / augmult), batch).to(device)
+                    torch.randint(0, 1000, (r,), generator=g), emb,
+                    torch.arange(batch).repeat_interleave(augmult), torch.full((r,), 1.0 / augmult), batch,
+                    added).to(device)
 
 
 def main() -> None:
@@ -98,12 +117,10 @@ def main() -> None:
     from dpdiff.privacy.bookkeeping import BookKeepingDPSGDEngine
     from dpdiff.privacy.engine import DPSGDEngine, NonPrivateEngine
     from dpdiff.privacy.fast_clip import TwoPassDPSGDEngine
-    from dpdiff.training.loss import DiffusionObjective
     from dpdiff.training.trainer import split_units
 
-    unet, params, sched, shape, text = build(a.model, a.adapter, a.resolution)
+    unet, params, obj, shape, text, family = build(a.model, a.adapter, a.resolution)
     unet.to(device)  # parameters move in place: the engines' and optimizer's references stay valid
-    obj = DiffusionObjective(sched)
     opt = torch.optim.AdamW(params, lr=1e-5)
     if a.mode == "dp":
         cls = {"hooks": DPSGDEngine, "two_pass": TwoPassDPSGDEngine, "bookkeeping": BookKeepingDPSGDEngine}[a.engine]
@@ -117,9 +134,7 @@ def main() -> None:
         summed = [torch.zeros_like(p) for p in params]
         for u in range(rb.num_units):
             sel = (rb.unit_pos == u).nonzero().flatten()
-            loss = obj.row_losses(unet, type(rb)(rb.latents[sel], rb.noise[sel], rb.timesteps[sel],
-                                                 rb.encoder_hidden_states[sel], rb.unit_pos[sel] * 0,
-                                                 rb.row_weight[sel], 1)).mean()
+            loss = obj.row_losses(unet, rb.select(sel, unit_pos=rb.unit_pos[sel] * 0, num_units=1)).mean()
             grads = torch.autograd.grad(loss, params)
             norm = torch.sqrt(sum(g.pow(2).sum() for g in grads))
             c = min(1.0, 1.0 / (float(norm) + 1e-6))
@@ -153,7 +168,7 @@ def main() -> None:
         threading.Thread(target=poll, daemon=True).start()
     times = []
     for step in range(a.steps + 1):
-        rb = rows(a.batch, a.augmult, shape, text, step, device)
+        rb = rows(a.batch, a.augmult, shape, text, step, device, family.name)
         sync()
         t0 = time.perf_counter()
         if a.mode == "naive":

@@ -105,6 +105,27 @@ def bench_steps(quick: bool) -> dict:
     return res
 
 
+def bench_families(quick: bool) -> dict:
+    """DP vs non-DP step time of the tiny SDXL, SD3 and Flux-style denoisers (LoRA on the family's default
+    targets, and every weight), logical batch 16, the engine ``train.per_sample=auto`` picks (hooks: their
+    per-unit gradients fit), best of two interleaved runs."""
+    n = 3 if quick else 6
+    res = {"configs": [], "ratios": {}}
+    for family in ("sdxl", "sd3", "flux"):
+        for adapter in ("lora", "full"):
+            common = dict(model=family, adapter=adapter, batch=16, micro=16, resolution=8, steps=n)
+            non, dp = None, None
+            for _ in range(2):
+                non = faster(non, step(mode="nondp", **common))
+                dp = faster(dp, step(mode="dp", engine="hooks", **common))
+            res["configs"] += [non, dp]
+            res["ratios"][f"{family}/{adapter}"] = {"dp_over_nondp_time": ratio(dp, non, "step_seconds"),
+                                                   "nondp_seconds": non.get("step_seconds"),
+                                                   "dp_seconds": dp.get("step_seconds"),
+                                                   "trainable": non.get("trainable")}
+    return res
+
+
 def bench_cache(quick: bool) -> dict:
     """One epoch of training rows from cached posteriors vs VAE-encoding the images every step."""
     import torch
@@ -240,6 +261,14 @@ def write_table(results: dict) -> None:
                   f"One epoch over {ca['images']} images: cached {ca['cached_epoch_seconds']} s "
                   f"vs encoding on the fly {ca['on_the_fly_epoch_seconds']} s: **{ca['speedup_per_epoch']}x** "
                   f"(the one-time encoding costs {ca['encode_once_seconds']} s)."]
+    fa = results.get("families")
+    if fa:
+        lines += ["", "## Model families (tiny denoisers)", "", f"Measured {fa.get('measured', '?')}.", "",
+                  "| family / adapter | trainable weights | non-DP s/step | DP s/step | DP/non-DP time |",
+                  "|---|---|---|---|---|"]
+        for k, v in fa["ratios"].items():
+            secs = [("error" if x is None else f"{x:.3f}") for x in (v["nondp_seconds"], v["dp_seconds"])]
+            lines.append(f"| {k} | {v['trainable']} | {secs[0]} | {secs[1]} | {v['dp_over_nondp_time']} |")
     ge = results.get("generation")
     if ge:
         lines += ["", "## Probe generation throughput", "", f"Measured {ge.get('measured', '?')}.", "",
@@ -252,14 +281,15 @@ def write_table(results: dict) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--only", default="step,cache,generation")
+    ap.add_argument("--only", default="step,families,cache,generation")
     a = ap.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     prev = RESULTS / "all.json"
     results = json.loads(prev.read_text()) if prev.exists() else {}
     results.update({"when": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.machine()} {platform.processor()}",
                     "threads": 2, "python": platform.python_version()})
-    for name, fn in (("step", bench_steps), ("cache", bench_cache), ("generation", bench_generation)):
+    for name, fn in (("step", bench_steps), ("families", bench_families), ("cache", bench_cache),
+                     ("generation", bench_generation)):
         if name in a.only.split(","):
             print(f"benchmark: {name}", flush=True)
             results[name] = {**fn(a.quick), "measured": time.strftime("%Y-%m-%d %H:%M")}

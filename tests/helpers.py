@@ -94,3 +94,27 @@ def trained_recipe(run_dir: Path, overrides: list[str], patch=None):
         yield recipe
     finally:
         recipe.cleanup()
+
+
+#: every clipping engine and per-layer policy the tests compare with the per-unit loop
+ENGINES = ["hooks", "two_pass_never", "two_pass_always", "bookkeeping_never", "bookkeeping_always",
+           "bookkeeping_auto"]
+
+
+def make_engine(engine: str, model, **kw):
+    """``hooks``, ``two_pass_<ghost>`` or ``bookkeeping_<ghost>`` (ghost: never | always | auto)."""
+    from dpdiff.privacy.bookkeeping import BookKeepingDPSGDEngine
+    from dpdiff.privacy.engine import DPSGDEngine
+    from dpdiff.privacy.fast_clip import TwoPassDPSGDEngine
+
+    if engine == "hooks":
+        return DPSGDEngine(model, **kw)
+    kind, ghost = engine.rsplit("_", 1)
+    cls = {"two_pass": TwoPassDPSGDEngine, "bookkeeping": BookKeepingDPSGDEngine}[kind]
+    return cls(model, **kw, ghost=ghost)
+
+
+def clip_sum(ref: torch.Tensor, C: float) -> torch.Tensor:
+    """The reference clipped sum, its norms in float64 (torch's fp32 ``norm`` of a long row is up to 1e-4 low)."""
+    norms = ref.double().norm(dim=1)
+    return (ref.double() * (C / (norms + 1e-6)).clamp(max=1.0)[:, None]).sum(0).to(ref.dtype)

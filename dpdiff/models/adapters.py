@@ -71,22 +71,33 @@ def attach(unet: nn.Module, *, kind: str, rank: int = 16, alpha: float | None = 
     return params
 
 
-def save(unet: nn.Module, *, kind: str, out_dir: Path) -> Path:
-    """Save what was trained: ``lora/pytorch_lora_weights.safetensors`` or ``unet/``."""
+def save(unet: nn.Module, *, kind: str, out_dir: Path, family=None) -> Path:
+    """Save what was trained: ``lora/pytorch_lora_weights.safetensors`` or the denoiser's folder (``unet/``,
+    ``transformer/``), as the family's diffusers training script saves it, so that the family's pipeline
+    (``StableDiffusion[XL|3]Pipeline``, ``FluxPipeline``) loads it with ``load_lora_weights`` /
+    ``from_pretrained``."""
+    import diffusers
+
+    from dpdiff.models.families import FAMILIES
+
+    family = family or FAMILIES["sd"]
     out_dir = Path(out_dir)
     if kind == "lora":
-        from diffusers import StableDiffusionPipeline
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
-        state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+        state = get_peft_model_state_dict(unet)
+        if family.denoiser == "unet":  # the SD/SDXL scripts convert to diffusers' names; SD3/Flux's save peft's
+            state = convert_state_dict_to_diffusers(state)
         state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
         meta = unet.peft_config["default"].to_dict()
-        StableDiffusionPipeline.save_lora_weights(out_dir / "lora", unet_lora_layers=state,
-                                                  safe_serialization=True, unet_lora_adapter_metadata=meta)
+        pipeline = getattr(diffusers, family.pipeline)
+        pipeline.save_lora_weights(out_dir / "lora", safe_serialization=True,
+                                   **{f"{family.denoiser}_lora_layers": state,
+                                      f"{family.denoiser}_lora_adapter_metadata": meta})
         return out_dir / "lora"
-    unet.save_pretrained(out_dir / "unet", safe_serialization=True)
-    return out_dir / "unet"
+    unet.save_pretrained(out_dir / family.denoiser, safe_serialization=True)
+    return out_dir / family.denoiser
 
 
 def parameter_groups(unet: nn.Module, params: list[nn.Parameter]) -> dict[str, list[int]]:

@@ -136,3 +136,57 @@ def scheduler_config() -> dict:
         clip_sample=False,
         steps_offset=1,
     )
+
+
+# --- tiny random denoisers of the other families (tests and benchmarks; the sizes of diffusers' own tests) ---------
+
+#: per family: (diffusers class, config, text tokens x width, added conditioning shapes per row)
+FAMILY_DENOISERS = {
+    "sdxl": ("UNet2DConditionModel", dict(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=8, transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80,
+        cross_attention_dim=64), (16, 64), {"text_embeds": (32,), "time_ids": (6,)}),
+    "sd3": ("SD3Transformer2DModel", dict(
+        sample_size=8, patch_size=1, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=4,
+        caption_projection_dim=32, joint_attention_dim=32, pooled_projection_dim=64, out_channels=4,
+        pos_embed_max_size=16), (16, 32), {"pooled_projections": (64,)}),
+    "flux": ("FluxTransformer2DModel", dict(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8]),
+        (16, 32), {"pooled_projections": (32,)}),
+}
+
+
+def family_denoiser(family: str, *, seed: int = 0, **overrides):
+    """A tiny random denoiser of ``family`` (sdxl, sd3, flux) for 4x8x8 latents; ``overrides`` change its config
+    (e.g. ``qk_norm="rms_norm"`` for an SD3.5-style transformer)."""
+    import diffusers
+    import torch
+
+    cls, cfg, _, _ = FAMILY_DENOISERS[family]
+    torch.manual_seed(seed)
+    return getattr(diffusers, cls)(**{**cfg, **overrides})
+
+
+def family_conditioning(family: str, rows: int, *, generator):
+    """Random text embeddings [rows, T, D] and added conditioning of the right shapes for a tiny ``family`` model.
+    SDXL's time ids are real ones: (original size, crop top-left, target size) of a 32 px image."""
+    import torch
+
+    _, _, (tokens, width), added = FAMILY_DENOISERS[family]
+    text = torch.randn(rows, tokens, width, generator=generator)
+    cond = {k: torch.randn(rows, *shape, generator=generator) for k, shape in added.items()}
+    if "time_ids" in cond:
+        cond["time_ids"] = torch.tensor([32.0, 32.0, 0.0, 0.0, 32.0, 32.0]).repeat(rows, 1)
+    return text, cond
+
+
+def family_scheduler(family: str):
+    """The training scheduler of a tiny ``family`` model: DDPM for SDXL, flow matching (shift 3, SD3's) else."""
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
+
+    if family == "sdxl":
+        return DDPMScheduler(**scheduler_config())
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)

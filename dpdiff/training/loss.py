@@ -9,9 +9,11 @@ weighting (Hang et al. 2023), MSE averaged over latent dimensions, here kept per
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+
+from dpdiff.models.families import FAMILIES, Family, predict
 
 
 @dataclass
@@ -25,6 +27,8 @@ class RowBatch:
     unit_pos: torch.Tensor  # [R] long
     row_weight: torch.Tensor  # [R]; the rows of a unit sum to 1
     num_units: int
+    added: dict[str, torch.Tensor] = field(default_factory=dict)  # per-row conditioning: SDXL's text_embeds
+    #                                       and time_ids, SD3's and Flux's pooled_projections ([R, ...] each)
 
     def __len__(self) -> int:
         return int(self.latents.shape[0])
@@ -32,11 +36,21 @@ class RowBatch:
     def to(self, device, dtype=None) -> RowBatch:
         f = lambda t: t.to(device=device, dtype=dtype) if dtype is not None and t.is_floating_point() else t.to(device)
         return RowBatch(f(self.latents), f(self.noise), self.timesteps.to(device), f(self.encoder_hidden_states),
-                        self.unit_pos.to(device), self.row_weight.to(device), self.num_units)
+                        self.unit_pos.to(device), self.row_weight.to(device), self.num_units,
+                        {k: f(v) for k, v in self.added.items()})
+
+    def select(self, rows: torch.Tensor, *, unit_pos: torch.Tensor, num_units: int) -> RowBatch:
+        """The rows ``rows`` (indices), renumbered into ``num_units`` units by ``unit_pos``."""
+        return RowBatch(self.latents[rows], self.noise[rows], self.timesteps[rows], self.encoder_hidden_states[rows],
+                        unit_pos, self.row_weight[rows], num_units, {k: v[rows] for k, v in self.added.items()})
 
 
 class DiffusionObjective:
-    def __init__(self, noise_scheduler, *, prediction_type: str | None = None, snr_gamma: float | None = None):
+    def __init__(self, noise_scheduler, *, prediction_type: str | None = None, snr_gamma: float | None = None,
+                 family: Family | None = None):
+        self.family = family or FAMILIES["sd"]
+        if self.family.objective != "ddpm":
+            raise ValueError(f"{self.family.name} is trained by flow matching: use FlowMatchingObjective")
         self.scheduler = noise_scheduler
         self.prediction_type = prediction_type or noise_scheduler.config.prediction_type
         if self.prediction_type not in ("epsilon", "v_prediction"):
@@ -52,7 +66,8 @@ class DiffusionObjective:
     def row_losses(self, unet, rows: RowBatch) -> torch.Tensor:
         """Per-row MSE between the UNet's prediction and the target, shape [R]."""
         noisy = self.scheduler.add_noise(rows.latents, rows.noise, rows.timesteps)
-        pred = unet(noisy, rows.timesteps, rows.encoder_hidden_states, return_dict=False)[0]
+        pred = predict(unet, family=self.family, noisy=noisy, timesteps=rows.timesteps,
+                       encoder_hidden_states=rows.encoder_hidden_states, added=rows.added)
         target = self.target(rows.latents, rows.noise, rows.timesteps)
         loss = (pred.float() - target.float()).pow(2).flatten(1).mean(1)
         if self.snr_gamma is not None:
@@ -64,3 +79,32 @@ class DiffusionObjective:
                 weight = torch.clamp(snr, max=self.snr_gamma) / (snr + 1)
             loss = loss * weight.to(loss)
         return loss
+
+
+class FlowMatchingObjective:
+    """Rectified flow as SD3 and Flux are trained (``train_dreambooth_lora_sd3.py`` / ``_flux.py``): row r's step
+    index i (``rows.timesteps``, drawn in 0..N-1 like DDPM's) selects sigma_i and t_i of the training copy of the
+    ``FlowMatchEulerDiscreteScheduler`` (its shift included); ``x_t = (1 - sigma) x_0 + sigma * noise``, the
+    target is ``noise - x_0``, the loss the per-row MSE. Step indices are drawn uniformly (the scripts'
+    ``weighting_scheme="none"``); their logit-normal density is not offered."""
+
+    prediction_type = "flow"
+
+    def __init__(self, noise_scheduler, *, family: Family):
+        if family.objective != "flow":
+            raise ValueError(f"{family.name} is not a flow-matching model")
+        self.family, self.scheduler = family, noise_scheduler
+        self.num_train_timesteps = int(noise_scheduler.config.num_train_timesteps)
+        self._sigmas = torch.as_tensor(noise_scheduler.sigmas, dtype=torch.float32)[: self.num_train_timesteps]
+        self._timesteps = torch.as_tensor(noise_scheduler.timesteps, dtype=torch.float32)[: self.num_train_timesteps]
+
+    def row_losses(self, model, rows: RowBatch) -> torch.Tensor:
+        idx = rows.timesteps.long().cpu()
+        sigma = self._sigmas[idx].to(rows.latents.device)
+        t = self._timesteps[idx].to(rows.latents.device)
+        s = sigma.view(-1, *([1] * (rows.latents.dim() - 1))).to(rows.latents.dtype)
+        noisy = (1.0 - s) * rows.latents + s * rows.noise
+        pred = predict(model, family=self.family, noisy=noisy, timesteps=t.to(rows.latents.dtype),
+                       encoder_hidden_states=rows.encoder_hidden_states, added=rows.added)
+        target = rows.noise - rows.latents
+        return (pred.float() - target.float()).pow(2).flatten(1).mean(1)

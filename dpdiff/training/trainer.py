@@ -29,9 +29,7 @@ def split_units(rows: RowBatch, max_units: int) -> list[RowBatch]:
     for start in range(0, rows.num_units, max_units):
         stop = min(start + max_units, rows.num_units)
         sel = ((rows.unit_pos >= start) & (rows.unit_pos < stop)).nonzero().flatten()
-        out.append(RowBatch(rows.latents[sel], rows.noise[sel], rows.timesteps[sel],
-                            rows.encoder_hidden_states[sel], rows.unit_pos[sel] - start,
-                            rows.row_weight[sel], stop - start))
+        out.append(rows.select(sel, unit_pos=rows.unit_pos[sel] - start, num_units=stop - start))
     return out
 
 

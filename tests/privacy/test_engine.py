@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from helpers import make_tiny_lora_unet
+from helpers import ENGINES, clip_sum, make_engine, make_tiny_lora_unet
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -61,29 +61,6 @@ def engine_gradient(model, objective, rows, *, C, sigma=0.0, expected=1.0, micro
     g = torch.cat([p.grad.flatten() for p in params])
     eng.close()
     return g, stats
-
-
-#: every clipping engine and per-layer policy the tests compare with the per-unit loop
-ENGINES = ["hooks", "two_pass_never", "two_pass_always", "bookkeeping_never", "bookkeeping_always",
-           "bookkeeping_auto"]
-
-
-def make_engine(engine: str, model, **kw):
-    """``hooks``, ``two_pass_<ghost>`` or ``bookkeeping_<ghost>`` (ghost: never | always | auto)."""
-    from dpdiff.privacy.bookkeeping import BookKeepingDPSGDEngine
-    from dpdiff.privacy.fast_clip import TwoPassDPSGDEngine
-
-    if engine == "hooks":
-        return DPSGDEngine(model, **kw)
-    kind, ghost = engine.rsplit("_", 1)
-    cls = {"two_pass": TwoPassDPSGDEngine, "bookkeeping": BookKeepingDPSGDEngine}[kind]
-    return cls(model, **kw, ghost=ghost)
-
-
-def clip_sum(ref: torch.Tensor, C: float) -> torch.Tensor:
-    """The reference clipped sum, its norms in float64 (torch's fp32 ``norm`` of a long row is up to 1e-4 low)."""
-    norms = ref.double().norm(dim=1)
-    return (ref.double() * (C / (norms + 1e-6)).clamp(max=1.0)[:, None]).sum(0).to(ref.dtype)
 
 
 @pytest.mark.parametrize("rows_per_unit", [

@@ -1,0 +1,133 @@
+"""Model families: which denoiser a pipeline dir holds, how it is called, what its LoRA targets by default.
+
+A family is detected from the pipeline dir's ``model_index.json`` (``_class_name``), never guessed
+from weights. The calls follow diffusers' own training scripts, so that a model fine-tuned here is
+what those scripts would have produced:
+
+* ``sd``    SD 1.x/2.x ``UNet2DConditionModel``: ``unet(noisy, t, text)`` (``train_text_to_image_lora.py``);
+* ``sdxl``  SDXL ``UNet2DConditionModel`` with ``addition_embed_type="text_time"``: the pooled embedding of
+            the second text encoder and six size/crop ids as added conditioning
+            (``train_dreambooth_lora_sdxl.py``: ``added_cond_kwargs={"text_embeds", "time_ids"}``);
+* ``sd3``   ``SD3Transformer2DModel`` (MMDiT, joint text/image attention): flow matching, the timestep on
+            the 0..1000 scale, pooled projections (``train_dreambooth_lora_sd3.py``);
+* ``flux``  ``FluxTransformer2DModel``: flow matching on 2x2-packed latents with position ids, the timestep
+            and guidance passed /1000 (the model multiplies them back), pooled projections
+            (``train_dreambooth_lora_flux.py``).
+
+Rows must stay independent through the denoiser (per-unit gradients assume it): these calls share
+only the position ids between rows, never activations.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dpdiff.errors import UserError
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    pipeline: str  # diffusers pipeline class in model_index.json
+    denoiser: str  # "unet" | "transformer": the component that is fine-tuned
+    objective: str  # "ddpm" (epsilon / v) | "flow" (rectified flow, target = noise - x0)
+    lora_targets: tuple[str, ...]  # diffusers' training scripts' defaults
+    added: tuple[str, ...] = ()  # per-row conditioning besides the text embedding
+
+
+FAMILIES = {f.name: f for f in (
+    Family("sd", "StableDiffusionPipeline", "unet", "ddpm", ("to_q", "to_k", "to_v", "to_out.0")),
+    Family("sdxl", "StableDiffusionXLPipeline", "unet", "ddpm", ("to_q", "to_k", "to_v", "to_out.0"),
+           added=("text_embeds", "time_ids")),
+    Family("sd3", "StableDiffusion3Pipeline", "transformer", "flow",
+           ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"),
+           added=("pooled_projections",)),
+    Family("flux", "FluxPipeline", "transformer", "flow",
+           ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+            "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"),
+           added=("pooled_projections",)),
+)}
+_BY_PIPELINE = {f.pipeline: f for f in FAMILIES.values()}
+
+
+def detect_family(pretrained: str | Path) -> Family:
+    """The family of a local pipeline dir, from its ``model_index.json``; one clear error otherwise."""
+    index = Path(pretrained) / "model_index.json"
+    if not index.is_file():
+        raise UserError(f"model.pretrained={pretrained}: no model_index.json (a diffusers pipeline directory, "
+                        "as save_pretrained writes it, is needed)")
+    try:
+        name = json.loads(index.read_text())["_class_name"]
+    except (ValueError, KeyError) as e:
+        raise UserError(f"{index}: not a diffusers model_index.json ({e})") from None
+    for prefix in ("", "Diffusers"):
+        if name.removeprefix(prefix) in _BY_PIPELINE:
+            return _BY_PIPELINE[name.removeprefix(prefix)]
+    known = ", ".join(sorted(_BY_PIPELINE))
+    raise UserError(f"{index}: pipeline {name} is not supported (supported: {known})")
+
+
+def family_of(model: torch.nn.Module) -> Family:
+    """The family of a denoiser module, from its class and config (for code handed a bare model)."""
+    cls = type(model).__name__
+    if cls == "SD3Transformer2DModel":
+        return FAMILIES["sd3"]
+    if cls == "FluxTransformer2DModel":
+        return FAMILIES["flux"]
+    if getattr(getattr(model, "config", None), "addition_embed_type", None) == "text_time":
+        return FAMILIES["sdxl"]
+    return FAMILIES["sd"]
+
+
+def pack_latents(x: torch.Tensor) -> torch.Tensor:
+    """Flux's 2x2 patch packing (``FluxPipeline._pack_latents``): [B, C, H, W] -> [B, H/2 * W/2, 4C]."""
+    b, c, h, w = x.shape
+    return x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Inverse of :func:`pack_latents` (``FluxPipeline._unpack_latents`` at latent size h x w)."""
+    b, _, d = x.shape
+    c = d // 4
+    return x.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+
+
+def latent_ids(h: int, w: int, *, device, dtype) -> torch.Tensor:
+    """Flux's image position ids (``FluxPipeline._prepare_latent_image_ids``): [(h/2)(w/2), 3] = (0, row, col)."""
+    ids = torch.zeros(h // 2, w // 2, 3, device=device, dtype=dtype)
+    ids[..., 1] += torch.arange(h // 2, device=device, dtype=dtype)[:, None]
+    ids[..., 2] += torch.arange(w // 2, device=device, dtype=dtype)[None, :]
+    return ids.reshape(-1, 3)
+
+
+def predict(model: torch.nn.Module, *, family: Family, noisy: torch.Tensor, timesteps: torch.Tensor,
+            encoder_hidden_states: torch.Tensor, added: dict[str, torch.Tensor], guidance: float = 3.5
+            ) -> torch.Tensor:
+    """The denoiser's prediction for ``noisy`` latents [R, C, H, W] at ``timesteps`` (DDPM: integer steps; flow:
+    the scheduler's timesteps, 0..1000), in the latents' layout."""
+    missing = [k for k in family.added if k not in added]
+    if missing:
+        raise ValueError(f"{family.name} needs the added conditioning {', '.join(missing)}")
+    if family.name == "sd":
+        return model(noisy, timesteps, encoder_hidden_states, return_dict=False)[0]
+    if family.name == "sdxl":
+        return model(noisy, timesteps, encoder_hidden_states, return_dict=False,
+                     added_cond_kwargs={"text_embeds": added["text_embeds"], "time_ids": added["time_ids"]})[0]
+    if family.name == "sd3":
+        return model(hidden_states=noisy, encoder_hidden_states=encoder_hidden_states,
+                     pooled_projections=added["pooled_projections"], timestep=timesteps, return_dict=False)[0]
+    # flux
+    r, _, h, w = noisy.shape
+    g = None
+    if getattr(model.config, "guidance_embeds", False):
+        g = torch.full((r,), float(guidance), device=noisy.device, dtype=noisy.dtype)
+    out = model(hidden_states=pack_latents(noisy), encoder_hidden_states=encoder_hidden_states,
+                pooled_projections=added["pooled_projections"], timestep=timesteps / 1000, guidance=g,
+                img_ids=latent_ids(h, w, device=noisy.device, dtype=noisy.dtype),
+                txt_ids=torch.zeros(encoder_hidden_states.shape[1], 3, device=noisy.device, dtype=noisy.dtype),
+                return_dict=False)[0]
+    return unpack_latents(out, h, w)
