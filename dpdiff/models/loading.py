@@ -42,6 +42,15 @@ def resolve_pretrained(pretrained: str | None, *, allow_download: bool) -> str:
     if p.exists():
         if not p.is_dir():
             raise UserError(f"model.pretrained={pretrained} is a file; point it at a diffusers pipeline directory")
+        if (p / "model_index.json").is_file():
+            from dpdiff.models.families import detect_family
+
+            family = detect_family(p)
+            if family.name != "sd":
+                raise UserError(
+                    f"model.pretrained={p} holds a {family.pipeline} ({family.name}): the finetune recipe trains SD "
+                    "1.x/2.x pipelines only so far; DP training of its denoiser is available from Python "
+                    "(dpdiff.models.families, dpdiff.training.loss, the clipping engines)")
         missing = [part for part in REQUIRED_PARTS if not (p / part).is_dir()]
         if missing:
             raise UserError(f"model.pretrained={p} is not a Stable Diffusion pipeline directory: missing "

@@ -224,3 +224,14 @@ def test_saved_lora_loads_into_the_family_pipeline_and_changes_its_output(tmp_pa
         torch.testing.assert_close(a, b)
     after = _generate(pipe, family)
     assert not torch.allclose(before, after, atol=1e-4)
+
+
+@pytest.mark.parametrize("pipeline", ["StableDiffusionXLPipeline", "StableDiffusion3Pipeline", "FluxPipeline"])
+def test_the_recipe_refuses_other_families_in_one_line(tmp_path, pipeline):
+    """Not trained by the recipe yet: refused naming the family, never loaded as an SD pipeline."""
+    from dpdiff.models.loading import resolve_pretrained
+
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": pipeline}))
+    with pytest.raises(UserError, match=f"holds a {pipeline}") as e:
+        resolve_pretrained(str(tmp_path), allow_download=False)
+    assert "\n" not in str(e.value)
