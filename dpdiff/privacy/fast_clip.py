@@ -1,4 +1,5 @@
-"""Two-pass per-unit clipping for full fine-tuning: per-unit norms layer by layer, then one reweighted backward.
+"""Two-pass per-unit clipping: per-unit norms layer by layer, then one reweighted backward; and the ghost-norm
+helpers it shares with the one-pass book-keeping engine (``bookkeeping.py``, which ``auto`` prefers).
 
 Materialising per-unit gradients of every UNet weight at once (the single-pass engine) needs
 ``units x parameters`` floats: impossible for a full SD UNet. Opacus' fast gradient clipping
@@ -9,9 +10,10 @@ This engine generalises it to units:
 pass 1 (hooks on, weight gradients skipped): for each layer in turn, per-row gradients (Opacus'
     per-layer formulas) are summed per unit with the rows' weights, their squared norms
     accumulated per unit, and discarded, so at most one layer's per-unit gradients exist at a
-    time. For ``nn.Linear`` the *ghost norm* is used instead when cheaper (the per-layer rule of
-    Bu et al.'s "MixOpt"): ||sum_r w_r B_r^T A_r||^2 = sum((A_u A_u^T) * (B_u B_u^T)) over the
-    unit's stacked tokens, cost (n T)^2 (i + o) against n T i o for materialising.
+    time. For ``nn.Linear`` and ``nn.Conv2d`` (on unfolded patches) the *ghost norm* is used instead
+    when cheaper (the per-layer rule of Bu et al.'s "MixOpt", ``ghost_is_cheaper``):
+    ||sum_r w_r B_r^T A_r||^2 = sum((A_u A_u^T) * (B_u B_u^T)) over the unit's stacked tokens, cost
+    (n T)^2 (i + o) against n T i o for materialising.
 pass 2 (hooks off): backward of sum_r w_r c_u(r) loss_r, with c_u = min(1, C/(||g_u|| + 1e-6)),
     leaves exactly sum_u c_u g_u in ``p.grad``: the clipped sum the single-pass engine computes.
 
