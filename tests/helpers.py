@@ -118,3 +118,20 @@ def clip_sum(ref: torch.Tensor, C: float) -> torch.Tensor:
     """The reference clipped sum, its norms in float64 (torch's fp32 ``norm`` of a long row is up to 1e-4 low)."""
     norms = ref.double().norm(dim=1)
     return (ref.double() * (C / (norms + 1e-6)).clamp(max=1.0)[:, None]).sum(0).to(ref.dtype)
+
+
+def engine_clipped_sum(engine: str, model, objective, rows, *, C: float, expected: float, micro_units: int,
+                       sigma: float = 0.0):
+    """One step of ``engine`` over ``rows``, ``micro_units`` units per micro-batch: (flat gradient, engine)."""
+    from dpdiff.training.trainer import split_units
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    eng = make_engine(engine, model, noise_multiplier=sigma, max_grad_norm=C, expected_batch_size=expected,
+                      noise_generator=torch.Generator().manual_seed(0), params=params)
+    eng.start_step()
+    for micro in split_units(rows, micro_units):
+        eng.backward(objective.row_losses(model, micro), unit_pos=micro.unit_pos, row_weight=micro.row_weight,
+                     num_units=micro.num_units)
+    eng.finalize()
+    eng.close()
+    return torch.cat([p.grad.flatten() for p in params]), eng

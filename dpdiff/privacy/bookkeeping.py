@@ -35,8 +35,8 @@ import torch
 from torch import nn
 
 from dpdiff.privacy import clipping
-from dpdiff.privacy.engine import DPSGDEngine, reduce_rows_to_units
-from dpdiff.privacy.fast_clip import as_token_matrices, ghost_capable, ghost_is_cheaper, ghost_sq_norms, refuse_shared
+from dpdiff.privacy.engine import reduce_rows_to_units
+from dpdiff.privacy.fast_clip import GhostNormEngine, as_token_matrices, ghost_sq_norms, refuse_shared
 
 
 def _select_rows(t: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
@@ -65,30 +65,17 @@ def weight_gradient(module: nn.Module, act: torch.Tensor, grad_out: torch.Tensor
     return grads
 
 
-class BookKeepingDPSGDEngine(DPSGDEngine):
+class BookKeepingDPSGDEngine(GhostNormEngine):
     """One backward pass, per-layer ghost or instantiated unit-gradient norms, exact per-unit clipping.
 
-    ``ghost``: ``auto`` (the cheaper per layer), ``always`` (every ghost-capable layer), ``never`` (instantiate
-    everything: the single-pass engine's arithmetic with per-layer book-keeping); the last two are for tests.
+    ``ghost``: as :class:`~dpdiff.privacy.fast_clip.GhostNormEngine` (``never``: the single-pass engine's arithmetic
+    with per-layer book-keeping).
     """
 
-    def __init__(self, model: nn.Module, *, noise_multiplier: float, max_grad_norm: float,
-                 expected_batch_size: float, noise_generator: torch.Generator,
-                 params: list[nn.Parameter] | None = None, ghost: str = "auto"):
-        super().__init__(model, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
-                         expected_batch_size=expected_batch_size, noise_generator=noise_generator, params=params)
-        if ghost not in ("auto", "always", "never"):
-            raise ValueError("ghost must be auto, always or never")
-        self.ghost = ghost
+    def __init__(self, model: nn.Module, **kw):
+        super().__init__(model, **kw)
         self.layer_choice: dict[str, int] = {"ghost": 0, "units": 0}  # of the last micro-batch, for the logs
-        self._index = {id(p): i for i, p in enumerate(self.params)}
         self._kept: list[tuple] = []
-        self._seen_params: set[int] = set()
-
-    def _use_ghost(self, module, backprops) -> bool:
-        if self.ghost == "never" or not ghost_capable(module):
-            return False
-        return self.ghost == "always" or ghost_is_cheaper(module, backprops, num_units=self._num_units)
 
     def _on_layer(self, module, acts, backprops) -> None:
         """In the backward: this layer's part of every unit's squared norm, and what its clipped sum needs."""

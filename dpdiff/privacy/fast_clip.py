@@ -129,7 +129,11 @@ def refuse_shared(module: nn.Module, seen: set[int]) -> None:
             seen.add(id(p))
 
 
-class TwoPassDPSGDEngine(DPSGDEngine):
+class GhostNormEngine(DPSGDEngine):
+    """What the engines with per-layer ghost norms share: the ``ghost`` policy (``auto``: the cheaper per layer;
+    ``always``: every ghost-capable layer; ``never``: instantiate everything; the last two are for tests), the
+    parameter index, and the set of parameters seen in this forward (for ``refuse_shared``)."""
+
     def __init__(self, model: nn.Module, *, noise_multiplier: float, max_grad_norm: float,
                  expected_batch_size: float, noise_generator: torch.Generator,
                  params: list[nn.Parameter] | None = None, ghost: str = "auto"):
@@ -138,17 +142,22 @@ class TwoPassDPSGDEngine(DPSGDEngine):
         if ghost not in ("auto", "always", "never"):
             raise ValueError("ghost must be auto, always or never")
         self.ghost = ghost
-        self.ghost_layers = 0
-        self.materialised_layers = 0
-        self._pass = "norms"  # which backward the output hooks are in: norms | reweighted | masked
-        self._seen_params: set[int] = set()
-        self._row_ok: torch.Tensor | None = None
         self._index = {id(p): i for i, p in enumerate(self.params)}
+        self._seen_params: set[int] = set()
 
     def _use_ghost(self, module, backprops) -> bool:
         if self.ghost == "never" or not ghost_capable(module):
             return False
         return self.ghost == "always" or ghost_is_cheaper(module, backprops, num_units=self._num_units)
+
+
+class TwoPassDPSGDEngine(GhostNormEngine):
+    def __init__(self, model: nn.Module, **kw):
+        super().__init__(model, **kw)
+        self.ghost_layers = 0
+        self.materialised_layers = 0
+        self._pass = "norms"  # which backward the output hooks are in: norms | reweighted | masked
+        self._row_ok: torch.Tensor | None = None
 
     def _on_layer(self, module, acts, backprops) -> None:
         """Pass 1: this layer's contribution to every unit's squared gradient norm."""

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from helpers import ENGINES, clip_sum, make_engine, make_tiny_lora_unet
+from helpers import ENGINES, clip_sum, engine_clipped_sum, make_engine, make_tiny_lora_unet
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -282,22 +282,13 @@ def test_unsupported_trainable_layer_is_refused():
 def test_fast_engines_match_naive_loop(kind, engine):
     """Two-pass and book-keeping clipping, instantiated and ghost norms (Linear and Conv2d): the same clipped sum
     and the same per-unit norms as the per-unit loop, with K draws and a variable number of images per unit."""
-    from dpdiff.training.trainer import split_units
 
     model = _unet(kind)
     objective = _objective()
     rows = _rows([2, 1, 3])  # K draws and variable images per unit
     ref = naive_unit_gradients(copy.deepcopy(model), objective, rows)
     C = float(ref.norm(dim=1).median())
-    params = [p for p in model.parameters() if p.requires_grad]
-    eng = make_engine(engine, model, noise_multiplier=0.0, max_grad_norm=C, expected_batch_size=3.0,
-                      noise_generator=torch.Generator().manual_seed(0), params=params)
-    eng.start_step()
-    for micro in split_units(rows, 2):
-        eng.backward(objective.row_losses(model, micro), unit_pos=micro.unit_pos, row_weight=micro.row_weight,
-                     num_units=micro.num_units)
-    eng.finalize()
-    got = torch.cat([p.grad.flatten() for p in params])
+    got, eng = engine_clipped_sum(engine, model, objective, rows, C=C, expected=3.0, micro_units=2)
     want = clip_sum(ref, C) / 3.0
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
     torch.testing.assert_close(torch.tensor(sorted(eng.stats.norms)), ref.double().norm(dim=1).float().sort().values,
@@ -318,14 +309,7 @@ def test_ghost_norms_of_regular_units_match_naive_loop(kind, engine):
     rows = _rows([2, 2, 2])
     ref = naive_unit_gradients(copy.deepcopy(model), objective, rows)
     C = float(ref.norm(dim=1).median())
-    params = [p for p in model.parameters() if p.requires_grad]
-    eng = make_engine(engine, model, noise_multiplier=0.0, max_grad_norm=C, expected_batch_size=1.0,
-                      noise_generator=torch.Generator(), params=params)
-    eng.start_step()
-    eng.backward(objective.row_losses(model, rows), unit_pos=rows.unit_pos, row_weight=rows.row_weight,
-                 num_units=rows.num_units)
-    eng.finalize()
-    got = torch.cat([p.grad.flatten() for p in params])
+    got, eng = engine_clipped_sum(engine, model, objective, rows, C=C, expected=1.0, micro_units=3)
     want = clip_sum(ref, C)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
     assert (eng.ghost_layers if engine.startswith("two_pass") else eng.layer_choice["ghost"]) > 0

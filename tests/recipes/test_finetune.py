@@ -87,6 +87,7 @@ def test_bad_input_is_one_clear_line_and_leaves_nothing(tmp_path, override, need
     assert not run_dir.exists(), "a failed run left its run dir behind"
 
 
+@pytest.mark.slow  # ~5 min on 2 cores (training, all probes, eval, then `dpdiff probe` on the run): make test-slow
 def test_probes_and_eval_run_after_training_and_on_an_existing_run(tmp_path):
     """probes=default writes probes.json with the contract keys; `dpdiff probe` reruns them."""
     run_dir = tmp_path / "run"
