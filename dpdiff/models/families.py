@@ -71,18 +71,6 @@ def detect_family(pretrained: str | Path) -> Family:
     raise UserError(f"{index}: pipeline {name} is not supported (supported: {known})")
 
 
-def family_of(model: torch.nn.Module) -> Family:
-    """The family of a denoiser module, from its class and config (for code handed a bare model)."""
-    cls = type(model).__name__
-    if cls == "SD3Transformer2DModel":
-        return FAMILIES["sd3"]
-    if cls == "FluxTransformer2DModel":
-        return FAMILIES["flux"]
-    if getattr(getattr(model, "config", None), "addition_embed_type", None) == "text_time":
-        return FAMILIES["sdxl"]
-    return FAMILIES["sd"]
-
-
 def pack_latents(x: torch.Tensor) -> torch.Tensor:
     """Flux's 2x2 patch packing (``FluxPipeline._pack_latents``): [B, C, H, W] -> [B, H/2 * W/2, 4C]."""
     b, c, h, w = x.shape

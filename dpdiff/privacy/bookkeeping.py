@@ -135,7 +135,8 @@ class BookKeepingDPSGDEngine(GhostNormEngine):
                         act, grad_out = _select_rows(act, row_ok), _select_rows(grad_out, row_ok)
                     grad_out = grad_out.to(torch.float32) * row_scale.view(-1, *([1] * (grad_out.dim() - 1)))
                     for p, g in weight_gradient(module, act, grad_out).items():
-                        self._summed[self._index[id(p)]] += g
+                        if id(p) in self._index:  # a trainable weight outside ``params`` is not this engine's
+                            self._summed[self._index[id(p)]] += g
         finally:
             self._kept = []
         self.stats.add(row_loss=row_loss, norms=norms, num_units=num_units)
