@@ -35,34 +35,7 @@ import torch
 from torch import nn
 
 from dpdiff.privacy import clipping
-from dpdiff.privacy.engine import reduce_rows_to_units
-from dpdiff.privacy.fast_clip import GhostNormEngine, as_token_matrices, ghost_sq_norms, refuse_shared
-
-
-def _select_rows(t: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
-    """``t`` with the rows where ``ok`` is False replaced by zeros (selection: NaN/inf never multiply)."""
-    return torch.where(ok.view(-1, *([1] * (t.dim() - 1))), t, t.new_zeros(()))
-
-
-def weight_gradient(module: nn.Module, act: torch.Tensor, grad_out: torch.Tensor) -> dict:
-    """The sum over rows of a Linear or Conv2d layer's parameter gradients for output gradient ``grad_out``, formed
-    as autograd forms it (one matmul; ``torch.nn.grad.conv2d_weight``), in fp32."""
-    act, grad_out = act.to(torch.float32), grad_out.to(torch.float32)
-    grads = {}
-    if isinstance(module, nn.Conv2d):
-        if module.weight.requires_grad:
-            grads[module.weight] = torch.nn.grad.conv2d_weight(
-                act, module.weight.shape, grad_out, stride=module.stride, padding=module.padding,
-                dilation=module.dilation, groups=module.groups)
-        if module.bias is not None and module.bias.requires_grad:
-            grads[module.bias] = grad_out.sum((0, 2, 3))
-        return grads
-    b = grad_out.reshape(-1, module.out_features)
-    if module.weight.requires_grad:
-        grads[module.weight] = b.T @ act.reshape(-1, module.in_features)
-    if module.bias is not None and module.bias.requires_grad:
-        grads[module.bias] = b.sum(0)
-    return grads
+from dpdiff.privacy.fast_clip import GhostNormEngine, select_rows, weight_gradient
 
 
 class BookKeepingDPSGDEngine(GhostNormEngine):
@@ -79,25 +52,13 @@ class BookKeepingDPSGDEngine(GhostNormEngine):
 
     def _on_layer(self, module, acts, backprops) -> None:
         """In the backward: this layer's part of every unit's squared norm, and what its clipped sum needs."""
-        refuse_shared(module, self._seen_params)
-        if self._use_ghost(module, backprops):
-            a, b = as_token_matrices(module, acts[0], backprops)
-            self._sq_norms += ghost_sq_norms(
-                a, b, unit_pos=self._unit_pos, row_weight=self._row_weight, num_units=self._num_units,
-                weight=module.weight.requires_grad, bias=module.bias is not None and module.bias.requires_grad)
-            del a, b  # the unfolded patches are not kept: A and B are, as they came
+        unit_grads = self._add_layer_norms(module, acts, backprops)
+        if unit_grads is None:  # ghost norm: keep A and B as they came (the unfolded patches are not kept)
             self._kept.append(("ghost", module, acts[0], backprops))
             self.layer_choice["ghost"] += 1
-            return
-        unit_grads = {}
-        for p, gs in self.hooks.per_row_grads(module, acts, backprops).items():
-            if p.requires_grad and id(p) in self._index:
-                ug = reduce_rows_to_units(gs, self._unit_pos, self._row_weight, self._num_units,
-                                          identity=self._identity)
-                self._sq_norms += ug.flatten(1).pow(2).sum(1)
-                unit_grads[p] = ug
-        self._kept.append(("units", unit_grads))
-        self.layer_choice["units"] += 1
+        else:
+            self._kept.append(("units", unit_grads))
+            self.layer_choice["units"] += 1
 
     def backward(self, row_loss: torch.Tensor, *, unit_pos: torch.Tensor, row_weight: torch.Tensor,
                  num_units: int) -> None:
@@ -105,8 +66,6 @@ class BookKeepingDPSGDEngine(GhostNormEngine):
         if row_loss.numel() == 0:
             return
         self._start_micro_batch(unit_pos, row_weight, num_units)
-        self._sq_norms = torch.zeros(num_units, dtype=torch.float32, device=row_loss.device)
-        self._seen_params = set()
         self._kept = []
         self.layer_choice = {"ghost": 0, "units": 0}
         try:
@@ -115,11 +74,7 @@ class BookKeepingDPSGDEngine(GhostNormEngine):
                 raise RuntimeError(
                     "a trainable parameter received no per-unit gradient; was the forward run after "
                     "engine.start_step(), and the model moved to its device before the engine attached?")
-            # ghost norms are sums of Gram products: a zero gradient can come out at -1e-12, whose sqrt is NaN;
-            # clamp_min keeps NaN (a non-finite unit) NaN
-            norms = self._sq_norms.clamp_min(0.0).sqrt()
-            factor = clipping.clip_factors(norms=norms, max_grad_norm=self.max_grad_norm)
-            finite = torch.isfinite(norms)
+            norms, factor, finite = self._clip()
             row_ok, all_finite = finite[unit_pos], bool(finite.all())
             row_scale = torch.where(row_ok, row_weight.to(torch.float32) * factor[unit_pos], 0.0)
             self._sums()
@@ -132,7 +87,7 @@ class BookKeepingDPSGDEngine(GhostNormEngine):
                 else:
                     _, module, act, grad_out = record
                     if not all_finite:  # select the bad units' rows away before any product (0 * NaN is NaN)
-                        act, grad_out = _select_rows(act, row_ok), _select_rows(grad_out, row_ok)
+                        act, grad_out = select_rows(act, row_ok), select_rows(grad_out, row_ok)
                     grad_out = grad_out.to(torch.float32) * row_scale.view(-1, *([1] * (grad_out.dim() - 1)))
                     for p, g in weight_gradient(module, act, grad_out).items():
                         if id(p) in self._index:  # a trainable weight outside ``params`` is not this engine's

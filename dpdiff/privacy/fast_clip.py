@@ -129,6 +129,32 @@ def refuse_shared(module: nn.Module, seen: set[int]) -> None:
             seen.add(id(p))
 
 
+def select_rows(t: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
+    """``t`` with the rows where ``ok`` is False replaced by zeros (selection: NaN/inf never multiply)."""
+    return torch.where(ok.view(-1, *([1] * (t.dim() - 1))), t, t.new_zeros(()))
+
+
+def weight_gradient(module: nn.Module, act: torch.Tensor, grad_out: torch.Tensor) -> dict:
+    """The sum over rows of a Linear or Conv2d layer's parameter gradients for output gradient ``grad_out``, formed
+    as autograd forms it (one matmul; ``torch.nn.grad.conv2d_weight``), in fp32."""
+    act, grad_out = act.to(torch.float32), grad_out.to(torch.float32)
+    grads = {}
+    if isinstance(module, nn.Conv2d):
+        if module.weight.requires_grad:
+            grads[module.weight] = torch.nn.grad.conv2d_weight(
+                act, module.weight.shape, grad_out, stride=module.stride, padding=module.padding,
+                dilation=module.dilation, groups=module.groups)
+        if module.bias is not None and module.bias.requires_grad:
+            grads[module.bias] = grad_out.sum((0, 2, 3))
+        return grads
+    b = grad_out.reshape(-1, module.out_features)
+    if module.weight.requires_grad:
+        grads[module.weight] = b.T @ act.reshape(-1, module.in_features)
+    if module.bias is not None and module.bias.requires_grad:
+        grads[module.bias] = b.sum(0)
+    return grads
+
+
 class GhostNormEngine(DPSGDEngine):
     """What the engines with per-layer ghost norms share: the ``ghost`` policy (``auto``: the cheaper per layer;
     ``always``: every ghost-capable layer; ``never``: instantiate everything; the last two are for tests), the
@@ -150,6 +176,38 @@ class GhostNormEngine(DPSGDEngine):
             return False
         return self.ghost == "always" or ghost_is_cheaper(module, backprops, num_units=self._num_units)
 
+    def _start_micro_batch(self, unit_pos, row_weight, num_units) -> None:
+        super()._start_micro_batch(unit_pos, row_weight, num_units)
+        self._sq_norms = torch.zeros(num_units, dtype=torch.float32, device=row_weight.device)
+        self._seen_params = set()
+
+    def _add_layer_norms(self, module, acts, backprops) -> dict[nn.Parameter, torch.Tensor] | None:
+        """In the norms backward: add this layer's part of every unit's squared gradient norm. Returns None when
+        the ghost norm was used, else the layer's per-unit gradients (trainable parameters of this engine)."""
+        refuse_shared(module, self._seen_params)
+        if self._use_ghost(module, backprops):
+            a, b = as_token_matrices(module, acts[0], backprops)
+            self._sq_norms += ghost_sq_norms(
+                a, b, unit_pos=self._unit_pos, row_weight=self._row_weight, num_units=self._num_units,
+                weight=module.weight.requires_grad, bias=module.bias is not None and module.bias.requires_grad)
+            return None
+        unit_grads = {}
+        for p, gs in self.hooks.per_row_grads(module, acts, backprops).items():
+            if p.requires_grad:  # every trainable weight counts in the norm, as in the ghost norm (clips no less)
+                ug = reduce_rows_to_units(gs, self._unit_pos, self._row_weight, self._num_units,
+                                          identity=self._identity)
+                self._sq_norms += ug.flatten(1).pow(2).sum(1)
+                if id(p) in self._index:
+                    unit_grads[p] = ug
+        return unit_grads
+
+    def _clip(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """After the norms backward: the units' norms, clip factors and finiteness."""
+        # ghost norms are sums of Gram products: a zero gradient can come out at -1e-12, whose sqrt is NaN;
+        # clamp_min keeps NaN (a non-finite unit) NaN
+        norms = self._sq_norms.clamp_min(0.0).sqrt()
+        return norms, clipping.clip_factors(norms=norms, max_grad_norm=self.max_grad_norm), torch.isfinite(norms)
+
 
 class TwoPassDPSGDEngine(GhostNormEngine):
     def __init__(self, model: nn.Module, **kw):
@@ -166,20 +224,10 @@ class TwoPassDPSGDEngine(GhostNormEngine):
         if self._pass == "masked":
             self._add_masked_layer_grads(module, acts, backprops)
             return
-        refuse_shared(module, self._seen_params)
-        if self._use_ghost(module, backprops):
+        if self._add_layer_norms(module, acts, backprops) is None:
             self.ghost_layers += 1
-            a, b = as_token_matrices(module, acts[0], backprops)
-            self._sq_norms += ghost_sq_norms(
-                a, b, unit_pos=self._unit_pos, row_weight=self._row_weight, num_units=self._num_units,
-                weight=module.weight.requires_grad, bias=module.bias is not None and module.bias.requires_grad)
-            return
-        self.materialised_layers += 1
-        for p, gs in self.hooks.per_row_grads(module, acts, backprops).items():
-            if p.requires_grad:
-                ug = reduce_rows_to_units(gs, self._unit_pos, self._row_weight, self._num_units,
-                                          identity=self._identity)
-                self._sq_norms += ug.flatten(1).pow(2).sum(1)
+        else:
+            self.materialised_layers += 1
 
     def _add_masked_layer_grads(self, module, acts, backprops) -> None:
         """Masked pass 2: this layer's sum over the finite units' rows of backprop x activation.
@@ -188,21 +236,10 @@ class TwoPassDPSGDEngine(GhostNormEngine):
         of sum_u c_u g_u. Rows of non-finite units are replaced by zeros *before* any product, so
         their NaN/inf never reaches a sum over rows.
         """
-        ok = self._row_ok
-
-        def keep(t: torch.Tensor) -> torch.Tensor:
-            return torch.where(ok.view(-1, *([1] * (t.dim() - 1))), t, t.new_zeros(()))
-
-        acts = [keep(a) for a in acts]
-        backprops = keep(backprops)
-        if isinstance(module, nn.Linear):  # one matrix product, as autograd does, instead of per-row gradients
-            a = acts[0].to(torch.float32).reshape(-1, module.in_features)
-            b = backprops.to(torch.float32).reshape(-1, module.out_features)
-            grads = {}
-            if module.weight.requires_grad:
-                grads[module.weight] = b.T @ a
-            if module.bias is not None and module.bias.requires_grad:
-                grads[module.bias] = b.sum(0)
+        acts = [select_rows(a, self._row_ok) for a in acts]
+        backprops = select_rows(backprops, self._row_ok)
+        if isinstance(module, (nn.Linear, nn.Conv2d)):  # formed as autograd does, instead of per-row gradients
+            grads = weight_gradient(module, acts[0], backprops)
         else:
             grads = {p: gs.to(torch.float32).sum(0)
                      for p, gs in self.hooks.per_row_grads(module, acts, backprops).items()}
@@ -217,15 +254,9 @@ class TwoPassDPSGDEngine(GhostNormEngine):
         if row_loss.numel() == 0:
             return
         self._start_micro_batch(unit_pos, row_weight, num_units)
-        self._sq_norms = torch.zeros(num_units, dtype=torch.float32, device=row_loss.device)
-        self._seen_params = set()
         self._pass = "norms"
         self.hooks.backward_to_outputs(row_loss.sum(), retain_graph=True)  # pass 1: norms only
-        # ghost norms are sums of Gram products: a zero gradient can come out at -1e-12, whose sqrt is NaN;
-        # clamp_min keeps NaN (a non-finite unit) NaN
-        norms = self._sq_norms.clamp_min(0.0).sqrt()
-        factor = clipping.clip_factors(norms=norms, max_grad_norm=self.max_grad_norm)
-        finite = torch.isfinite(norms)
+        norms, factor, finite = self._clip()
         weights = (row_weight.to(torch.float32) * factor[unit_pos]).to(row_loss.dtype)
         try:
             self._sums()
