@@ -26,7 +26,7 @@ all of them). Autograd never forms weight gradients (the backward stops at the l
 
 Non-finite units: c_u = 0 (``clipping.clip_factors``), and their rows of A and B (or their
 per-unit gradients) are *selected away* before any product, so 0 * NaN never reaches a sum over
-rows. A layer that runs twice in one forward is refused (``fast_clip.refuse_shared``).
+rows. A layer that runs twice in one forward is refused (``engine.refuse_shared``).
 """
 
 from __future__ import annotations
@@ -70,10 +70,7 @@ class BookKeepingDPSGDEngine(GhostNormEngine):
         self.layer_choice = {"ghost": 0, "units": 0}
         try:
             self.hooks.backward_to_outputs(row_loss.sum())  # the one backward: norms, and A, B or g_u kept
-            if not {id(p) for p in self.params} <= self._seen_params:
-                raise RuntimeError(
-                    "a trainable parameter received no per-unit gradient; was the forward run after "
-                    "engine.start_step(), and the model moved to its device before the engine attached?")
+            self._check_every_param_seen()
             norms, factor, finite = self._clip()
             row_ok, all_finite = finite[unit_pos], bool(finite.all())
             row_scale = torch.where(row_ok, row_weight.to(torch.float32) * factor[unit_pos], 0.0)

@@ -192,6 +192,19 @@ def reduce_rows_to_units(gs: torch.Tensor, unit_pos: torch.Tensor, row_weight: t
     return ug
 
 
+def refuse_shared(module: nn.Module, seen: set[int]) -> None:
+    """Refuse a layer (or a parameter it shares) that runs twice in one forward: its per-unit gradient is g1 + g2,
+    but per-layer norms would add ||g1||^2 + ||g2||^2 (a tied model clips to 1.41 C)."""
+    for p in module.parameters(recurse=False):
+        if p.requires_grad:
+            if id(p) in seen:
+                raise RuntimeError(
+                    f"{type(module).__name__} (or a parameter it shares) ran twice in one forward; per-unit "
+                    "gradients of shared layers are not supported (their norms would be computed as "
+                    "sqrt(|g1|^2 + |g2|^2) instead of |g1 + g2|)")
+            seen.add(id(p))
+
+
 class DPSGDEngine:
     """Turns per-row losses of micro-batches into one privatised gradient per logical step.
 
@@ -231,7 +244,7 @@ class DPSGDEngine:
         self._summed: list[torch.Tensor] | None = None  # per-parameter views of _flat_sum
         self._step_open = False
         self._unit_flat: torch.Tensor | None = None
-        self._written = 0
+        self._seen_params: set[int] = set()  # trainable parameters whose layer ran in this micro-batch
         self.stats = StepStats()
 
     def close(self) -> None:
@@ -241,17 +254,13 @@ class DPSGDEngine:
         return self.params[0].device if self.params else torch.device("cpu")
 
     def _on_layer(self, module, acts, backprops) -> None:
+        refuse_shared(module, self._seen_params)
         for p, gs in self.hooks.per_row_grads(module, acts, backprops).items():
             if not p.requires_grad or id(p) not in self._slices:
                 continue
-            if self._seen[id(p)]:
-                raise RuntimeError(f"{type(module).__name__} ran twice in one forward; per-unit gradients of "
-                                   "shared layers are not supported")
-            self._seen[id(p)] = True
             ug = reduce_rows_to_units(gs, self._unit_pos, self._row_weight, self._num_units, identity=self._identity)
             start, end = self._slices[id(p)]
             self._unit_flat[:, start:end].view(ug.shape).copy_(ug)  # ug may be a transposed view: one copy
-            self._written += 1
 
     #: noise is drawn in chunks of whole tensors of at most this many coordinates: one draw for a LoRA's weights, a
     #: bounded extra buffer for a full UNet's
@@ -320,7 +329,16 @@ class DPSGDEngine:
     def _start_micro_batch(self, unit_pos, row_weight, num_units) -> None:
         self._unit_pos, self._row_weight, self._num_units = unit_pos, row_weight, num_units
         self._identity = rows_are_units(unit_pos, row_weight, num_units)
-        self._seen = dict.fromkeys(self._slices, False)
+        self._seen_params = set()
+
+    def _check_every_param_seen(self) -> None:
+        """After the norms backward: every trainable parameter's layer must have reported, or a per-unit gradient is
+        missing (and the clip would be computed without it)."""
+        missing = sum(id(p) not in self._seen_params for p in self.params)
+        if missing:
+            raise RuntimeError(
+                f"{missing} trainable parameter(s) received no per-unit gradient; was the forward run after "
+                "engine.start_step(), and the model moved to its device before the engine attached?")
 
     def backward(self, row_loss: torch.Tensor, *, unit_pos: torch.Tensor, row_weight: torch.Tensor,
                  num_units: int) -> None:
@@ -335,14 +353,9 @@ class DPSGDEngine:
             return  # never forward/backward an empty batch (diffusers' attention crashes)
         self._start_micro_batch(unit_pos, row_weight, num_units)
         self._unit_flat = torch.empty((num_units, self.numel), dtype=torch.float32, device=row_loss.device)
-        self._written = 0
         try:
             self.hooks.backward_to_outputs(row_loss.sum())
-            if self._written != len(self.params):
-                raise RuntimeError(
-                    f"{len(self.params) - self._written} trainable parameter(s) received no per-unit gradient; was "
-                    "the forward run after engine.start_step(), and the model moved to its device before the engine "
-                    "attached?")
+            self._check_every_param_seen()
             norms = unit_norms(self._unit_flat)
             factor = clipping.clip_factors(norms=norms, max_grad_norm=self.max_grad_norm)
             unit_grads = clipping.zero_nonfinite_units(unit_grads=self._unit_flat, finite=torch.isfinite(norms))

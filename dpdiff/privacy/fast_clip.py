@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from dpdiff.privacy import clipping
-from dpdiff.privacy.engine import DPSGDEngine, reduce_rows_to_units
+from dpdiff.privacy.engine import DPSGDEngine, reduce_rows_to_units, refuse_shared
 
 
 def ghost_capable(module: nn.Module) -> bool:
@@ -116,19 +116,6 @@ def ghost_sq_norms(a: torch.Tensor, b: torch.Tensor, *, unit_pos: torch.Tensor, 
     return out
 
 
-def refuse_shared(module: nn.Module, seen: set[int]) -> None:
-    """Refuse a layer (or a parameter it shares) that runs twice in one forward: its per-unit gradient is g1 + g2,
-    but per-layer norms would add ||g1||^2 + ||g2||^2 (a tied model clips to 1.41 C)."""
-    for p in module.parameters(recurse=False):
-        if p.requires_grad:
-            if id(p) in seen:
-                raise RuntimeError(
-                    f"{type(module).__name__} (or a parameter it shares) ran twice in one forward; per-unit "
-                    "gradients of shared layers are not supported (their norms would be computed as "
-                    "sqrt(|g1|^2 + |g2|^2) instead of |g1 + g2|)")
-            seen.add(id(p))
-
-
 def select_rows(t: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
     """``t`` with the rows where ``ok`` is False replaced by zeros (selection: NaN/inf never multiply)."""
     return torch.where(ok.view(-1, *([1] * (t.dim() - 1))), t, t.new_zeros(()))
@@ -158,7 +145,7 @@ def weight_gradient(module: nn.Module, act: torch.Tensor, grad_out: torch.Tensor
 class GhostNormEngine(DPSGDEngine):
     """What the engines with per-layer ghost norms share: the ``ghost`` policy (``auto``: the cheaper per layer;
     ``always``: every ghost-capable layer; ``never``: instantiate everything; the last two are for tests), the
-    parameter index, and the set of parameters seen in this forward (for ``refuse_shared``)."""
+    parameter index, the per-layer norm step and the clip step."""
 
     def __init__(self, model: nn.Module, *, noise_multiplier: float, max_grad_norm: float,
                  expected_batch_size: float, noise_generator: torch.Generator,
@@ -169,7 +156,6 @@ class GhostNormEngine(DPSGDEngine):
             raise ValueError("ghost must be auto, always or never")
         self.ghost = ghost
         self._index = {id(p): i for i, p in enumerate(self.params)}
-        self._seen_params: set[int] = set()
 
     def _use_ghost(self, module, backprops) -> bool:
         if self.ghost == "never" or not ghost_capable(module):
@@ -179,7 +165,6 @@ class GhostNormEngine(DPSGDEngine):
     def _start_micro_batch(self, unit_pos, row_weight, num_units) -> None:
         super()._start_micro_batch(unit_pos, row_weight, num_units)
         self._sq_norms = torch.zeros(num_units, dtype=torch.float32, device=row_weight.device)
-        self._seen_params = set()
 
     def _add_layer_norms(self, module, acts, backprops) -> dict[nn.Parameter, torch.Tensor] | None:
         """In the norms backward: add this layer's part of every unit's squared gradient norm. Returns None when
