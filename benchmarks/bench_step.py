@@ -58,7 +58,7 @@ def build(model: str, adapter: str, resolution: int):
     if model == "tiny":
         from dpdiff.models.loading import load_base
 
-        unet = load_base(None).unet
+        unet = load_base(None).denoiser
         text_len, text_dim, latent = 32, unet.config.cross_attention_dim, unet.config.sample_size
     elif model in tiny.FAMILY_DENOISERS:
         family = FAMILIES[model]

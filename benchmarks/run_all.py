@@ -143,7 +143,7 @@ def bench_cache(quick: bool) -> dict:
     recs = read_dataset(builtin_digits_dir())[: 256 if quick else None]
     batch = 64
     t0 = time.perf_counter()
-    enc = encode_dataset(recs, vae=base.vae, tokenizer=base.tokenizer, text_encoder=base.text_encoder,
+    enc = encode_dataset(recs, base=base,
                          resolution=32, center_crop=True, flips=False, device="cpu", progress=False)
     encode_once = time.perf_counter() - t0
     units = PrivacyUnits("example", tuple((i,) for i in range(len(recs))), tuple(r.key for r in recs))

@@ -280,20 +280,29 @@ class ModelSettings:
     allow_download: bool
     frozen_dtype: str
     num_train_timesteps: int | None  # from the scheduler config, when the pipeline is local
+    family: str | None  # sd | sdxl | sd3 | flux, from model_index.json, when the pipeline is local
+    max_sequence_length: int | None  # T5 tokens of SD3 / Flux prompts; None = the pipeline's default
 
     @classmethod
     def from_config(cls, m) -> ModelSettings:
+        from dpdiff.models.families import detect_family
         from dpdiff.models.loading import resolve_pretrained
 
         allow = _bool("model", "allow_download", _get(m, "allow_download", False))
         path = resolve_pretrained(_get(m, "pretrained"), allow_download=allow)
-        total = None
+        total = family = None
         sched = Path(path) / "scheduler" / "scheduler_config.json"
         if sched.exists():
             total = int(json.loads(sched.read_text()).get("num_train_timesteps", 1000))
+        if Path(path).is_dir():
+            family = detect_family(path).name
+        msl = _int("model", "max_sequence_length", _get(m, "max_sequence_length"), lo=1, allow_none=True)
+        if msl is not None and family in ("sd", "sdxl"):
+            raise UserError(f"model.max_sequence_length={msl}: {family} pipelines have no T5 encoder (CLIP prompts are "
+                            "always padded to the tokenizer's model_max_length); set it to null")
         return cls(pretrained=path, allow_download=allow,
                    frozen_dtype=_choice("model", "frozen_dtype", _get(m, "frozen_dtype", "float32"), FROZEN_DTYPES),
-                   num_train_timesteps=total)
+                   num_train_timesteps=total, family=family, max_sequence_length=msl)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -310,8 +319,10 @@ class RunSettings:
     def from_config(cls, cfg) -> RunSettings:
         privacy = PrivacySettings.from_config(cfg.privacy)
         model = ModelSettings.from_config(cfg.model)
-        return cls(privacy=privacy,
-                   train=TrainSettings.from_config(cfg.train, privacy_enabled=privacy.enabled,
-                                                   num_train_timesteps=model.num_train_timesteps),
-                   data=DataSettings.from_config(cfg.data), adapter=AdapterSettings.from_config(cfg.adapter),
-                   model=model)
+        train = TrainSettings.from_config(cfg.train, privacy_enabled=privacy.enabled,
+                                          num_train_timesteps=model.num_train_timesteps)
+        if model.family in ("sd3", "flux") and train.snr_gamma is not None:
+            raise UserError(f"train.snr_gamma={train.snr_gamma}: min-SNR weighting is for DDPM models; {model.family} "
+                            "is trained by flow matching (set train.snr_gamma=null)")
+        return cls(privacy=privacy, train=train, data=DataSettings.from_config(cfg.data),
+                   adapter=AdapterSettings.from_config(cfg.adapter), model=model)

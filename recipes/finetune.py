@@ -90,24 +90,24 @@ class FinetuneRecipe:
     def _setup_model(self) -> None:
         from dpdiff.models import adapters
         from dpdiff.models.loading import load_base
-        from dpdiff.training.encode import encode_texts
         from dpdiff.training.precision import frozen_dtype
 
         s = self.settings
         self.base = load_base(s.model.pretrained, device=self.proc.device, allow_download=s.model.allow_download,
                               dtype=frozen_dtype(s.model.frozen_dtype, self.proc.device))
         self.resolution = int(s.data.resolution or self.base.resolution)
-        # the UNet is on its device already: attach after moving (moving a peft-wrapped model afterwards can
+        self.denoiser = self.base.denoiser
+        # the denoiser is on its device already: attach after moving (moving a peft-wrapped model afterwards can
         # leave the optimizer holding stale LoRA tensors). The adapter's random init comes from the run's seed.
         torch.manual_seed(s.train.seed)
         if s.train.gradient_checkpointing:
-            self.base.unet.enable_gradient_checkpointing()
+            self.denoiser.enable_gradient_checkpointing()
         a = s.adapter
-        self.params = adapters.attach(self.base.unet, kind=a.kind, rank=a.rank or 0, alpha=a.alpha,
-                                      target_modules=list(a.target_modules) if a.target_modules else None,
+        self.params = adapters.attach(self.denoiser, kind=a.kind, rank=a.rank or 0, alpha=a.alpha,
+                                      target_modules=list(a.target_modules or self.base.family.lora_targets),
                                       dropout=a.dropout)
         if self.resume:
-            named = dict(self.base.unet.named_parameters())
+            named = dict(self.denoiser.named_parameters())
             trainable = self.checkpoint["trainable"]
             missing = [k for k in trainable if k not in named]
             if missing:
@@ -119,7 +119,13 @@ class FinetuneRecipe:
         train_recs = [self.data.records[i] for i in self.data.train_records()]
         self.train_index = {rec_idx: j for j, rec_idx in enumerate(self.data.train_records())}
         self.encoded = self._encode(train_recs)
-        self.empty_text = encode_texts(self.base.tokenizer, self.base.text_encoder, [""], device=self.proc.device)[0]
+        self.empty_text = self._encode_captions([""])
+
+    def _encode_captions(self, captions: list[str]) -> dict:
+        from dpdiff.training.encode import encode_captions
+
+        return encode_captions(self.base, captions, device=self.proc.device,
+                               max_sequence_length=self.settings.model.max_sequence_length)
 
     def _encode(self, records):
         """Frozen-encoder features of the training images, from the user-only disk cache when possible."""
@@ -129,12 +135,13 @@ class FinetuneRecipe:
         d = self.settings.data
         kw = dict(resolution=self.resolution, center_crop=d.center_crop, flips=d.random_flip)
         progress = self.proc.is_main and self.settings.train.progress
-        enc_kw = dict(vae=self.base.vae, tokenizer=self.base.tokenizer, text_encoder=self.base.text_encoder,
-                      device=self.proc.device, progress=progress, **kw)
+        msl = self.settings.model.max_sequence_length
+        enc_kw = dict(base=self.base, device=self.proc.device, progress=progress, max_sequence_length=msl, **kw)
         if not d.cache:
             return encode_dataset(records, **enc_kw)
         cache_dir = Path(d.cache_dir).expanduser() if d.cache_dir else home() / "cache"
-        key = cache_key(records=records, base_path=self.base.path, dtype=self.settings.model.frozen_dtype, **kw)
+        key = cache_key(records=records, base_path=self.base.path, parts=self.base.text_parts(),
+                        dtype=self.settings.model.frozen_dtype, max_sequence_length=msl, **kw)
         path = cache_dir / f"features-{key}.safetensors"
         # one process per machine encodes (the cache dir may be node-local); the others wait and read it
         if self.proc.local_rank == 0 and load_encoded(path) is None:
@@ -154,7 +161,7 @@ class FinetuneRecipe:
         from dpdiff.data.records import PrivacyUnits
         from dpdiff.models import adapters
         from dpdiff.training.checkpoint import set_generator_state
-        from dpdiff.training.loss import DiffusionObjective
+        from dpdiff.training.loss import make_objective
         from dpdiff.training.precision import autocast_dtype
         from dpdiff.training.rows import RowBuilder
         from dpdiff.training.tracking import build_tracker
@@ -171,15 +178,15 @@ class FinetuneRecipe:
             mitigation=self._caption_mitigation(), random_flip=s.data.random_flip,
             num_train_timesteps=int(self.base.noise_scheduler.config.num_train_timesteps),
             timestep_range=t.timestep_range, generator=row_gen, max_images_per_unit=s.privacy.max_images_per_user,
-            caption_dropout=t.caption_dropout, empty_text_emb=self.empty_text.cpu())
+            caption_dropout=t.caption_dropout, empty_text=self.empty_text)
         self.sampler = self.plan.sampler(num_units=len(units), batch_size=t.batch_size, rank=proc.rank,
                                          world_size=proc.world_size, seed=t.seed)
-        self.engine = self.plan.engine(self.base.unet, params=self.params, device=proc.device,
+        self.engine = self.plan.engine(self.denoiser, params=self.params, device=proc.device,
                                        per_sample=t.per_sample, micro_batch_size=t.micro_batch_size,
                                        memory_gb=t.per_sample_memory_gb)
-        self.engine.param_groups = adapters.parameter_groups(self.base.unet, self.params)
+        self.engine.param_groups = adapters.parameter_groups(self.denoiser, self.params)
         self.gradient_canaries = self._gradient_canaries()
-        self.objective = DiffusionObjective(self.base.noise_scheduler, snr_gamma=t.snr_gamma)
+        self.objective = make_objective(self.base.family, self.base.noise_scheduler, snr_gamma=t.snr_gamma)
         if t.optimizer == "sgd":
             self.optimizer = torch.optim.SGD(self.params, lr=t.lr, momentum=t.adam_beta1, weight_decay=t.weight_decay)
         else:
@@ -196,7 +203,7 @@ class FinetuneRecipe:
         self.tracker = build_tracker(self.cfg.tracker, self.run_dir, is_main=proc.is_main,
                                      config=OmegaConf.to_container(self.cfg, resolve=True))
         self.trainer = Trainer(
-            unet=self.base.unet, params=self.params, objective=self.objective, row_builder=self.row_builder,
+            denoiser=self.denoiser, params=self.params, objective=self.objective, row_builder=self.row_builder,
             sampler=self.sampler, engine=self.engine, optimizer=self.optimizer, lr_scheduler=self.lr_scheduler,
             max_steps=t.max_steps, micro_batch_size=t.micro_batch_size, run_dir=self.run_dir, tracker=self.tracker,
             device=proc.device, privacy=self.plan, ema=self.ema, is_main=proc.is_main, log_every=t.log_every,
@@ -247,7 +254,6 @@ class FinetuneRecipe:
         """Public-pool caption replacement / public-word insertion (see training.rows.CaptionMitigation)."""
         import numpy as np
 
-        from dpdiff.training.encode import encode_texts
         from dpdiff.training.rows import PUBLIC_CAPTIONS, CaptionMitigation, insert_random_word
 
         d = self.settings.data
@@ -257,10 +263,10 @@ class FinetuneRecipe:
         rng = np.random.default_rng(self.settings.train.seed + 7)
         variants = 4
         texts = [insert_random_word(c, rng) for c in self.encoded.captions for _ in range(variants)]
-        enc = lambda t: encode_texts(self.base.tokenizer, self.base.text_encoder, t, device=self.proc.device)
-        var = enc(texts).view(len(self.encoded.captions), variants, *self.encoded.text_emb.shape[1:])
-        return CaptionMitigation(caption_emb_variants=var, pool_emb=enc(list(PUBLIC_CAPTIONS)), replace_prob=rp,
-                                 insert_prob=ip)
+        var = {k: v.view(len(self.encoded.captions), variants, *v.shape[1:])
+               for k, v in self._encode_captions(texts).items()}
+        return CaptionMitigation(caption_variants=var, pool=self._encode_captions(list(PUBLIC_CAPTIONS)),
+                                 replace_prob=rp, insert_prob=ip)
 
     def _run_plan(self) -> dict | None:
         """The run's noise-to-signal budget, as `dpdiff plan` computes it (None without DP)."""
@@ -290,7 +296,7 @@ class FinetuneRecipe:
     # ----------------------------------------------------------------------------------- save
     def save(self) -> dict:
         from dpdiff.models import adapters
-        from dpdiff.models.loading import build_pipeline
+        from dpdiff.models.loading import sampling_pipeline
         from dpdiff.models.pipeline import sample_grid
         from dpdiff.report.privacy_json import privacy_record, run_record, write_privacy_json, write_run_json
 
@@ -300,23 +306,25 @@ class FinetuneRecipe:
         if self.ema is not None:
             self.ema.store(self.params)
             self.ema.copy_to(self.params)
-        self.weights_dir = adapters.save(self.base.unet, kind=s.adapter.kind, out_dir=self.run_dir)
+        self.weights_dir = adapters.save(self.denoiser, kind=s.adapter.kind, out_dir=self.run_dir,
+                                         family=self.base.family)
         dataset_total = self.plan.charge_dataset(status="finished")
         self.privacy_record = privacy_record(plan=self.plan, data=self.data, world_size=self.proc.world_size,
                                              train_steps=self.trainer.step, canaries=self.canaries.summary(),
                                              dataset_total=dataset_total, planning=self._run_plan())
         write_privacy_json(self.run_dir, self.privacy_record)
         sc = s.train.sample
-        pipe = build_pipeline(self.base, unet=self.base.unet)
-        self.base.unet.eval()
+        pipe = sampling_pipeline(self.base, self.denoiser, resolution=self.resolution,
+                                 max_sequence_length=s.model.max_sequence_length)
+        self.denoiser.eval()
         grid_kw = dict(per_prompt=sc.per_prompt, seed=sc.seed, steps=sc.steps, guidance_scale=sc.guidance_scale)
         self.samples_path = sample_grid(pipe, self.data.sample_prompts, path=self.run_dir / "samples.png", **grid_kw)
         self.base_samples_path = None
         if s.adapter.kind == "lora":
-            self.base.unet.disable_adapters()
+            self.denoiser.disable_adapters()
             self.base_samples_path = sample_grid(pipe, self.data.sample_prompts,
                                                  path=self.run_dir / "samples_base.png", **grid_kw)
-            self.base.unet.enable_adapters()
+            self.denoiser.enable_adapters()
         # Samples are generated by the DP model, but prompts taken from the training captions are private
         # data: they (and images drawn from them) reach a tracker only with tracker.log_private_data=true.
         if self.data.sample_prompts_source != "training captions" or self.cfg.tracker.get("log_private_data"):
@@ -339,11 +347,12 @@ class FinetuneRecipe:
 
         data = self.data
         return ProbeContext(
-            run_dir=self.run_dir, base=self.base, unet=self.base.unet, adapter_kind=self.settings.adapter.kind,
+            run_dir=self.run_dir, base=self.base, denoiser=self.denoiser, adapter_kind=self.settings.adapter.kind,
             records=data.records, member_records=data.member_records(), nonmember_records=data.holdout_records(),
             resolution=self.resolution, device=self.proc.device, privacy=self.privacy_record,
             canaries=load_run_canaries(self.run_dir), seed=int(self.cfg.probes.get("seed", 0) or 0),
-            demo=data.demo, unit_of_record=data.unit_of_record())
+            demo=data.demo, unit_of_record=data.unit_of_record(),
+            max_sequence_length=self.settings.model.max_sequence_length)
 
     def probe(self) -> dict | None:
         if not self.proc.is_main or not self.cfg.probes.get("enabled", False):

@@ -51,18 +51,21 @@ class ProbeRecipe:
         privacy = json.loads((self.run_dir / "privacy.json").read_text())
         device = resolve_device(cfg.train.get("device", "auto"))
         base = load_base(run["base_model"], device=device)
-        unet = self._trained_unet(base, cfg.adapter.kind, device)
+        denoiser = self._trained_denoiser(base, cfg.adapter.kind, device)
         from dpdiff.settings import DataSettings
 
         data = prepare(DataSettings.from_config(cfg.data), unit=cfg.privacy.get("unit", "example"))
         self.ctx = ProbeContext(
-            run_dir=self.run_dir, base=base, unet=unet, adapter_kind=cfg.adapter.kind, records=data.records,
+            run_dir=self.run_dir, base=base, denoiser=denoiser, adapter_kind=cfg.adapter.kind, records=data.records,
             member_records=data.member_records(), nonmember_records=data.holdout_records(),
             resolution=int(run.get("resolution") or base.resolution), device=device, privacy=privacy,
             canaries=load_canaries(self.run_dir), seed=int(probes.get("seed", 0) or 0),
-            demo=data.demo, unit_of_record=data.unit_of_record())
+            demo=data.demo, unit_of_record=data.unit_of_record(),
+            max_sequence_length=(cfg.get("model") or {}).get("max_sequence_length"))
 
-    def _trained_unet(self, base, kind: str, device):
+    def _trained_denoiser(self, base, kind: str, device):
+        """The run's fine-tuned denoiser: its LoRA loaded by the family's pipeline, or its saved folder."""
+        den = base.family.denoiser
         if kind == "lora":
             from dpdiff.models.loading import build_pipeline
 
@@ -71,13 +74,11 @@ class ProbeRecipe:
             if not (lora / "pytorch_lora_weights.safetensors").exists():
                 raise UserError(f"{lora} holds no pytorch_lora_weights.safetensors")
             pipe.load_lora_weights(str(lora))
-            return pipe.unet.eval()
-        from diffusers import UNet2DConditionModel
-
-        path = self.run_dir / "unet"
+            return getattr(pipe, den).eval()
+        path = self.run_dir / den
         if not path.exists():
-            raise UserError(f"{path} is missing: the run saved no fine-tuned UNet")
-        return UNet2DConditionModel.from_pretrained(path, use_safetensors=True).to(device).eval()
+            raise UserError(f"{path} is missing: the run saved no fine-tuned {den}")
+        return type(base.denoiser).from_pretrained(path, use_safetensors=True).to(device).eval()
 
     def run(self) -> dict:
         from dpdiff.probes.run import run_probes

@@ -57,3 +57,22 @@ def from_pixels(x: torch.Tensor) -> Image.Image:
     """Inverse of ``to_pixels`` for one [3, H, W] tensor in [-1, 1]."""
     arr = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
     return Image.fromarray(arr)
+
+
+def original_size(image: Image.Image) -> tuple[int, int]:
+    """(height, width) of the image as ``to_pixels`` sees it (after its EXIF orientation)."""
+    image = ImageOps.exif_transpose(image) if hasattr(image, "getexif") else image
+    return image.height, image.width
+
+
+def crop_top_left(image: Image.Image, *, resolution: int, flip: bool = False) -> tuple[int, int]:
+    """(top, left) of the center crop ``to_pixels`` takes, in the resized image, as SDXL's crop conditioning reads
+    it. A flipped image's left is measured in the mirrored image (``train_text_to_image_sdxl.py`` writes
+    ``resolution - left`` there, which is not a crop coordinate; both are 0 for a square image)."""
+    h, w = original_size(image)
+    if (w, h) == (resolution, resolution):
+        return 0, 0
+    scale = resolution / min(w, h)
+    new_w, new_h = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    left, top, _, _ = crop_box((new_w, new_h), resolution, center=True, rng=None)
+    return top, (new_w - resolution - left) if flip else left

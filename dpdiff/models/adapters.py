@@ -128,22 +128,26 @@ def trainable_state(unet: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def count_trainable(*, pretrained: str | None, kind: str, rank: int | None, target_modules: list[str] | None) -> int:
-    """Trainable weights of an adapter on a pipeline's UNet, counted on an empty (meta) UNet: no weights read."""
+    """Trainable weights of an adapter on a pipeline's denoiser, counted on an empty (meta) one: no weights read.
+    ``target_modules=None`` is the family's default."""
     import json
     from pathlib import Path
 
+    import diffusers
     from accelerate import init_empty_weights
-    from diffusers import UNet2DConditionModel
     from torch import nn
 
+    from dpdiff.models.families import detect_family
     from dpdiff.models.loading import resolve_pretrained
 
-    path = Path(resolve_pretrained(pretrained, allow_download=False)) / "unet" / "config.json"
+    root = Path(resolve_pretrained(pretrained, allow_download=False))
+    family = detect_family(root)
+    cls = json.loads((root / "model_index.json").read_text())[family.denoiser][1]
     with init_empty_weights():
-        unet = UNet2DConditionModel.from_config(json.loads(path.read_text()))
+        unet = getattr(diffusers, cls).from_config(json.loads((root / family.denoiser / "config.json").read_text()))
     if kind == "full":
         return sum(p.numel() for p in unet.parameters())
-    targets = list(target_modules or ["to_q", "to_k", "to_v", "to_out.0"])
+    targets = list(target_modules or family.lora_targets)
     total = 0
     for name, m in unet.named_modules():
         if not any(name == t or name.endswith("." + t) for t in targets):

@@ -37,12 +37,13 @@ class Family:
     objective: str  # "ddpm" (epsilon / v) | "flow" (rectified flow, target = noise - x0)
     lora_targets: tuple[str, ...]  # diffusers' training scripts' defaults
     added: tuple[str, ...] = ()  # per-row conditioning besides the text embedding
+    image_added: tuple[str, ...] = ()  # the part of ``added`` that depends on the image (not the caption)
 
 
 FAMILIES = {f.name: f for f in (
     Family("sd", "StableDiffusionPipeline", "unet", "ddpm", ("to_q", "to_k", "to_v", "to_out.0")),
     Family("sdxl", "StableDiffusionXLPipeline", "unet", "ddpm", ("to_q", "to_k", "to_v", "to_out.0"),
-           added=("text_embeds", "time_ids")),
+           added=("text_embeds", "time_ids"), image_added=("time_ids",)),
     Family("sd3", "StableDiffusion3Pipeline", "transformer", "flow",
            ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"),
            added=("pooled_projections",)),
@@ -119,3 +120,51 @@ def predict(model: torch.nn.Module, *, family: Family, noisy: torch.Tensor, time
                 txt_ids=torch.zeros(encoder_hidden_states.shape[1], 3, device=noisy.device, dtype=noisy.dtype),
                 return_dict=False)[0]
     return unpack_latents(out, h, w)
+
+
+@torch.no_grad()
+def encode_prompts(pipe, family: Family, captions: list[str], *, device, max_sequence_length: int | None = None,
+                   batch_size: int = 64) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Text conditioning of ``captions`` by the family's frozen text encoders: the token embeddings [M, T, D] and the
+    per-caption added conditioning (SDXL's pooled ``text_embeds``; SD3's and Flux's ``pooled_projections``), float32
+    on the CPU. ``pipe`` is the family's diffusers pipeline holding the encoders: its own ``encode_prompt`` is used
+    (SDXL's two CLIPs' penultimate layers concatenated; SD3's CLIP-L+G padded to T5's width and joined with T5's
+    tokens; Flux's T5 tokens and CLIP pooled), so training sees what the pipeline conditions on at inference.
+    ``max_sequence_length`` caps T5's tokens (the pipeline's default when None). SD 1.x/2.x keeps its one CLIP's
+    last hidden state, padded to ``model_max_length`` (``train_text_to_image_lora.py``)."""
+    msl = {} if max_sequence_length is None else {"max_sequence_length": int(max_sequence_length)}
+    embs: list[torch.Tensor] = []
+    added: dict[str, list[torch.Tensor]] = {}
+    for i in range(0, len(captions), batch_size):
+        chunk = list(captions[i : i + batch_size])
+        if family.name == "sd":
+            ids = pipe.tokenizer(chunk, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                                 truncation=True, return_tensors="pt").input_ids.to(device)
+            emb, extra = pipe.text_encoder(ids)[0], {}
+        elif family.name == "sdxl":
+            emb, _, pooled, _ = pipe.encode_prompt(prompt=chunk, device=device, do_classifier_free_guidance=False)
+            extra = {"text_embeds": pooled}
+        elif family.name == "sd3":
+            emb, _, pooled, _ = pipe.encode_prompt(prompt=chunk, prompt_2=None, prompt_3=None, device=device,
+                                                   do_classifier_free_guidance=False, **msl)
+            extra = {"pooled_projections": pooled}
+        else:  # flux
+            emb, pooled, _ = pipe.encode_prompt(prompt=chunk, prompt_2=None, device=device, **msl)
+            extra = {"pooled_projections": pooled}
+        embs.append(emb.float().cpu())
+        for k, v in extra.items():
+            added.setdefault(k, []).append(v.float().cpu())
+    if not embs:
+        return torch.empty(0), {}
+    return torch.cat(embs), {k: torch.cat(v) for k, v in added.items()}
+
+
+def image_conditioning(family: Family, *, original_size: tuple[int, int], crop_top_left: tuple[int, int],
+                       resolution: int) -> dict[str, torch.Tensor]:
+    """Per-image added conditioning: SDXL's six micro-conditioning ids (original height and width, crop top and
+    left, target height and width: ``compute_time_ids`` of ``train_text_to_image_sdxl.py``); none for the others."""
+    if family.name != "sdxl":
+        return {}
+    h, w = original_size
+    top, left = crop_top_left
+    return {"time_ids": torch.tensor([h, w, top, left, resolution, resolution], dtype=torch.float32)}

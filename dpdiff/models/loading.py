@@ -1,38 +1,62 @@
-"""Loading the parts of a Stable Diffusion pipeline directory (SD 1.x / 2.x layout).
+"""Loading a diffusers pipeline directory: SD 1.x/2.x, SDXL, SD3 or a Flux-style pipeline.
 
-Local directories only by default: a hub id is fetched only with ``model.allow_download=true``
-(the Hugging Face hub stays offline otherwise). Weights are read from safetensors only, never
-from pickled ``.bin`` files of unknown origin.
+The family is read from ``model_index.json`` (``dpdiff.models.families``) and the pipeline is loaded by its own
+diffusers class (``from_pretrained``), so every component is the class the pipeline names and inference later runs
+through the same object. Local directories only by default: a hub id is fetched only with
+``model.allow_download=true`` (the Hugging Face hub stays offline otherwise). Weights are read from safetensors
+only, never from pickled ``.bin`` files of unknown origin; the SD safety checker is never loaded.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from dpdiff.errors import UserError
+from dpdiff.models.families import Family, detect_family
 from dpdiff.paths import TINY_BASE_DIR
 
-REQUIRED_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+OPTIONAL_PARTS = ("safety_checker", "feature_extractor", "image_encoder")
 
 
 @dataclass
 class BaseModel:
     path: str  # absolute path of the pipeline dir, or the hub id
-    unet: torch.nn.Module
-    vae: torch.nn.Module
-    text_encoder: torch.nn.Module
-    tokenizer: object
-    noise_scheduler: object  # a DDPMScheduler built from the pipeline's scheduler config
+    family: Family
+    pipe: object  # the family's diffusers pipeline: the frozen encoders, the VAE and the (base) denoiser
+    noise_scheduler: object  # the training scheduler: DDPMScheduler (sd, sdxl), FlowMatchEulerDiscreteScheduler else
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        """The component that is fine-tuned: the UNet (sd, sdxl) or the transformer (sd3, flux)."""
+        return getattr(self.pipe, self.family.denoiser)
+
+    @property
+    def vae(self) -> torch.nn.Module:
+        return self.pipe.vae
 
     @property
     def resolution(self) -> int:
-        """The native resolution: UNet sample size times the VAE's downsampling factor."""
-        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        size = self.unet.config.sample_size
-        return int((size[0] if isinstance(size, (list, tuple)) else size) * factor)
+        """The native resolution: the denoiser's sample size (the pipeline's default where the denoiser has none,
+        as Flux's) times the VAE's downsampling factor."""
+        size = getattr(self.denoiser.config, "sample_size", None) or getattr(self.pipe, "default_sample_size", 64)
+        return int((size[0] if isinstance(size, (list, tuple)) else size) * self.pipe.vae_scale_factor)
+
+    def text_parts(self) -> list[str]:
+        """The pipeline's text encoders and tokenizers present in its dir (the feature cache depends on them)."""
+        return [n for n in ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2",
+                            "tokenizer_3") if getattr(self.pipe, n, None) is not None]
+
+
+def required_parts(index: Path) -> list[str]:
+    """The component folders a pipeline dir's ``model_index.json`` names (optional parts aside)."""
+    entries = json.loads(index.read_text())
+    return [k for k, v in entries.items() if not k.startswith("_") and isinstance(v, list) and v[0] is not None
+            and k not in OPTIONAL_PARTS]
 
 
 def resolve_pretrained(pretrained: str | None, *, allow_download: bool) -> str:
@@ -42,20 +66,11 @@ def resolve_pretrained(pretrained: str | None, *, allow_download: bool) -> str:
     if p.exists():
         if not p.is_dir():
             raise UserError(f"model.pretrained={pretrained} is a file; point it at a diffusers pipeline directory")
-        if (p / "model_index.json").is_file():
-            from dpdiff.models.families import detect_family
-
-            family = detect_family(p)
-            if family.name != "sd":
-                raise UserError(
-                    f"model.pretrained={p} holds a {family.pipeline} ({family.name}): the finetune recipe trains SD "
-                    "1.x/2.x pipelines only so far; DP training of its denoiser is available from Python "
-                    "(dpdiff.models.families, dpdiff.training.loss, the clipping engines)")
-        missing = [part for part in REQUIRED_PARTS if not (p / part).is_dir()]
+        family = detect_family(p)
+        missing = [part for part in required_parts(p / "model_index.json") if not (p / part).is_dir()]
         if missing:
-            raise UserError(f"model.pretrained={p} is not a Stable Diffusion pipeline directory: missing "
-                            f"{', '.join(missing)}/ (expected model_index.json with unet, vae, text_encoder, "
-                            "tokenizer, scheduler subfolders)")
+            raise UserError(f"model.pretrained={p} is not a complete {family.pipeline} directory: missing "
+                            f"{', '.join(f'{m}/' for m in missing)} (model_index.json names them)")
         return str(p.resolve())
     looks_like_hub_id = str(pretrained).count("/") == 1 and not str(pretrained).startswith((".", "/", "~"))
     if looks_like_hub_id and allow_download:
@@ -66,37 +81,114 @@ def resolve_pretrained(pretrained: str | None, *, allow_download: bool) -> str:
     raise UserError(f"model.pretrained={pretrained} does not exist; pass a diffusers pipeline directory")
 
 
+def family_of(path: str, *, allow_download: bool) -> Family:
+    """The family of a resolved pretrained path (a hub id is fetched as its ``model_index.json`` only)."""
+    if Path(path).is_dir():
+        return detect_family(path)
+    from huggingface_hub import hf_hub_download
+
+    return detect_family(Path(hf_hub_download(path, "model_index.json", local_files_only=not allow_download)).parent)
+
+
+def training_scheduler(family: Family, sampler_config):
+    """The scheduler training draws noise levels from, as the family's diffusers script builds it: a
+    ``DDPMScheduler`` from the pipeline's scheduler config (sd, sdxl) or the pipeline's own
+    ``FlowMatchEulerDiscreteScheduler`` (sd3, flux: the scripts train on a copy of it)."""
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
+
+    if family.objective == "flow":
+        return FlowMatchEulerDiscreteScheduler.from_config(sampler_config)
+    return DDPMScheduler.from_config(sampler_config)
+
+
+@contextlib.contextmanager
+def _quiet_loading():
+    """No per-component progress bars of diffusers and transformers while a pipeline loads."""
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    d, t = dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled()
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if d:
+            dlog.enable_progress_bar()
+        if t:
+            tlog.enable_progress_bar()
+
+
 def load_base(pretrained: str | None, *, device: torch.device | str = "cpu", allow_download: bool = False,
               dtype: torch.dtype = torch.float32) -> BaseModel:
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    import diffusers
 
     path = resolve_pretrained(pretrained, allow_download=allow_download)
-    kw = dict(local_files_only=not allow_download)
+    family = family_of(path, allow_download=allow_download)
+    cls = getattr(diffusers, family.pipeline)
+    extra = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False) if family.name == "sd" \
+        else {}
     try:
-        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", use_safetensors=True, **kw)
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", use_safetensors=True, **kw)
-        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", use_safetensors=True, **kw)
-        tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **kw)
-        noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **kw)
-    except (OSError, ValueError) as err:
-        msg = str(err).splitlines()[0]
+        with _quiet_loading():
+            pipe = cls.from_pretrained(path, use_safetensors=True, local_files_only=not allow_download, **extra)
+    except (OSError, ValueError, TypeError) as err:
+        msg = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise UserError(f"cannot load the pipeline at {path}: {msg} (dpdiff loads safetensors weights only; "
                         "convert .bin weights with diffusers' save_pretrained(safe_serialization=True))") from None
-    vae.requires_grad_(False).eval().to(device, dtype=dtype)
-    text_encoder.requires_grad_(False).eval().to(device, dtype=dtype)
-    unet.requires_grad_(False).to(device)  # trainable weights stay fp32; see training/precision
-    return BaseModel(path=path, unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                     noise_scheduler=noise_scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    for name, part in pipe.components.items():
+        if isinstance(part, torch.nn.Module):
+            part.requires_grad_(False).eval()
+            if name == family.denoiser:
+                part.to(device)  # trainable weights stay fp32; see training/precision
+            else:
+                part.to(device) if dtype == torch.float32 else part.to(device, dtype=dtype)
+    return BaseModel(path=path, family=family, pipe=pipe,
+                     noise_scheduler=training_scheduler(family, pipe.scheduler.config))
 
 
-def build_pipeline(base: BaseModel, unet=None):
-    """A StableDiffusionPipeline over the loaded parts (the fine-tuned UNet if given)."""
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+def build_pipeline(base: BaseModel, denoiser=None):
+    """The family's pipeline over the loaded parts (the fine-tuned denoiser if given). SD and SDXL sample with
+    DPM-Solver++ (20 steps suffice); SD3 and Flux with their own flow-matching Euler scheduler."""
+    import diffusers
 
-    sampler = DPMSolverMultistepScheduler.from_config(base.noise_scheduler.config)
-    pipe = StableDiffusionPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
-                                   unet=unet if unet is not None else base.unet, scheduler=sampler,
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    parts = dict(base.pipe.components)
+    parts[base.family.denoiser] = denoiser if denoiser is not None else base.denoiser
+    if base.family.objective == "ddpm":
+        parts["scheduler"] = diffusers.DPMSolverMultistepScheduler.from_config(base.pipe.scheduler.config)
+    else:
+        parts["scheduler"] = type(base.pipe.scheduler).from_config(base.pipe.scheduler.config)
+    if base.family.name == "sd":
+        parts.update(requires_safety_checker=False)
+    pipe = type(base.pipe)(**parts)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+class SamplingPipeline:
+    """The family's pipeline, called at the training resolution and with the T5 length the model was trained with
+    (SD3's and Flux's pipelines default to 1024 px and 256 / 512 T5 tokens otherwise). ``denoiser`` can be swapped
+    (the base's, to compare)."""
+
+    def __init__(self, pipe, family: Family, *, resolution: int, max_sequence_length: int | None = None):
+        self.pipe, self.family = pipe, family
+        self.call = dict(height=int(resolution), width=int(resolution))
+        if max_sequence_length is not None:
+            self.call["max_sequence_length"] = int(max_sequence_length)
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return getattr(self.pipe, self.family.denoiser)
+
+    @denoiser.setter
+    def denoiser(self, model: torch.nn.Module) -> None:
+        setattr(self.pipe, self.family.denoiser, model)
+
+    def __call__(self, prompts, **kwargs):
+        return self.pipe(prompts, **self.call, **kwargs)
+
+
+def sampling_pipeline(base: BaseModel, denoiser=None, *, resolution: int, max_sequence_length: int | None = None
+                      ) -> SamplingPipeline:
+    return SamplingPipeline(build_pipeline(base, denoiser), base.family, resolution=resolution,
+                            max_sequence_length=max_sequence_length)

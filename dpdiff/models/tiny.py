@@ -190,3 +190,90 @@ def family_scheduler(family: str):
     if family == "sdxl":
         return DDPMScheduler(**scheduler_config())
     return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+
+
+# --- tiny random pipelines of the other families, written to disk (tests: the recipe path per family) -------------
+
+T5_MAX_TOKENS = 16  # the tiny T5 tokenizer's model_max_length (pipelines' max_sequence_length in the tests)
+
+
+def t5_tokenizer():
+    """A T5TokenizerFast over ``WORDS`` plus single characters, built offline with the ``tokenizers`` library
+    (Unigram, SentencePiece's metaspace, ``</s>`` appended as T5 does)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("\u2581" + w, -1.0) for w in WORDS]
+    pieces += [("\u2581", -2.0)] + [(c, -3.0) for c in string.ascii_lowercase + string.digits + string.punctuation]
+    tok = Tokenizer(models.Unigram(pieces, unk_id=2, byte_fallback=False))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                       special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                           extra_ids=0, model_max_length=T5_MAX_TOKENS)
+
+
+def write_family_pipeline(family: str, directory: Path, *, seed: int = 0) -> Path:
+    """Save a tiny random ``StableDiffusionXLPipeline`` / ``StableDiffusion3Pipeline`` / ``FluxPipeline`` (32 px,
+    4x8x8 latents, the denoisers of ``FAMILY_DENOISERS``) with ``save_pretrained``, as a user's model dir is laid
+    out. Text encoders: CLIP (with projection where the family pools it) and T5, of the widths the denoiser reads:
+    SDXL 32+32 hidden -> cross-attention 64, pooled 32; SD3 16+16 CLIP hidden padded to T5's 32, pooled 32+32;
+    Flux CLIP pooled 32 and T5 32. The flow families' VAEs carry a shift factor, as SD3's and Flux's do."""
+    import diffusers
+    import torch
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+        CLIPTokenizer,
+        T5Config,
+        T5EncoderModel,
+    )
+
+    directory = Path(directory)
+    tok_dir = directory.with_name(directory.name + ".clip-tokenizer")
+    write_tokenizer(tok_dir)
+    clip_tok = CLIPTokenizer.from_pretrained(tok_dir)
+    torch.manual_seed(seed)
+
+    def clip(width: int, projection: bool):
+        cfg = CLIPTextConfig(**{**text_encoder_config(len(clip_tok)), "hidden_size": width,
+                                "intermediate_size": 2 * width, "projection_dim": 32})
+        return (CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg)
+
+    def t5():
+        tok = t5_tokenizer()
+        return T5EncoderModel(T5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                                       relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1,
+                                       decoder_start_token_id=0)), tok
+
+    flow = family in ("sd3", "flux")
+    vae = diffusers.AutoencoderKL(**vae_config(), **({"shift_factor": 0.1159, "scaling_factor": 1.5} if flow else {}))
+    denoiser = family_denoiser(family, seed=seed)
+    if family == "sdxl":
+        parts = dict(unet=denoiser, text_encoder=clip(32, False), text_encoder_2=clip(32, True), tokenizer=clip_tok,
+                     tokenizer_2=clip_tok, scheduler=diffusers.EulerDiscreteScheduler(
+                         **{k: v for k, v in scheduler_config().items() if k != "clip_sample"}))
+    elif family == "sd3":
+        enc3, tok3 = t5()
+        parts = dict(transformer=denoiser, text_encoder=clip(16, True), text_encoder_2=clip(16, True),
+                     text_encoder_3=enc3, tokenizer=clip_tok, tokenizer_2=clip_tok, tokenizer_3=tok3,
+                     scheduler=diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0))
+    elif family == "flux":
+        enc2, tok2 = t5()
+        parts = dict(transformer=denoiser, text_encoder=clip(32, False), text_encoder_2=enc2, tokenizer=clip_tok,
+                     tokenizer_2=tok2, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(
+                         num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                         max_shift=1.15, base_image_seq_len=16, max_image_seq_len=256))
+    else:
+        raise ValueError(f"no tiny pipeline for family {family!r}")
+    from dpdiff.models.families import FAMILIES
+
+    pipe = getattr(diffusers, FAMILIES[family].pipeline)(vae=vae, **parts)
+    pipe.save_pretrained(directory, safe_serialization=True)
+    import shutil
+
+    shutil.rmtree(tok_dir)
+    return directory

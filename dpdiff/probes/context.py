@@ -17,8 +17,8 @@ from dpdiff.data.records import ImageRecord
 @dataclass
 class ProbeContext:
     run_dir: Path
-    base: object  # dpdiff.models.loading.BaseModel (vae, text encoder, tokenizer, noise scheduler)
-    unet: torch.nn.Module  # the fine-tuned UNet
+    base: object  # dpdiff.models.loading.BaseModel (family, pipeline with the frozen encoders, noise scheduler)
+    denoiser: torch.nn.Module  # the fine-tuned UNet or transformer
     adapter_kind: str
     records: list[ImageRecord]
     member_records: list[int]  # record indices trained on (one per member unit is enough)
@@ -27,13 +27,14 @@ class ProbeContext:
     device: torch.device
     privacy: dict  # the run's privacy.json
     canaries: dict | None = None  # canaries.json of the run, when the audit inserted canaries
-    base_unet: torch.nn.Module | None = None  # a separate base UNet (full / attn fine-tuning)
+    base_denoiser: torch.nn.Module | None = None  # a separate base denoiser (full / attn fine-tuning)
     seed: int = 0
     demo: str | None = None  # the built-in demo's name (dpdiff.data.demos), None for a user's data
     cache: dict = field(default_factory=dict)
     # record index -> privacy unit id (PreparedData.units); None: one unit per user_id when the
     # privacy unit is the user, else one per record
     unit_of_record: dict[int, int] | None = None
+    max_sequence_length: int | None = None  # T5 tokens of SD3 / Flux prompts, as trained
 
     def unit_key(self, record_id: int):
         """The privacy unit of a record, as far as the context knows it."""
@@ -56,24 +57,32 @@ class ProbeContext:
 
     @contextlib.contextmanager
     def base_model(self):
-        """The UNet before fine-tuning: LoRA adapters disabled (free), or the separately loaded base."""
+        """The denoiser before fine-tuning: LoRA adapters disabled (free), or the separately loaded base."""
         if self.adapter_kind == "lora":
-            self.unet.disable_adapters()
+            self.denoiser.disable_adapters()
             try:
-                yield self.unet
+                yield self.denoiser
             finally:
-                self.unet.enable_adapters()
+                self.denoiser.enable_adapters()
         else:
-            if self.base_unet is None:
+            if self.base_denoiser is None:
                 from dpdiff.models.loading import load_base
 
-                self.base_unet = load_base(self.base.path, device=self.device).unet.eval()
-            yield self.base_unet
+                self.base_denoiser = load_base(self.base.path, device=self.device).denoiser.eval()
+            yield self.base_denoiser
 
     def pipeline(self):
-        from dpdiff.models.loading import build_pipeline
+        """The family's pipeline over the fine-tuned denoiser, generating at the training resolution."""
+        from dpdiff.models.loading import sampling_pipeline
 
-        return build_pipeline(self.base, unet=self.unet)
+        return sampling_pipeline(self.base, self.denoiser, resolution=self.resolution,
+                                 max_sequence_length=self.max_sequence_length)
+
+    def objective(self):
+        """The family's training objective (no min-SNR weighting: probes compare raw denoising errors)."""
+        from dpdiff.training.loss import make_objective
+
+        return make_objective(self.base.family, self.base.noise_scheduler)
 
 
 @torch.no_grad()
@@ -92,36 +101,51 @@ def encode_images(ctx: ProbeContext, images: list, *, batch_size: int = 32) -> t
 
 
 @torch.no_grad()
-def encode_captions(ctx: ProbeContext, captions: list[str]) -> torch.Tensor:
-    from dpdiff.training.encode import encode_texts
+def encode_captions(ctx: ProbeContext, captions: list[str], *, records: list | None = None
+                    ) -> dict[str, torch.Tensor]:
+    """The family's conditioning of ``captions`` ([N, ...] per key), plus SDXL's size and crop ids of the
+    ``records`` (or of images at the training resolution), as training saw them."""
+    from dpdiff.data.preprocess import crop_top_left, original_size
+    from dpdiff.models.families import image_conditioning
+    from dpdiff.training.encode import encode_captions as encode
 
-    return encode_texts(ctx.base.tokenizer, ctx.base.text_encoder, captions, device=ctx.device)
+    cond = encode(ctx.base, captions, device=ctx.device, max_sequence_length=ctx.max_sequence_length)
+    if not ctx.base.family.image_added or not captions:
+        return cond
+    res, per_image = ctx.resolution, []
+    for r in records or [None] * len(captions):
+        im = r.open() if r is not None else None
+        per_image.append(image_conditioning(
+            ctx.base.family, original_size=original_size(im) if im else (res, res),
+            crop_top_left=crop_top_left(im, resolution=res) if im else (0, 0), resolution=res))
+    for k in per_image[0]:
+        cond[k] = torch.stack([p[k] for p in per_image])
+    return cond
 
 
 @torch.no_grad()
-def denoising_losses(unet, scheduler, latents: torch.Tensor, text: torch.Tensor, *, timesteps: list[int],
-                     noises: torch.Tensor, device, batch_size: int = 128) -> torch.Tensor:
-    """Per-(image, timestep, noise draw) MSE of the UNet's prediction, shape [N, T, D].
+def denoising_losses(model, objective, latents: torch.Tensor, cond: dict[str, torch.Tensor], *,
+                     timesteps: list[int], noises: torch.Tensor, device, batch_size: int = 128) -> torch.Tensor:
+    """Per-(image, timestep, noise draw) loss of the denoiser under the family's training objective, [N, T, D].
 
     The same D noise draws are used for every image (shared noise: the per-image differences
     are then due to the model, not to the draw; Carlini et al. 2023, Matsumoto et al. 2023).
+    Timesteps are 0 (least noise) .. N-1 on every family (``FlowMatchingObjective`` orders them as DDPM).
     """
-    from dpdiff.training.loss import DiffusionObjective
+    from dpdiff.training.loss import RowBatch
 
-    obj = DiffusionObjective(scheduler)
     n, t_count, d = latents.shape[0], len(timesteps), noises.shape[0]
     idx = torch.cartesian_prod(torch.arange(n), torch.arange(t_count), torch.arange(d))
     out = torch.empty(len(idx))
     ts = torch.tensor(timesteps, dtype=torch.long)
     for s in range(0, len(idx), batch_size):
         b = idx[s : s + batch_size]
-        lat = latents[b[:, 0]].to(device)
-        noise = noises[b[:, 2]].to(device)
-        t = ts[b[:, 1]].to(device)
-        noisy = scheduler.add_noise(lat, noise, t)
-        pred = unet(noisy, t, text[b[:, 0]].to(device), return_dict=False)[0].float()
-        target = obj.target(lat, noise, t)
-        out[s : s + len(b)] = (pred - target.float()).pow(2).flatten(1).mean(1).cpu()
+        img = b[:, 0]
+        rows = RowBatch(latents=latents[img], noise=noises[b[:, 2]], timesteps=ts[b[:, 1]],
+                        encoder_hidden_states=cond["encoder_hidden_states"][img],
+                        unit_pos=torch.arange(len(b)), row_weight=torch.ones(len(b)), num_units=len(b),
+                        added={k: v[img] for k, v in cond.items() if k != "encoder_hidden_states"}).to(device)
+        out[s : s + len(b)] = objective.row_losses(model, rows).float().cpu()
     return out.view(n, t_count, d)
 
 

@@ -74,16 +74,6 @@ def _min_over_flips(fn, gen: np.ndarray, ref: np.ndarray) -> np.ndarray:
     return np.minimum(fn(gen, ref), fn(gen, ref[:, :, ::-1]))
 
 
-class _AtResolution:
-    """A pipeline that always generates at ``size`` x ``size`` (the training resolution)."""
-
-    def __init__(self, pipe, size: int):
-        self.pipe, self.size = pipe, int(size)
-
-    def __call__(self, *args, **kwargs):
-        return self.pipe(*args, height=self.size, width=self.size, **kwargs)
-
-
 @torch.no_grad()
 def vae_floor(ctx: ProbeContext, ids: list[int], *, batch_size: int = 16) -> np.ndarray:
     """RMS pixel distance between each image and the base VAE's reconstruction of it (posterior mean),
@@ -195,7 +185,7 @@ def run_extraction(ctx: ProbeContext, cfg, *, budget_images: int | None = None, 
         if len(ids) > items_per:
             by_caption[c] = sorted(rng.choice(ids, size=items_per, replace=False).tolist())
 
-    pipe = _AtResolution(ctx.pipeline(), ctx.resolution)
+    pipe = ctx.pipeline()
     prompts = [c for c in captions for _ in range(per)]
     seeds = [ctx.seed * 100003 + j for _ in captions for j in range(per)]
     images = generate(pipe, prompts, seeds=seeds, steps=int(cfg.get("steps", 20)),

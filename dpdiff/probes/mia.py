@@ -43,28 +43,17 @@ def loss_scores(ctx: ProbeContext, record_ids: list[int], *, timesteps: list[int
                 calibrated: bool) -> dict[str, np.ndarray]:
     recs = [ctx.records[i] for i in record_ids]
     latents = encode_images(ctx, recs)
-    text = encode_captions(ctx, [r.text for r in recs])
+    cond = encode_captions(ctx, [r.text for r in recs], records=recs)
     noises = shared_noises(tuple(latents.shape[1:]), draws, ctx.seed + 17)
-    sched = ctx.base.noise_scheduler
-    ft = denoising_losses(ctx.unet, sched, latents, text, timesteps=timesteps, noises=noises, device=ctx.device)
+    obj = ctx.objective()
+    ft = denoising_losses(ctx.denoiser, obj, latents, cond, timesteps=timesteps, noises=noises, device=ctx.device)
     out = {"loss": -ft.mean(dim=(1, 2)).numpy()}
     if calibrated:
-        with ctx.base_model() as base_unet:
-            base = denoising_losses(base_unet, sched, latents, text, timesteps=timesteps, noises=noises,
+        with ctx.base_model() as base_model:
+            base = denoising_losses(base_model, obj, latents, cond, timesteps=timesteps, noises=noises,
                                     device=ctx.device)
         out["calibrated"] = (base - ft).mean(dim=(1, 2)).numpy()
     return out
-
-
-def epsilon_from_prediction(pred: torch.Tensor, x_t: torch.Tensor, alpha_bar: torch.Tensor, *,
-                            prediction_type: str) -> torch.Tensor:
-    """The noise estimate behind a UNet output: itself for epsilon prediction; for v prediction
-    (Salimans & Ho 2022, ``v = sqrt(a) eps - sqrt(1 - a) x0``) ``eps = sqrt(a) v + sqrt(1 - a) x_t``."""
-    if prediction_type == "epsilon":
-        return pred
-    if prediction_type == "v_prediction":
-        return alpha_bar.sqrt() * pred + (1 - alpha_bar).sqrt() * x_t
-    raise ValueError(f"unsupported prediction_type {prediction_type!r} (epsilon or v_prediction)")
 
 
 @torch.no_grad()
@@ -75,28 +64,24 @@ def pia_scores(ctx: ProbeContext, record_ids: list[int], *, timestep: int = 200,
     distance ``sum |eps_theta(x_t, t) - eps0|^lp`` with their ``lp = 4`` at their attack step
     ``t = 200`` (of 1000 training timesteps; scaled to the scheduler's count). Members are denoised
     back to their own initial noise more exactly: score = minus the distance (higher = member).
-    For v-prediction models both UNet outputs are first turned into noise estimates.
+    The noise estimates are the objective's (``noise_estimate``): the output itself for epsilon prediction,
+    turned into noise for v prediction, and ``x_t + (1 - sigma) v`` for flow models (SD3, Flux), whose
+    ``x_t = (1 - sigma) x0 + sigma eps0`` takes the place of the DDPM mix (the same deterministic re-noising).
     """
     recs = [ctx.records[i] for i in record_ids]
     latents = encode_images(ctx, recs)
-    text = encode_captions(ctx, [r.text for r in recs])
-    sched = ctx.base.noise_scheduler
-    kind = sched.config.prediction_type
-    n_train = int(sched.config.num_train_timesteps)
-    t_attack = int(round(timestep * n_train / 1000))
-    abar = sched.alphas_cumprod.float()
-    a_t, a_0 = abar[t_attack], abar[0]
+    cond = encode_captions(ctx, [r.text for r in recs], records=recs)
+    obj = ctx.objective()
+    t_attack = int(round(timestep * obj.num_train_timesteps / 1000))
     scores = []
     for s in range(0, len(recs), batch_size):
         x0 = latents[s : s + batch_size].to(ctx.device)
-        c = text[s : s + batch_size].to(ctx.device)
+        c = {k: v[s : s + batch_size].to(ctx.device) for k, v in cond.items()}
         t0 = torch.zeros(len(x0), dtype=torch.long, device=ctx.device)
-        eps0 = epsilon_from_prediction(ctx.unet(x0, t0, c, return_dict=False)[0].float(), x0, a_0.to(ctx.device),
-                                       prediction_type=kind)
-        xt = a_t.sqrt() * x0 + (1 - a_t).sqrt() * eps0
         tt = torch.full((len(x0),), t_attack, dtype=torch.long, device=ctx.device)
-        eps_t = epsilon_from_prediction(ctx.unet(xt, tt, c, return_dict=False)[0].float(), xt, a_t.to(ctx.device),
-                                        prediction_type=kind)
+        eps0 = obj.noise_estimate(ctx.denoiser, x0, t0, c)
+        xt = obj.noisy(x0, eps0, tt)
+        eps_t = obj.noise_estimate(ctx.denoiser, xt, tt, c)
         scores.append(-(eps_t - eps0).abs().pow(lp).flatten(1).sum(1).cpu())
     return torch.cat(scores).numpy()
 

@@ -31,13 +31,13 @@ def canary_loss_scores(ctx: ProbeContext, cfg) -> tuple[np.ndarray, np.ndarray]:
     canary_dir = ctx.run_dir / "canaries"
     images = [Image.open(canary_dir / f"{c['key']}.png").convert("RGB") for c in items]
     latents = encode_images(ctx, images)
-    text = encode_captions(ctx, [c["caption"] for c in items])
+    cond = encode_captions(ctx, [c["caption"] for c in items])
     timesteps = [int(t) for t in cfg.get("timesteps", [50, 100, 200, 300, 500])]
     noises = shared_noises(tuple(latents.shape[1:]), int(cfg.get("noise_draws", 4)), ctx.seed + 29)
-    sched = ctx.base.noise_scheduler
-    ft = denoising_losses(ctx.unet, sched, latents, text, timesteps=timesteps, noises=noises, device=ctx.device)
-    with ctx.base_model() as base_unet:
-        base = denoising_losses(base_unet, sched, latents, text, timesteps=timesteps, noises=noises,
+    obj = ctx.objective()
+    ft = denoising_losses(ctx.denoiser, obj, latents, cond, timesteps=timesteps, noises=noises, device=ctx.device)
+    with ctx.base_model() as base_model:
+        base = denoising_losses(base_model, obj, latents, cond, timesteps=timesteps, noises=noises,
                                 device=ctx.device)
     scores = (base - ft).mean(dim=(1, 2)).numpy()
     included = np.array([bool(c["included"]) for c in items])
@@ -148,7 +148,7 @@ def run_probes(ctx: ProbeContext, cfg) -> dict:
     out: dict = {"extraction": None, "mia": None, "audit": None}
     budget = cfg.get("budget_images")
     torch.manual_seed(ctx.seed)
-    ctx.unet.eval()
+    ctx.denoiser.eval()
     confidence = float(cfg.get("confidence", 0.95))
     if (cfg.get("extraction") or {}).get("enabled", True):
         from dpdiff.probes.extraction import run_extraction

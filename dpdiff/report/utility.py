@@ -42,13 +42,13 @@ def heldout_loss(ctx, cfg) -> dict:
         return {"skipped": "no held-out images"}
     recs = [ctx.records[i] for i in ids]
     lat = encode_images(ctx, recs)
-    txt = encode_captions(ctx, [r.text for r in recs])
+    cond = encode_captions(ctx, [r.text for r in recs], records=recs)
     ts = [int(t) for t in cfg.get("timesteps", [100, 300, 500, 700, 900])]
     noises = shared_noises(tuple(lat.shape[1:]), int(cfg.get("noise_draws", 2)), 4242)
-    sched = ctx.base.noise_scheduler
-    ft = denoising_losses(ctx.unet, sched, lat, txt, timesteps=ts, noises=noises, device=ctx.device)
-    with ctx.base_model() as base_unet:
-        base = denoising_losses(base_unet, sched, lat, txt, timesteps=ts, noises=noises, device=ctx.device)
+    obj = ctx.objective()
+    ft = denoising_losses(ctx.denoiser, obj, lat, cond, timesteps=ts, noises=noises, device=ctx.device)
+    with ctx.base_model() as base_model:
+        base = denoising_losses(base_model, obj, lat, cond, timesteps=ts, noises=noises, device=ctx.device)
     return {"heldout_loss": float(ft.mean()), "heldout_loss_base": float(base.mean()), "images": len(ids),
             "better_than_base": bool(ft.mean() < base.mean())}
 
@@ -144,10 +144,10 @@ def digit_accuracy(ctx, cfg) -> dict:
         return res
 
     out["finetuned"] = measure(pipe)
-    with ctx.base_model() as base_unet:
-        pipe.unet = base_unet
+    with ctx.base_model() as base_model:
+        pipe.denoiser = base_model
         out["base"] = measure(pipe)
-        pipe.unet = ctx.unet
+        pipe.denoiser = ctx.denoiser
     out["demo"] = demo.name
     out["private_style"] = demo.style
     out["images_per_digit"] = per

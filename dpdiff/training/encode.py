@@ -1,20 +1,24 @@
-"""Frozen-encoder features of the training images: VAE posteriors and text embeddings.
+"""Frozen-encoder features of the training images: VAE posteriors and text conditioning.
 
 The VAE and the text encoder are frozen, so their outputs are computed once and reused
 at every step (as DP-LDM and DPDM do). The VAE *posterior* (mean and std) is kept, not a
 sample, so every augmentation draw samples a fresh latent ``mean + std * eps`` exactly as
-diffusers' ``latent_dist.sample()`` would. With flips on, both orientations are encoded.
+diffusers' ``latent_dist.sample()`` would (then shifted and scaled by the VAE's factors, as SD3's and
+Flux's scripts do). With flips on, both orientations are encoded. The text conditioning is the
+family's (``models.families.encode_prompts``): token embeddings plus the pooled embeddings SDXL, SD3
+and Flux condition on; SDXL's per-image size and crop ids are kept per image and orientation.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
 
-from dpdiff.data.preprocess import to_pixels
+from dpdiff.data.preprocess import crop_top_left, original_size, to_pixels
 from dpdiff.data.records import ImageRecord
+from dpdiff.models.families import encode_prompts, image_conditioning
 
 
 @dataclass
@@ -26,10 +30,17 @@ class EncodedData:
     captions: list[str]  # the M distinct captions
     scaling_factor: float
     shift_factor: float
+    text_added: dict[str, torch.Tensor] = field(default_factory=dict)  # [M, ...] per caption: pooled embeddings
+    image_added: dict[str, torch.Tensor] = field(default_factory=dict)  # [N, F, ...] per image: SDXL's time ids
 
     @property
     def num_flips(self) -> int:
         return int(self.latent_mean.shape[1])
+
+    def text_conditioning(self) -> dict[str, torch.Tensor]:
+        """Everything that depends on the caption alone, one row per caption: the token embeddings
+        (``encoder_hidden_states``) and the pooled ones."""
+        return {"encoder_hidden_states": self.text_emb, **self.text_added}
 
 
 def latent_factors(vae) -> tuple[float, float]:
@@ -38,23 +49,23 @@ def latent_factors(vae) -> tuple[float, float]:
     return scale, float(shift) if shift is not None else 0.0
 
 
-@torch.no_grad()
-def encode_texts(tokenizer, text_encoder, captions: list[str], *, device, batch_size: int = 64) -> torch.Tensor:
-    out = []
-    for i in range(0, len(captions), batch_size):
-        ids = tokenizer(captions[i : i + batch_size], padding="max_length", max_length=tokenizer.model_max_length,
-                        truncation=True, return_tensors="pt").input_ids.to(device)
-        out.append(text_encoder(ids)[0].float().cpu())
-    return torch.cat(out) if out else torch.empty(0)
+def encode_captions(base, captions: list[str], *, device, max_sequence_length: int | None = None
+                    ) -> dict[str, torch.Tensor]:
+    """The text conditioning of ``captions`` by the base pipeline's frozen encoders, as
+    :meth:`EncodedData.text_conditioning` lays it out ([M, ...] per key, float32 on the CPU)."""
+    emb, added = encode_prompts(base.pipe, base.family, captions, device=device,
+                                max_sequence_length=max_sequence_length)
+    return {"encoder_hidden_states": emb, **added}
 
 
 @torch.no_grad()
-def encode_dataset(records: list[ImageRecord], *, vae, tokenizer, text_encoder, resolution: int,
-                   center_crop: bool, flips: bool, device, batch_size: int = 32,
-                   progress: bool = True) -> EncodedData:
+def encode_dataset(records: list[ImageRecord], *, base, resolution: int, center_crop: bool, flips: bool, device,
+                   batch_size: int = 32, progress: bool = True, max_sequence_length: int | None = None
+                   ) -> EncodedData:
+    vae, family = base.vae, base.family
     scale, shift = latent_factors(vae)
     orientations = (False, True) if flips else (False,)
-    means, stds = [], []
+    means, stds, image_added = [], [], []
     it = range(0, len(records), batch_size)
     for i in tqdm(it, desc="encoding images", disable=not progress, leave=False):
         batch = records[i : i + batch_size]
@@ -68,19 +79,24 @@ def encode_dataset(records: list[ImageRecord], *, vae, tokenizer, text_encoder, 
             per_flip_std.append(post.std.float().cpu())
         means.append(torch.stack(per_flip_mean, 1))
         stds.append(torch.stack(per_flip_std, 1))
+        image_added += [[image_conditioning(family, original_size=original_size(im),
+                                            crop_top_left=crop_top_left(im, resolution=resolution, flip=flip),
+                                            resolution=resolution) for flip in orientations] for im in images]
     captions = sorted({r.text for r in records})
     index = {c: j for j, c in enumerate(captions)}
-    text_emb = encode_texts(tokenizer, text_encoder, captions, device=device)
+    text = encode_captions(base, captions, device=device, max_sequence_length=max_sequence_length)
+    keys = image_added[0][0].keys() if image_added else ()
     return EncodedData(
-        latent_mean=torch.cat(means), latent_std=torch.cat(stds), text_emb=text_emb,
+        latent_mean=torch.cat(means), latent_std=torch.cat(stds), text_emb=text.pop("encoder_hidden_states"),
         text_index=torch.tensor([index[r.text] for r in records], dtype=torch.long),
-        captions=captions, scaling_factor=scale, shift_factor=shift,
+        captions=captions, scaling_factor=scale, shift_factor=shift, text_added=text,
+        image_added={k: torch.stack([torch.stack([f[k] for f in per]) for per in image_added]) for k in keys},
     )
 
 
 # --- the on-disk cache ------------------------------------------------------------------------
-def cache_key(*, records: list[ImageRecord], base_path: str, resolution: int, center_crop: bool, flips: bool,
-              dtype: str) -> str:
+def cache_key(*, records: list[ImageRecord], base_path: str, parts: list[str], resolution: int, center_crop: bool,
+              flips: bool, dtype: str, max_sequence_length: int | None = None) -> str:
     """Names what the cached features depend on: the images and captions, the frozen encoders, the transform."""
     import hashlib
     import json
@@ -91,7 +107,7 @@ def cache_key(*, records: list[ImageRecord], base_path: str, resolution: int, ce
     h = hashlib.sha256()
     h.update(fingerprint(records).encode())
     h.update(json.dumps([r.key for r in records]).encode())
-    for part in ("vae", "text_encoder", "tokenizer"):
+    for part in ("vae", *parts):
         d = Path(base_path) / part
         if d.is_dir():
             for f in sorted(d.iterdir()):
@@ -99,7 +115,8 @@ def cache_key(*, records: list[ImageRecord], base_path: str, resolution: int, ce
                 h.update(f"{part}/{f.name}:{st.st_size}:{int(st.st_mtime)}".encode())
         else:
             h.update(f"{base_path}/{part}".encode())
-    h.update(json.dumps([resolution, center_crop, flips, dtype]).encode())
+    h.update(json.dumps([resolution, center_crop, flips, dtype] + ([max_sequence_length] if max_sequence_length
+                                                                   else [])).encode())
     return h.hexdigest()[:24]
 
 
@@ -115,8 +132,10 @@ def save_encoded(data: EncodedData, path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(path.parent, 0o700)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file({"latent_mean": data.latent_mean.contiguous(), "latent_std": data.latent_std.contiguous(),
-               "text_emb": data.text_emb.contiguous(), "text_index": data.text_index.contiguous()}, str(tmp),
+    tensors = {"latent_mean": data.latent_mean, "latent_std": data.latent_std, "text_emb": data.text_emb,
+               "text_index": data.text_index, **{f"text_added.{k}": v for k, v in data.text_added.items()},
+               **{f"image_added.{k}": v for k, v in data.image_added.items()}}
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
               metadata={"captions": json.dumps(data.captions), "scaling_factor": repr(data.scaling_factor),
                         "shift_factor": repr(data.shift_factor)})
     os.chmod(tmp, 0o600)
@@ -138,6 +157,8 @@ def load_encoded(path) -> EncodedData | None:
             t = {k: f.get_tensor(k) for k in f.keys()}
         return EncodedData(latent_mean=t["latent_mean"], latent_std=t["latent_std"], text_emb=t["text_emb"],
                            text_index=t["text_index"], captions=json.loads(meta["captions"]),
-                           scaling_factor=float(meta["scaling_factor"]), shift_factor=float(meta["shift_factor"]))
+                           scaling_factor=float(meta["scaling_factor"]), shift_factor=float(meta["shift_factor"]),
+                           text_added={k.split(".", 1)[1]: v for k, v in t.items() if k.startswith("text_added.")},
+                           image_added={k.split(".", 1)[1]: v for k, v in t.items() if k.startswith("image_added.")})
     except (OSError, KeyError, ValueError, RuntimeError):
         return None  # a damaged cache is recomputed

@@ -28,24 +28,28 @@ class CaptionMitigation:
     caption* (Somepalli's version) would make unit u's gradient depend on unit v's data and void the
     add/remove-one guarantee. So replacements come from a public caption pool and inserted words from a
     public word list; neither reads the dataset. Variants are encoded once (``variants`` per caption).
+    Conditioning is a dict of per-row tensors (token and pooled embeddings): a replaced caption replaces all of them.
     """
 
-    def __init__(self, *, caption_emb_variants: torch.Tensor, pool_emb: torch.Tensor, replace_prob: float,
-                 insert_prob: float):
-        self.variants = caption_emb_variants  # [M captions, V, T, D]: each caption with a random word inserted
-        self.pool = pool_emb  # [P, T, D] public replacement captions
+    def __init__(self, *, caption_variants: dict[str, torch.Tensor], pool: dict[str, torch.Tensor],
+                 replace_prob: float, insert_prob: float):
+        self.variants = caption_variants  # [M captions, V, ...] per key: each caption with a random word inserted
+        self.pool = pool  # [P, ...] per key: public replacement captions
         self.replace_prob, self.insert_prob = replace_prob, insert_prob
 
-    def apply(self, text: torch.Tensor, caption_index: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        n = text.shape[0]
+    def apply(self, text: dict[str, torch.Tensor], caption_index: torch.Tensor, g: torch.Generator
+              ) -> dict[str, torch.Tensor]:
+        n = len(caption_index)
         u = torch.rand(n, generator=g)
-        pool_pick = torch.randint(0, self.pool.shape[0], (n,), generator=g)
-        var_pick = torch.randint(0, self.variants.shape[1], (n,), generator=g)
-        out = text.clone()
+        pool_pick = torch.randint(0, len(self.pool["encoder_hidden_states"]), (n,), generator=g)
+        var_pick = torch.randint(0, self.variants["encoder_hidden_states"].shape[1], (n,), generator=g)
         rep = u < self.replace_prob
         ins = (~rep) & (u < self.replace_prob + self.insert_prob)
-        out[rep] = self.pool[pool_pick[rep]]
-        out[ins] = self.variants[caption_index[ins], var_pick[ins]]
+        out = {}
+        for k, v in text.items():
+            out[k] = v.clone()
+            out[k][rep] = self.pool[k][pool_pick[rep]]
+            out[k][ins] = self.variants[k][caption_index[ins], var_pick[ins]]
         return out
 
 
@@ -60,14 +64,14 @@ class RowBuilder:
     def __init__(self, data: EncodedData, units: PrivacyUnits, *, augmult: int, random_flip: bool,
                  num_train_timesteps: int, generator: torch.Generator,
                  max_images_per_unit: int | None = None, caption_dropout: float = 0.0,
-                 empty_text_emb: torch.Tensor | None = None, mitigation: CaptionMitigation | None = None,
+                 empty_text: dict[str, torch.Tensor] | None = None, mitigation: CaptionMitigation | None = None,
                  timestep_range: tuple[int, int] | None = None):
         if augmult < 1:
             raise ValueError("augmult must be >= 1")
         if random_flip and data.num_flips < 2:
             raise ValueError("random_flip needs latents encoded in both orientations")
-        if caption_dropout > 0 and empty_text_emb is None:
-            raise ValueError("caption_dropout needs the empty caption's embedding")
+        if caption_dropout > 0 and empty_text is None:
+            raise ValueError("caption_dropout needs the empty caption's conditioning")
         self.data, self.units, self.augmult = data, units, augmult
         self.random_flip = random_flip
         self.num_train_timesteps = num_train_timesteps
@@ -78,7 +82,7 @@ class RowBuilder:
         self.generator = generator
         self.max_images_per_unit = max_images_per_unit
         self.caption_dropout = caption_dropout
-        self.empty_text_emb = empty_text_emb
+        self.empty_text = empty_text  # per key, one row: the empty caption's conditioning
         self.mitigation = mitigation
 
     def images_of(self, unit: int) -> list[int]:
@@ -112,12 +116,17 @@ class RowBuilder:
         latents = (mean + std * eps - self.data.shift_factor) * self.data.scaling_factor
         timesteps = torch.randint(*self.timestep_range, (n,), generator=g)
         noise = torch.randn(mean.shape, generator=g)
-        text = self.data.text_emb[self.data.text_index[img_t]]
+        caption = self.data.text_index[img_t]
+        text = {k: v[caption] for k, v in self.data.text_conditioning().items()}
         if self.mitigation is not None:
-            text = self.mitigation.apply(text, self.data.text_index[img_t], g)
+            text = self.mitigation.apply(text, caption, g)
         if self.caption_dropout > 0:
             drop = torch.rand(n, generator=g) < self.caption_dropout
-            text = torch.where(drop.view(-1, 1, 1), self.empty_text_emb.expand_as(text), text)
-        return RowBatch(latents=latents, noise=noise, timesteps=timesteps, encoder_hidden_states=text,
+            text = {k: torch.where(drop.view(-1, *[1] * (v.dim() - 1)), self.empty_text[k].reshape(1, *v.shape[1:]),
+                                   v) for k, v in text.items()}
+        added = {**{k: v for k, v in text.items() if k != "encoder_hidden_states"},
+                 **{k: v[img_t, flip] for k, v in self.data.image_added.items()}}
+        return RowBatch(latents=latents, noise=noise, timesteps=timesteps,
+                        encoder_hidden_states=text["encoder_hidden_states"],
                         unit_pos=torch.tensor(pos, dtype=torch.long),
-                        row_weight=torch.tensor(weight, dtype=torch.float32), num_units=len(unit_ids))
+                        row_weight=torch.tensor(weight, dtype=torch.float32), num_units=len(unit_ids), added=added)

@@ -34,12 +34,12 @@ def split_units(rows: RowBatch, max_units: int) -> list[RowBatch]:
 
 
 class Trainer:
-    def __init__(self, *, unet, params, objective: DiffusionObjective, row_builder, sampler, engine, optimizer,
+    def __init__(self, *, denoiser, params, objective: DiffusionObjective, row_builder, sampler, engine, optimizer,
                  lr_scheduler, max_steps: int, micro_batch_size: int, run_dir: Path, tracker, device,
                  privacy: PrivacyPlan, ema=None, is_main: bool = True, log_every: int = 10,
                  checkpoint_every: int = 0, checkpoints_total_limit: int | None = None,
                  autocast_dtype: torch.dtype | None = None, start_step: int = 0, progress: bool = True):
-        self.unet, self.params, self.objective = unet, params, objective
+        self.denoiser, self.params, self.objective = denoiser, params, objective
         self.row_builder, self.sampler, self.engine = row_builder, sampler, engine
         self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
         self.max_steps, self.micro_batch_size = max_steps, micro_batch_size
@@ -58,9 +58,9 @@ class Trainer:
         rows = rows.to(self.device)
         if self.autocast_dtype is not None:
             with torch.autocast(device_type=torch.device(self.device).type, dtype=self.autocast_dtype):
-                loss = self.objective.row_losses(self.unet, rows)
+                loss = self.objective.row_losses(self.denoiser, rows)
         else:
-            loss = self.objective.row_losses(self.unet, rows)
+            loss = self.objective.row_losses(self.denoiser, rows)
         self.engine.backward(loss.float(), unit_pos=rows.unit_pos, row_weight=rows.row_weight,
                              num_units=rows.num_units)
 
@@ -93,7 +93,7 @@ class Trainer:
         bar = tqdm(total=self.max_steps, initial=self.step, desc="training",
                    disable=not (self.is_main and self.progress),
                    dynamic_ncols=True)
-        self.unet.train()
+        self.denoiser.train()
         t0 = time.time()
         while self.step < self.max_steps:
             if not self.privacy.may_step():
@@ -120,7 +120,7 @@ class Trainer:
 
     def _check_weights_changed(self, before: list[torch.Tensor]) -> None:
         """After the first step with lr > 0 the weights must differ (a silent no-update otherwise)."""
-        live = {id(p) for p in self.unet.parameters() if p.requires_grad}
+        live = {id(p) for p in self.denoiser.parameters() if p.requires_grad}
         held = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
         if live != held:
             raise RuntimeError("the optimizer does not hold the UNet's trainable parameters (the model was moved "
@@ -154,7 +154,7 @@ class Trainer:
         if not self.is_main:
             return None
         self.privacy.save_ledger()
-        trainable = {n: p for n, p in self.unet.named_parameters() if p.requires_grad}
+        trainable = {n: p for n, p in self.denoiser.named_parameters() if p.requires_grad}
         path = save_checkpoint(self.run_dir, step=self.step, trainable=trainable, optimizer=self.optimizer,
                                lr_scheduler=self.lr_scheduler, state=state, ema=self.ema,
                                keep=self.checkpoints_total_limit)

@@ -25,17 +25,17 @@ def _unet_out(unet, seed=0):
 
 def test_unknown_target_is_a_user_error(base):
     with pytest.raises(UserError, match="matches no module"):
-        adapters.attach(load_base(None).unet, kind="lora", rank=4, target_modules=["to_qq"])
+        adapters.attach(load_base(None).denoiser, kind="lora", rank=4, target_modules=["to_qq"])
 
 
 def test_unknown_kind_is_a_user_error():
     with pytest.raises(UserError, match="adapter must be one of"):
-        adapters.attach(load_base(None).unet, kind="dora")
+        adapters.attach(load_base(None).denoiser, kind="dora")
 
 
 @pytest.mark.parametrize("kind,expect", [("full", "all"), ("attn", "attn")])
 def test_trainable_sets(kind, expect):
-    unet = load_base(None).unet
+    unet = load_base(None).denoiser
     params = adapters.attach(unet, kind=kind)
     names = {n for n, p in unet.named_parameters() if p.requires_grad}
     assert len(params) == len(names) > 0
@@ -48,18 +48,18 @@ def test_trainable_sets(kind, expect):
 def test_saved_lora_loads_with_diffusers_and_reproduces_the_trained_unet(tmp_path):
     """alpha != rank: the saved metadata must give the loaded LoRA its trained scale."""
     trained = load_base(None)
-    adapters.attach(trained.unet, kind="lora", rank=4, alpha=8)
+    adapters.attach(trained.denoiser, kind="lora", rank=4, alpha=8)
     torch.manual_seed(1)
     with torch.no_grad():
-        for p in trained.unet.parameters():
+        for p in trained.denoiser.parameters():
             if p.requires_grad:
                 p.add_(torch.randn_like(p) * 0.05)
-    want = _unet_out(trained.unet)
-    out = adapters.save(trained.unet, kind="lora", out_dir=tmp_path)
+    want = _unet_out(trained.denoiser)
+    out = adapters.save(trained.denoiser, kind="lora", out_dir=tmp_path)
     assert (out / "pytorch_lora_weights.safetensors").exists()
 
     fresh = load_base(None)
-    base_out = _unet_out(fresh.unet)
+    base_out = _unet_out(fresh.denoiser)
     pipe = build_pipeline(fresh)
     pipe.load_lora_weights(str(out))
     got = _unet_out(pipe.unet)
@@ -71,10 +71,10 @@ def test_full_finetune_saves_a_loadable_unet(tmp_path):
     from diffusers import UNet2DConditionModel
 
     m = load_base(None)
-    adapters.attach(m.unet, kind="full")
+    adapters.attach(m.denoiser, kind="full")
     with torch.no_grad():
-        next(iter(m.unet.parameters())).add_(0.1)
-    want = _unet_out(m.unet)
-    out = adapters.save(m.unet, kind="full", out_dir=tmp_path)
+        next(iter(m.denoiser.parameters())).add_(0.1)
+    want = _unet_out(m.denoiser)
+    out = adapters.save(m.denoiser, kind="full", out_dir=tmp_path)
     loaded = UNet2DConditionModel.from_pretrained(out)
     torch.testing.assert_close(_unet_out(loaded), want)

@@ -216,12 +216,15 @@ def test_saved_lora_loads_into_the_family_pipeline_and_changes_its_output(tmp_pa
     assert not torch.allclose(before, after, atol=1e-4)
 
 
-@pytest.mark.parametrize("pipeline", ["StableDiffusionXLPipeline", "StableDiffusion3Pipeline", "FluxPipeline"])
-def test_the_recipe_refuses_other_families_in_one_line(tmp_path, pipeline):
-    """Not trained by the recipe yet: refused naming the family, never loaded as an SD pipeline."""
+@pytest.mark.parametrize("pipeline,part", [
+    ("StableDiffusionXLPipeline", "text_encoder_2"), ("StableDiffusion3Pipeline", "transformer"),
+    ("FluxPipeline", "tokenizer_2")])
+def test_an_incomplete_family_dir_is_one_clear_error(tmp_path, pipeline, part):
+    """A part model_index.json names but the dir lacks is named in one line, before anything is loaded."""
     from dpdiff.models.loading import resolve_pretrained
 
-    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": pipeline}))
-    with pytest.raises(UserError, match=f"holds a {pipeline}") as e:
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": pipeline, part: ["diffusers", "X"],
+                                                           "image_encoder": [None, None]}))
+    with pytest.raises(UserError, match=f"not a complete {pipeline} directory: missing {part}/") as e:
         resolve_pretrained(str(tmp_path), allow_download=False)
     assert "\n" not in str(e.value)

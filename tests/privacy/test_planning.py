@@ -36,11 +36,11 @@ def test_trainable_count_matches_peft(tmp_path):
     from dpdiff.models.loading import load_base
 
     for rank, targets in ((4, None), (2, ["attn2.to_k", "attn2.to_v"])):
-        unet = load_base(None).unet
+        unet = load_base(None).denoiser
         params = adapters.attach(unet, kind="lora", rank=rank, target_modules=targets)
         assert count_trainable(pretrained=None, kind="lora", rank=rank, target_modules=targets) == \
             sum(p.numel() for p in params)
-    unet = load_base(None).unet
+    unet = load_base(None).denoiser
     assert count_trainable(pretrained=None, kind="full", rank=None, target_modules=None) == \
         sum(p.numel() for p in unet.parameters())
 

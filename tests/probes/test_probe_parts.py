@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dpdiff.probes.extraction import calibrated_threshold, choose_captions, clique_size_threshold
-from dpdiff.probes.mia import epsilon_from_prediction
+from dpdiff.training.loss import epsilon_from_prediction
 
 
 def test_v_prediction_is_converted_to_the_noise_estimate():
@@ -110,7 +110,7 @@ def test_one_record_per_privacy_unit():
     from dpdiff.probes.context import ProbeContext
 
     recs = [SimpleNamespace(text="t", user_id=u) for u in ["a", "a", "b", "c", "b"]]
-    ctx = ProbeContext(run_dir=None, base=None, unet=None, adapter_kind="lora", records=recs, member_records=[],
+    ctx = ProbeContext(run_dir=None, base=None, denoiser=None, adapter_kind="lora", records=recs, member_records=[],
                        nonmember_records=[], resolution=8, device="cpu", privacy={"privacy_unit": "user"})
     assert ctx.one_record_per_unit([4, 1, 0, 2, 3]) == [0, 2, 3]
     ctx.privacy = {"privacy_unit": "example"}
@@ -133,7 +133,7 @@ def test_run_audit_verdicts_from_recorded_gradient_canaries(tmp_path, shift, cla
     write_json_atomic(tmp_path / "gradient_canaries.json", {"count": 4000, "steps": 1, "coordinates": [],
                                                              "included": included.tolist(), "scores": scores.tolist()})
     privacy = {"dp": claimed is not None, "epsilon": claimed, "delta": 1e-5}
-    ctx = ProbeContext(run_dir=tmp_path, base=None, unet=None, adapter_kind="lora", records=[], member_records=[],
+    ctx = ProbeContext(run_dir=tmp_path, base=None, denoiser=None, adapter_kind="lora", records=[], member_records=[],
                        nonmember_records=[], resolution=8, device="cpu", privacy=privacy)
     out = run_audit(ctx, {"confidence": 0.9})
     assert out["verdict"] == expected, out["verdict_reason"]
@@ -147,7 +147,7 @@ def _mia_ctx(n_members, n_held, claimed):
     from dpdiff.probes.context import ProbeContext
 
     recs = [SimpleNamespace(text="t", user_id=None) for _ in range(n_members + n_held)]
-    return ProbeContext(run_dir=None, base=None, unet=None, adapter_kind="lora", records=recs,
+    return ProbeContext(run_dir=None, base=None, denoiser=None, adapter_kind="lora", records=recs,
                         member_records=list(range(n_members)), nonmember_records=list(range(n_members, len(recs))),
                         resolution=8, device="cpu", privacy={"dp": True, "epsilon": claimed, "delta": 1e-5})
 
@@ -214,7 +214,7 @@ def _extraction_setup(monkeypatch, *, memorise: bool, floor: float, heldout_near
     monkeypatch.setattr(extraction, "_flagged_grid", lambda *a, **k: None)
 
     def ctx_for(claimed):
-        ctx = ProbeContext(run_dir=None, base=None, unet=None, adapter_kind="lora", records=recs,
+        ctx = ProbeContext(run_dir=None, base=None, denoiser=None, adapter_kind="lora", records=recs,
                            member_records=list(range(n)), nonmember_records=list(range(n, 2 * n)), resolution=16,
                            device="cpu", privacy={"dp": claimed is not None, "epsilon": claimed, "delta": 1e-5})
         ctx.pipeline = lambda: None

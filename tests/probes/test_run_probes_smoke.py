@@ -17,10 +17,11 @@ pytestmark = pytest.mark.slow
 
 
 def test_every_probe_writes_a_three_way_verdict(tmp_path):
-    from dpdiff.data.records import read_dataset
+    from dpdiff.data.demos import builtin_digits_dir
+    from dpdiff.data.formats import read_dataset
     from dpdiff.io import write_json_atomic
     from dpdiff.models.loading import load_base
-    from dpdiff.paths import builtin_digits_dir, config_dir
+    from dpdiff.paths import config_dir
     from dpdiff.probes.canaries import GradientCanaries, canary_caption, canary_image, load_canaries
     from dpdiff.probes.context import ProbeContext
     from dpdiff.probes.run import REQUIRED, run_probes
@@ -48,10 +49,10 @@ def test_every_probe_writes_a_three_way_verdict(tmp_path):
         "extraction.steps=2", "extraction.items_per_caption=3", "extraction.vae_floor_images=4", "mia.members=8",
         "mia.timesteps=[200]", "mia.noise_draws=1", "mia.bootstrap=20", "audit.canaries=24",
         "audit.timesteps=[200]", "audit.noise_draws=1"]))
-    ctx = ProbeContext(run_dir=run, base=base, unet=base.unet, adapter_kind="full", records=records,
+    ctx = ProbeContext(run_dir=run, base=base, denoiser=base.denoiser, adapter_kind="full", records=records,
                        member_records=list(range(0, 40, 2)), nonmember_records=list(range(1, 40, 2)), resolution=48,
                        device=torch.device("cpu"), privacy={"dp": True, "epsilon": 8.0, "delta": 1e-5},
-                       canaries=load_canaries(run), base_unet=base.unet)
+                       canaries=load_canaries(run), base_denoiser=base.denoiser)
     out = run_probes(ctx, cfg)
     saved = json.loads((run / "probes.json").read_text())
     for section, keys in REQUIRED.items():

@@ -68,7 +68,7 @@ def test_cached_posterior_gives_the_on_the_fly_loss():
 
     base = load_base(None)
     recs = read_dataset(builtin_digits_dir())[:6]
-    enc = encode_dataset(recs, vae=base.vae, tokenizer=base.tokenizer, text_encoder=base.text_encoder,
+    enc = encode_dataset(recs, base=base,
                          resolution=32, center_crop=True, flips=False, device="cpu", progress=False)
     units = PrivacyUnits("example", tuple((i,) for i in range(6)), tuple(r.key for r in recs))
     gen = torch.Generator().manual_seed(5)
@@ -84,8 +84,8 @@ def test_cached_posterior_gives_the_on_the_fly_loss():
     torch.testing.assert_close(rows.latents, lat, rtol=1e-5, atol=1e-5)
     obj = DiffusionObjective(base.noise_scheduler)
     with torch.no_grad():
-        cached = obj.row_losses(base.unet, rows)
-        fly = obj.row_losses(base.unet, RowBatch(lat, rows.noise, rows.timesteps, rows.encoder_hidden_states,
+        cached = obj.row_losses(base.denoiser, rows)
+        fly = obj.row_losses(base.denoiser, RowBatch(lat, rows.noise, rows.timesteps, rows.encoder_hidden_states,
                                                  rows.unit_pos, rows.row_weight, rows.num_units))
     torch.testing.assert_close(cached, fly, rtol=1e-4, atol=1e-6)
 

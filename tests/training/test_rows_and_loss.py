@@ -60,22 +60,31 @@ def test_timestep_range_bounds_the_draws():
 
 
 def test_caption_mitigation_uses_public_material_only():
+    """Every row keeps its own caption, a variant of its own caption, or a public one, and the pooled embedding
+    (SDXL/SD3/Flux) always goes with the token embeddings it was encoded with."""
     data = _data()
-    variants = torch.randn(3, 4, 5, 8)
-    pool = torch.randn(len(PUBLIC_CAPTIONS), 5, 8)
-    mit = CaptionMitigation(caption_emb_variants=variants, pool_emb=pool, replace_prob=0.4, insert_prob=0.4)
-    text = data.text_emb[data.text_index]
+    variants = {"encoder_hidden_states": torch.randn(3, 4, 5, 8), "pooled": torch.randn(3, 4, 6)}
+    p = len(PUBLIC_CAPTIONS)
+    pool = {"encoder_hidden_states": torch.randn(p, 5, 8), "pooled": torch.randn(p, 6)}
+    mit = CaptionMitigation(caption_variants=variants, pool=pool, replace_prob=0.4, insert_prob=0.4)
+    text = {"encoder_hidden_states": data.text_emb[data.text_index], "pooled": torch.randn(3, 6)[data.text_index]}
     out = mit.apply(text, data.text_index, torch.Generator().manual_seed(0))
     n_pool = n_var = n_same = 0
-    for i in range(len(out)):
-        if any(torch.equal(out[i], p) for p in pool):
+    emb, pooled = out["encoder_hidden_states"], out["pooled"]
+    for i in range(len(emb)):
+        c = int(data.text_index[i])
+        if any(torch.equal(emb[i], p) for p in pool["encoder_hidden_states"]):
+            j = next(j for j, p in enumerate(pool["encoder_hidden_states"]) if torch.equal(emb[i], p))
+            assert torch.equal(pooled[i], pool["pooled"][j])
             n_pool += 1
-        elif any(torch.equal(out[i], v) for v in variants[data.text_index[i]]):
+        elif any(torch.equal(emb[i], v) for v in variants["encoder_hidden_states"][c]):
+            j = next(j for j, v in enumerate(variants["encoder_hidden_states"][c]) if torch.equal(emb[i], v))
+            assert torch.equal(pooled[i], variants["pooled"][c, j])
             n_var += 1  # a variant of the row's OWN caption, never another unit's
         else:
-            assert torch.equal(out[i], text[i])
+            assert torch.equal(emb[i], text["encoder_hidden_states"][i]) and torch.equal(pooled[i], text["pooled"][i])
             n_same += 1
-    assert n_pool + n_var + n_same == len(out) and n_pool > 0 and n_var > 0
+    assert n_pool + n_var + n_same == len(emb) and n_pool > 0 and n_var > 0
     import numpy as np
 
     s = insert_random_word("a photo of a dog", np.random.default_rng(0))
