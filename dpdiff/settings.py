@@ -285,9 +285,15 @@ class ModelSettings:
 
     @classmethod
     def from_config(cls, m) -> ModelSettings:
+        from omegaconf import DictConfig, OmegaConf
+
         from dpdiff.models.families import detect_family
         from dpdiff.models.loading import resolve_pretrained
 
+        expected = _get(m, "family")
+        if isinstance(m, DictConfig) and OmegaConf.is_missing(m, "pretrained"):
+            raise UserError(f"model.pretrained is required with model={expected or 'this config'}: pass the local "
+                            "pipeline dir (model.pretrained=DIR)")
         allow = _bool("model", "allow_download", _get(m, "allow_download", False))
         path = resolve_pretrained(_get(m, "pretrained"), allow_download=allow)
         total = family = None
@@ -296,6 +302,9 @@ class ModelSettings:
             total = int(json.loads(sched.read_text()).get("num_train_timesteps", 1000))
         if Path(path).is_dir():
             family = detect_family(path).name
+        if expected is not None and family is not None and family != expected:
+            raise UserError(f"model.family={expected} (model={expected}) but {path} holds a "
+                            f"{detect_family(path).pipeline} ({family}); use model={family}")
         msl = _int("model", "max_sequence_length", _get(m, "max_sequence_length"), lo=1, allow_none=True)
         if msl is not None and family in ("sd", "sdxl"):
             raise UserError(f"model.max_sequence_length={msl}: {family} pipelines have no T5 encoder (CLIP prompts are "

@@ -96,6 +96,7 @@ class FinetuneRecipe:
         self.base = load_base(s.model.pretrained, device=self.proc.device, allow_download=s.model.allow_download,
                               dtype=frozen_dtype(s.model.frozen_dtype, self.proc.device))
         self.resolution = int(s.data.resolution or self.base.resolution)
+        self.base.check_resolution(self.resolution)
         self.denoiser = self.base.denoiser
         # the denoiser is on its device already: attach after moving (moving a peft-wrapped model afterwards can
         # leave the optimizer holding stale LoRA tensors). The adapter's random init comes from the run's seed.

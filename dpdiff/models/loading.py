@@ -46,6 +46,14 @@ class BaseModel:
         size = getattr(self.denoiser.config, "sample_size", None) or getattr(self.pipe, "default_sample_size", 64)
         return int((size[0] if isinstance(size, (list, tuple)) else size) * self.pipe.vae_scale_factor)
 
+    def check_resolution(self, resolution: int) -> None:
+        """Latents must tile the VAE's downsampling, and Flux's 2x2 packing on top of it."""
+        mult = self.pipe.vae_scale_factor * (2 if self.family.name == "flux" else 1)
+        if resolution % mult:
+            raise UserError(f"data.resolution={resolution}: a {self.family.name} model needs a multiple of {mult} "
+                            f"(its VAE downsamples by {self.pipe.vae_scale_factor}"
+                            f"{', then latents are packed 2x2' if self.family.name == 'flux' else ''})")
+
     def text_parts(self) -> list[str]:
         """The pipeline's text encoders and tokenizers present in its dir (the feature cache depends on them)."""
         return [n for n in ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2",
@@ -185,7 +193,16 @@ class SamplingPipeline:
         setattr(self.pipe, self.family.denoiser, model)
 
     def __call__(self, prompts, **kwargs):
-        return self.pipe(prompts, **self.call, **kwargs)
+        """Frozen encoders in bf16/fp16 beside a float32 denoiser (``model.frozen_dtype``) hand it half-precision
+        latents and embeddings: the call then runs under autocast to that dtype, as diffusers' training scripts
+        run their validation."""
+        den = self.denoiser
+        low = {next(m.parameters()).dtype for name, m in self.pipe.components.items()
+               if isinstance(m, torch.nn.Module) and name != self.family.denoiser} - {torch.float32}
+        device = next(den.parameters()).device
+        ctx = torch.autocast(device.type, dtype=low.pop()) if low else contextlib.nullcontext()
+        with ctx:
+            return self.pipe(prompts, **self.call, **kwargs)
 
 
 def sampling_pipeline(base: BaseModel, denoiser=None, *, resolution: int, max_sequence_length: int | None = None

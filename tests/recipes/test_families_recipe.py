@@ -100,6 +100,7 @@ def test_full_fine_tuning_saves_a_transformer_the_pipeline_loads(tmp_path, famil
 @pytest.mark.parametrize("override,needle", [
     ("train.snr_gamma=5", "flow matching"),
     ("model.max_sequence_length=0", "model.max_sequence_length"),
+    ("data.resolution=36", "multiple of 8"),
 ])
 def test_bad_family_settings_are_one_clear_line(tmp_path, family_dirs, images, override, needle):
     res = run_cli("finetune", *FAST, "probes=none", "eval=none", f"data.path={images}",
