@@ -1,7 +1,8 @@
-"""dpdiff finetune: DP fine-tuning of a Stable Diffusion UNet, then probes and a report.
+"""dpdiff finetune: DP fine-tuning of a diffusion model's denoiser, then probes and a report.
 
     dpdiff finetune [hydra overrides]                       # built-in tiny model + digits demo
     dpdiff finetune model.pretrained=DIR data.path=DIR privacy.target_epsilon=4
+    dpdiff finetune model=sdxl|sd3|flux model.pretrained=DIR data.path=DIR   # the family's defaults
     accelerate launch --multi_gpu --num_processes 2 -m recipes.finetune [overrides]
 
 Reads top to bottom like the run it performs (torchtune's recipe shape): setup (every setting

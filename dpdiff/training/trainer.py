@@ -1,7 +1,7 @@
 """The training loop shared by DP and non-private runs.
 
 One iteration is one *logical* step: the sampler draws this rank's units, their rows (all K
-draws) are built at once, fed through the UNet in micro-batches of whole units, the engine
+draws) are built at once, fed through the denoiser in micro-batches of whole units, the engine
 turns them into one gradient (clipped, summed over ranks, noised once for DP), the optimizer
 steps, and the step is recorded in the privacy ledger. Empty batches still step (noise only)
 and are counted. Micro-batching only bounds memory: it changes neither q nor the noise.
@@ -123,7 +123,7 @@ class Trainer:
         live = {id(p) for p in self.denoiser.parameters() if p.requires_grad}
         held = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
         if live != held:
-            raise RuntimeError("the optimizer does not hold the UNet's trainable parameters (the model was moved "
+            raise RuntimeError("the optimizer does not hold the denoiser's trainable parameters (the model was moved "
                                "or re-wrapped after the adapter was attached; opacus #820, peft #3409)")
         changed = any(not torch.equal(b, p.detach()) for b, p in zip(before, self.params))
         if not changed:
