@@ -333,8 +333,8 @@ class FinetuneRecipe:
             self.tracker.log_image("samples", self.samples_path, step=self.trainer.step,
                                    caption=" | ".join(self.data.sample_prompts))
         write_run_json(self.run_dir, run_record(
-            version=self.version, base_model=self.base.path, data=self.data, adapter=s.adapter.kind,
-            resolution=self.resolution, weights=str(self.weights_dir.relative_to(self.run_dir)),
+            version=self.version, base_model=self.base.path, model_family=self.base.family.name, data=self.data,
+            adapter=s.adapter.kind, resolution=self.resolution, weights=str(self.weights_dir.relative_to(self.run_dir)),
             samples="samples.png", samples_base="samples_base.png" if self.base_samples_path else None,
             sample_prompts=self.data.sample_prompts, wall_seconds=time.time() - self.t_start,
             train_steps=self.trainer.step, resumed_from=str(self.resume.path) if self.resume else None,

@@ -126,9 +126,9 @@ def write_privacy_json(run_dir: Path, record: dict) -> None:
     write_json_atomic(Path(run_dir) / "privacy.json", record)
 
 
-def run_record(*, version: str, base_model: str, data, adapter: str, resolution: int, weights: str,
-               samples: str | None, samples_base: str | None, sample_prompts: list[str], wall_seconds: float,
-               train_steps: int, resumed_from: str | None, device: str, world_size: int) -> dict:
+def run_record(*, version: str, base_model: str, model_family: str, data, adapter: str, resolution: int,
+               weights: str, samples: str | None, samples_base: str | None, sample_prompts: list[str],
+               wall_seconds: float, train_steps: int, resumed_from: str | None, device: str, world_size: int) -> dict:
     """The content of run.json."""
     import diffusers
     import opacus
@@ -141,6 +141,7 @@ def run_record(*, version: str, base_model: str, data, adapter: str, resolution:
         "dpdiff_version": version,
         "git_commit": git_commit(),
         "base_model": base_model,
+        "model_family": model_family,  # sd | sdxl | sd3 | flux (dpdiff.models.families)
         "data_path": str(data.root),
         "builtin_demo": data.builtin,
         "adapter": adapter,

@@ -161,7 +161,7 @@ def build_sections(*, priv: dict, run: dict, probes: dict | None, metrics: list[
     """(title, rows) pairs shared by the markdown and HTML renderers."""
     data = run.get("data", {})
     trained = [
-        ("base model", run.get("base_model", "n/a")),
+        ("base model", f"{run.get('base_model', 'n/a')} ({run.get('model_family', 'sd')})"),
         ("adapter", run.get("adapter", "n/a")),
         ("dataset", f"{data.get('path', 'n/a')}{' (built-in demo)' if data.get('builtin_demo') else ''}"),
         ("dataset fingerprint (sha256)", priv.get("dataset_fingerprint", "n/a")),

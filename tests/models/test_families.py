@@ -228,3 +228,37 @@ def test_an_incomplete_family_dir_is_one_clear_error(tmp_path, pipeline, part):
     with pytest.raises(UserError, match=f"not a complete {pipeline} directory: missing {part}/") as e:
         resolve_pretrained(str(tmp_path), allow_download=False)
     assert "\n" not in str(e.value)
+
+
+def test_flow_steps_are_ordered_as_ddpm_least_noise_first():
+    """t = 0 is the least noise and N-1 the most on flow models too, so timestep ranges and probe timesteps mean
+    the same on every family."""
+    sched = tiny.family_scheduler("sd3")
+    obj = FlowMatchingObjective(sched, family=FAMILIES["sd3"])
+    x0, noise = torch.zeros(3, 4, 2, 2), torch.ones(3, 4, 2, 2)
+    sigmas = obj.noisy(x0, noise, torch.tensor([0, 500, 999]))[:, 0, 0, 0]  # x0 = 0, noise = 1: x_t = sigma
+    assert float(sigmas[0]) < 0.01 and float(sigmas[2]) == pytest.approx(1.0) and sigmas[0] < sigmas[1] < sigmas[2]
+
+
+@pytest.mark.parametrize("size,flip", [((48, 64), False), ((64, 48), False), ((64, 48), True), ((32, 32), True)])
+def test_sdxl_crop_ids_are_where_the_training_crop_was_taken(size, flip):
+    """SDXL's crop conditioning names the top-left corner of the pixels training saw: cropping the resized (and
+    mirrored) image there gives exactly to_pixels' tensor."""
+    import numpy as np
+    from PIL import Image, ImageOps
+
+    from dpdiff.data.preprocess import crop_top_left, original_size, to_pixels
+
+    w, h = size
+    im = Image.fromarray((np.random.default_rng(0).random((h, w, 3)) * 255).astype("uint8"))
+    res = 32
+    top, left = crop_top_left(im, resolution=res, flip=flip)
+    scale = res / min(w, h)
+    resized = im.resize((max(res, round(w * scale)), max(res, round(h * scale))), Image.Resampling.BILINEAR) \
+        if (w, h) != (res, res) else im
+    if flip:
+        resized = ImageOps.mirror(resized)
+    want = np.asarray(resized.crop((left, top, left + res, top + res)), dtype=np.float32) / 127.5 - 1.0
+    got = to_pixels(im, resolution=res, flip=flip).permute(1, 2, 0).numpy()
+    np.testing.assert_array_equal(got, want)
+    assert original_size(im) == (h, w)

@@ -66,6 +66,7 @@ def test_dp_lora_run_probes_and_loads_into_the_family_pipeline(tmp_path, family_
     assert utility["heldout_loss"]["heldout_loss"] > 0
     assert (run_dir / "samples.png").exists() and (run_dir / "samples_base.png").exists()
     assert "differentially private" in (run_dir / "report.md").read_text()
+    assert json.loads((run_dir / "run.json").read_text())["model_family"] == family
 
     fam = FAMILIES[family]
     pipe = getattr(diffusers, fam.pipeline).from_pretrained(family_dirs[family], local_files_only=True)

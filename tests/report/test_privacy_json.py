@@ -65,7 +65,7 @@ def test_privacy_record_flags_reproducible_noise_and_no_dp(tmp_path):
 
 def test_run_record_names_the_contract(tmp_path):
     data, _ = _setup(tmp_path)
-    rec = run_record(version="9.9", base_model="/abs/base", data=data, adapter="lora", resolution=32,
+    rec = run_record(version="9.9", base_model="/abs/base", model_family="sd", data=data, adapter="lora", resolution=32,
                      weights="lora", samples="samples.png", samples_base=None, sample_prompts=["a"],
                      wall_seconds=1.234, train_steps=3, resumed_from=None, device="cpu", world_size=1)
     for key in ("base_model", "dpdiff_version", "git_commit", "wall_seconds"):
