@@ -224,7 +224,10 @@ class DataSettings:
         prompts = _get(d, "sample_prompts")
         path = _get(d, "path")
         from dpdiff.data.demos import DEFAULT_DEMO, get_demo
+        from dpdiff.data.formats import check_root
 
+        if path not in (None, ""):
+            check_root(Path(str(path)).expanduser())
         demo = str(_get(d, "demo", DEFAULT_DEMO))
         get_demo(demo)
         return cls(

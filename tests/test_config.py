@@ -68,12 +68,31 @@ def test_cluster_launchers_compose(launcher):
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in (config_dir() / "experiment").glob("*.yaml")))
-def test_experiments_compose_and_validate(name):
+def test_experiments_compose_and_validate(name, tmp_path):
     """Every experiment composes and passes the settings validation once its required paths are given."""
     from dpdiff.settings import RunSettings
 
-    cfg = _compose([f"experiment={name}", "model.pretrained=null", "data.path=/some/images"])
+    cfg = _compose([f"experiment={name}", "model.pretrained=null", f"data.path={tmp_path}"])
     RunSettings.from_config(cfg)
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd3", "flux"])
+def test_family_model_configs_validate_on_their_family_and_refuse_another(family, tmp_path):
+    """model=sdxl|sd3|flux composes and validates on a pipeline dir of that family; another family's dir, or no
+    dir at all, is one clear error."""
+    from dpdiff.errors import UserError
+    from dpdiff.models import tiny
+    from dpdiff.settings import RunSettings
+
+    other = "sd3" if family != "sd3" else "sdxl"
+    for f in (family, other):
+        tiny.write_family_pipeline(f, tmp_path / f)
+    s = RunSettings.from_config(_compose([f"model={family}", f"model.pretrained={tmp_path / family}"]))
+    assert s.model.family == family and s.model.frozen_dtype == "bfloat16"
+    with pytest.raises(UserError, match=f"holds a .* \\({other}\\); use model={other}"):
+        RunSettings.from_config(_compose([f"model={family}", f"model.pretrained={tmp_path / other}"]))
+    with pytest.raises(UserError, match="model.pretrained is required"):
+        RunSettings.from_config(_compose([f"model={family}"]))
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in (config_dir() / "hparams_search").glob("*.yaml")))

@@ -92,11 +92,16 @@ def read_saved_dataset(root: Path, *, caption_column: str) -> list[ImageRecord]:
     return records
 
 
-def read_any(root: Path, *, caption_column: str) -> list[ImageRecord]:
+def check_root(root: Path) -> None:
+    """``data.path`` must be an existing directory (checked with the settings, before anything runs)."""
     if not root.exists():
         raise UserError(f"data.path {root} does not exist; point data.path at your image folder")
     if not root.is_dir():
         raise UserError(f"data.path {root} is not a directory; point it at the folder holding metadata.jsonl")
+
+
+def read_any(root: Path, *, caption_column: str) -> list[ImageRecord]:
+    check_root(root)
     if (root / "dataset_info.json").exists() or (root / "dataset_dict.json").exists():
         return read_saved_dataset(root, caption_column=caption_column)
     return read_image_folder(root, caption_column=caption_column)

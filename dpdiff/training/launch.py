@@ -39,6 +39,10 @@ def relaunch_if_requested(cfg, *, module: str = "recipes.finetune") -> bool:
         return False
     from hydra.core.hydra_config import HydraConfig
 
+    from dpdiff.settings import RunSettings
+
+    RunSettings.from_config(cfg)  # bad settings: one error line here, not one per process and a launcher traceback
+
     hc = HydraConfig.get()
     extra = [str(a) for a in (launcher.get("extra_args") or [])]
     explicit_dir = any(str(o).startswith("hydra.run.dir=") for o in hc.overrides.hydra)
