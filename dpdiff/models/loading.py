@@ -181,6 +181,9 @@ class SamplingPipeline:
     def __init__(self, pipe, family: Family, *, resolution: int, max_sequence_length: int | None = None):
         self.pipe, self.family = pipe, family
         self.call = dict(height=int(resolution), width=int(resolution))
+        low = {next(m.parameters()).dtype for name, m in pipe.components.items()
+               if isinstance(m, torch.nn.Module) and name != family.denoiser} - {torch.float32}
+        self.autocast_dtype = low.pop() if low else None  # the frozen parts' dtype (model.frozen_dtype)
         if max_sequence_length is not None:
             self.call["max_sequence_length"] = int(max_sequence_length)
 
@@ -196,12 +199,9 @@ class SamplingPipeline:
         """Frozen encoders in bf16/fp16 beside a float32 denoiser (``model.frozen_dtype``) hand it half-precision
         latents and embeddings: the call then runs under autocast to that dtype, as diffusers' training scripts
         run their validation."""
-        den = self.denoiser
-        low = {next(m.parameters()).dtype for name, m in self.pipe.components.items()
-               if isinstance(m, torch.nn.Module) and name != self.family.denoiser} - {torch.float32}
-        device = next(den.parameters()).device
-        ctx = torch.autocast(device.type, dtype=low.pop()) if low else contextlib.nullcontext()
-        with ctx:
+        device = next(self.denoiser.parameters()).device
+        dtype = self.autocast_dtype
+        with torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext():
             return self.pipe(prompts, **self.call, **kwargs)
 
 

@@ -101,23 +101,17 @@ def encode_images(ctx: ProbeContext, images: list, *, batch_size: int = 32) -> t
 
 
 @torch.no_grad()
-def encode_captions(ctx: ProbeContext, captions: list[str], *, records: list | None = None
-                    ) -> dict[str, torch.Tensor]:
-    """The family's conditioning of ``captions`` ([N, ...] per key), plus SDXL's size and crop ids of the
-    ``records`` (or of images at the training resolution), as training saw them."""
-    from dpdiff.data.preprocess import crop_top_left, original_size
-    from dpdiff.models.families import image_conditioning
+def encode_captions(ctx: ProbeContext, captions: list[str], images: list) -> dict[str, torch.Tensor]:
+    """The family's conditioning of ``captions`` ([N, ...] per key), with the per-image conditioning of ``images``
+    (records or PIL images, one per caption: SDXL's size and crop ids) as training computed it."""
     from dpdiff.training.encode import encode_captions as encode
+    from dpdiff.training.encode import image_added
 
     cond = encode(ctx.base, captions, device=ctx.device, max_sequence_length=ctx.max_sequence_length)
     if not ctx.base.family.image_added or not captions:
         return cond
-    res, per_image = ctx.resolution, []
-    for r in records or [None] * len(captions):
-        im = r.open() if r is not None else None
-        per_image.append(image_conditioning(
-            ctx.base.family, original_size=original_size(im) if im else (res, res),
-            crop_top_left=crop_top_left(im, resolution=res) if im else (0, 0), resolution=res))
+    per_image = [image_added(ctx.base.family, im.open() if isinstance(im, ImageRecord) else im,
+                             resolution=ctx.resolution) for im in images]
     for k in per_image[0]:
         cond[k] = torch.stack([p[k] for p in per_image])
     return cond

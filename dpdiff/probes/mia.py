@@ -43,7 +43,7 @@ def loss_scores(ctx: ProbeContext, record_ids: list[int], *, timesteps: list[int
                 calibrated: bool) -> dict[str, np.ndarray]:
     recs = [ctx.records[i] for i in record_ids]
     latents = encode_images(ctx, recs)
-    cond = encode_captions(ctx, [r.text for r in recs], records=recs)
+    cond = encode_captions(ctx, [r.text for r in recs], recs)
     noises = shared_noises(tuple(latents.shape[1:]), draws, ctx.seed + 17)
     obj = ctx.objective()
     ft = denoising_losses(ctx.denoiser, obj, latents, cond, timesteps=timesteps, noises=noises, device=ctx.device)
@@ -70,7 +70,7 @@ def pia_scores(ctx: ProbeContext, record_ids: list[int], *, timestep: int = 200,
     """
     recs = [ctx.records[i] for i in record_ids]
     latents = encode_images(ctx, recs)
-    cond = encode_captions(ctx, [r.text for r in recs], records=recs)
+    cond = encode_captions(ctx, [r.text for r in recs], recs)
     obj = ctx.objective()
     t_attack = int(round(timestep * obj.num_train_timesteps / 1000))
     scores = []

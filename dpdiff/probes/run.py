@@ -31,7 +31,7 @@ def canary_loss_scores(ctx: ProbeContext, cfg) -> tuple[np.ndarray, np.ndarray]:
     canary_dir = ctx.run_dir / "canaries"
     images = [Image.open(canary_dir / f"{c['key']}.png").convert("RGB") for c in items]
     latents = encode_images(ctx, images)
-    cond = encode_captions(ctx, [c["caption"] for c in items])
+    cond = encode_captions(ctx, [c["caption"] for c in items], images)
     timesteps = [int(t) for t in cfg.get("timesteps", [50, 100, 200, 300, 500])]
     noises = shared_noises(tuple(latents.shape[1:]), int(cfg.get("noise_draws", 4)), ctx.seed + 29)
     obj = ctx.objective()

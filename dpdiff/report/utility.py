@@ -42,7 +42,7 @@ def heldout_loss(ctx, cfg) -> dict:
         return {"skipped": "no held-out images"}
     recs = [ctx.records[i] for i in ids]
     lat = encode_images(ctx, recs)
-    cond = encode_captions(ctx, [r.text for r in recs], records=recs)
+    cond = encode_captions(ctx, [r.text for r in recs], recs)
     ts = [int(t) for t in cfg.get("timesteps", [100, 300, 500, 700, 900])]
     noises = shared_noises(tuple(lat.shape[1:]), int(cfg.get("noise_draws", 2)), 4242)
     obj = ctx.objective()

@@ -58,6 +58,16 @@ def encode_captions(base, captions: list[str], *, device, max_sequence_length: i
     return {"encoder_hidden_states": emb, **added}
 
 
+def image_added(family, image, *, resolution: int, flip: bool = False) -> dict[str, torch.Tensor]:
+    """The per-image added conditioning of ``image`` as training sees it at ``resolution`` (SDXL's size and crop ids
+    of the center crop ``to_pixels`` takes, in the mirrored image when flipped); empty for the other families."""
+    if not family.image_added:
+        return {}
+    return image_conditioning(family, original_size=original_size(image),
+                              crop_top_left=crop_top_left(image, resolution=resolution, flip=flip),
+                              resolution=resolution)
+
+
 @torch.no_grad()
 def encode_dataset(records: list[ImageRecord], *, base, resolution: int, center_crop: bool, flips: bool, device,
                    batch_size: int = 32, progress: bool = True, max_sequence_length: int | None = None
@@ -65,7 +75,7 @@ def encode_dataset(records: list[ImageRecord], *, base, resolution: int, center_
     vae, family = base.vae, base.family
     scale, shift = latent_factors(vae)
     orientations = (False, True) if flips else (False,)
-    means, stds, image_added = [], [], []
+    means, stds, per_image = [], [], []
     it = range(0, len(records), batch_size)
     for i in tqdm(it, desc="encoding images", disable=not progress, leave=False):
         batch = records[i : i + batch_size]
@@ -79,18 +89,17 @@ def encode_dataset(records: list[ImageRecord], *, base, resolution: int, center_
             per_flip_std.append(post.std.float().cpu())
         means.append(torch.stack(per_flip_mean, 1))
         stds.append(torch.stack(per_flip_std, 1))
-        image_added += [[image_conditioning(family, original_size=original_size(im),
-                                            crop_top_left=crop_top_left(im, resolution=resolution, flip=flip),
-                                            resolution=resolution) for flip in orientations] for im in images]
+        per_image += [[image_added(family, im, resolution=resolution, flip=flip) for flip in orientations]
+                      for im in images]
     captions = sorted({r.text for r in records})
     index = {c: j for j, c in enumerate(captions)}
     text = encode_captions(base, captions, device=device, max_sequence_length=max_sequence_length)
-    keys = image_added[0][0].keys() if image_added else ()
+    keys = per_image[0][0].keys() if per_image else ()
     return EncodedData(
         latent_mean=torch.cat(means), latent_std=torch.cat(stds), text_emb=text.pop("encoder_hidden_states"),
         text_index=torch.tensor([index[r.text] for r in records], dtype=torch.long),
         captions=captions, scaling_factor=scale, shift_factor=shift, text_added=text,
-        image_added={k: torch.stack([torch.stack([f[k] for f in per]) for per in image_added]) for k in keys},
+        image_added={k: torch.stack([torch.stack([f[k] for f in per]) for per in per_image]) for k in keys},
     )
 
 

@@ -78,3 +78,19 @@ def test_full_finetune_saves_a_loadable_unet(tmp_path):
     out = adapters.save(m.denoiser, kind="full", out_dir=tmp_path)
     loaded = UNet2DConditionModel.from_pretrained(out)
     torch.testing.assert_close(_unet_out(loaded), want)
+
+
+def test_sampling_with_bf16_frozen_parts_beside_an_fp32_denoiser():
+    """model.frozen_dtype=bfloat16 keeps the trained denoiser in fp32: sampling runs under autocast (without it the
+    bf16 latents reach fp32 weights and the call fails)."""
+    import numpy as np
+
+    from dpdiff.models.loading import sampling_pipeline
+
+    base = load_base(None, dtype=torch.bfloat16)
+    assert next(base.denoiser.parameters()).dtype == torch.float32
+    pipe = sampling_pipeline(base, resolution=32)
+    assert pipe.autocast_dtype == torch.bfloat16
+    out = pipe(["a digit seven"], num_inference_steps=2, output_type="np",
+               generator=torch.Generator().manual_seed(0)).images
+    assert out.shape == (1, 32, 32, 3) and np.isfinite(out).all()
