@@ -1,7 +1,7 @@
 """Time and peak memory of one training step configuration, in a fresh process (so peak RSS is its own).
 
     python benchmarks/bench_step.py --model tiny|sd15|sdxl|sd3|flux --adapter lora|full --mode nondp|dp|naive
-        [--engine hooks|two_pass|bookkeeping] [--batch 32] [--micro 32] [--augmult 1] [--steps 5] [--resolution 16]
+        [--engine hooks|bookkeeping] [--batch 32] [--micro 32] [--augmult 1] [--steps 5] [--resolution 16]
         [--device auto|cpu|cuda]
 
 Prints one JSON line: median seconds per logical step (after a warm-up step), peak memory (MiB) and the
@@ -19,6 +19,8 @@ import statistics
 import time
 
 import torch
+
+from dpdiff.privacy.randomness import GaussianNoise
 
 
 def sd15_unet_config(sample_size: int) -> dict:
@@ -116,16 +118,15 @@ def main() -> None:
     cuda = device.type == "cuda"
     from dpdiff.privacy.bookkeeping import BookKeepingDPSGDEngine
     from dpdiff.privacy.engine import DPSGDEngine, NonPrivateEngine
-    from dpdiff.privacy.fast_clip import TwoPassDPSGDEngine
     from dpdiff.training.trainer import split_units
 
     unet, params, obj, shape, text, family = build(a.model, a.adapter, a.resolution)
     unet.to(device)  # parameters move in place: the engines' and optimizer's references stay valid
     opt = torch.optim.AdamW(params, lr=1e-5)
     if a.mode == "dp":
-        cls = {"hooks": DPSGDEngine, "two_pass": TwoPassDPSGDEngine, "bookkeeping": BookKeepingDPSGDEngine}[a.engine]
+        cls = {"hooks": DPSGDEngine, "bookkeeping": BookKeepingDPSGDEngine}[a.engine]
         engine = cls(unet, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=float(a.batch),
-                     noise_generator=torch.Generator(device).manual_seed(0), params=params)
+                     noise=GaussianNoise.seeded(0, device=device), params=params)
     else:
         engine = NonPrivateEngine(unet, params=params)
 

@@ -56,9 +56,9 @@ def best_of(rounds: int, **kw) -> dict:
 #: SD 1.5 at 16x16 latents (128 px) and at 64x64 (512 px, its training resolution), micro-batches that fit 24 GB.
 STEP_PLANS = [
     ("tiny", "lora", 32, 32, 16, ["hooks"], (1.10, None)),
-    ("tiny", "full", 32, 32, 16, ["hooks", "bookkeeping", "two_pass"], (None, None)),
+    ("tiny", "full", 32, 32, 16, ["hooks", "bookkeeping"], (None, None)),
     ("sd15", "lora", 8, 8, 16, ["hooks"], (1.05, 1.10)),
-    ("sd15", "full", 8, 4, 16, ["bookkeeping", "two_pass"], (1.30, 1.10)),
+    ("sd15", "full", 8, 4, 16, ["bookkeeping"], (1.30, 1.10)),
     ("sd15", "lora", 2, 2, 64, ["hooks"], (1.05, 1.10)),
     ("sd15", "full", 2, 2, 64, ["bookkeeping"], (1.30, 1.10)),
 ]
@@ -147,11 +147,10 @@ def bench_cache(quick: bool) -> dict:
                          resolution=32, center_crop=True, flips=False, device="cpu", progress=False)
     encode_once = time.perf_counter() - t0
     units = PrivacyUnits("example", tuple((i,) for i in range(len(recs))), tuple(r.key for r in recs))
-    builder = RowBuilder(enc, units, augmult=1, random_flip=False, num_train_timesteps=1000,
-                         generator=torch.Generator().manual_seed(0))
+    builder = RowBuilder(enc, units, augmult=1, random_flip=False, num_train_timesteps=1000, key=bytes(32))
     t0 = time.perf_counter()
     for s in range(0, len(recs), batch):
-        builder.build(list(range(s, min(s + batch, len(recs)))))
+        builder.build(list(range(s, min(s + batch, len(recs)))), step=s)
     cached_epoch = time.perf_counter() - t0
     t0 = time.perf_counter()
     with torch.no_grad():
@@ -235,8 +234,8 @@ def write_table(results: dict) -> None:
                   f"- augmentation multiplicity K=4 vs K=1, time per logical step: "
                   f"**{st['ratios'].get('augmult4_over_augmult1_time')}x**", "",
                   "Engines: hooks (every per-unit gradient held), bookkeeping (one backward, ghost norms where "
-                  "cheaper, the clipped gradient formed from kept layer inputs and output gradients), two_pass "
-                  "(norms, then a reweighted second backward). 'peak memory' is the process's peak RSS on a CPU "
+                  "cheaper, the clipped gradient formed from kept layer inputs and output gradients). "
+                  "'peak memory' is the process's peak RSS on a CPU "
                   "(CUDA: max allocated); 'training memory' is that peak minus the memory before the steps. "
                   "sd15 = a UNet of SD 1.5's shape and size (random weights); @64x64 = 512 px images.", "",
                   "Raw step timings (seconds per logical step, peak memory MiB):", "",

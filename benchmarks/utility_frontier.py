@@ -55,7 +55,7 @@ def run_one(name: str, overrides: list[str], out_dir: Path, env: dict) -> dict:
         "base_retention_accuracy": base.get("retention_accuracy"),
         "heldout_loss": held.get("heldout_loss"), "heldout_loss_base": held.get("heldout_loss_base"),
         "snr_median": sorted(snr)[len(snr) // 2] if snr else None,
-        "nsr_run_planned": (priv.get("plan") or {}).get("nsr_run"),
+        "nsr_run_planned": (json.loads((run_dir / "data_owner.json").read_text()).get("plan") or {}).get("nsr_run"),
         "wall_seconds": round(wall, 1), "run_dir": str(run_dir),
     }
 

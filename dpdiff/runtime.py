@@ -177,3 +177,14 @@ class RunDir:
     def discard_if_fresh(self) -> None:
         if self.fresh and self.path.exists():
             shutil.rmtree(self.path, ignore_errors=True)
+
+
+def gather_objects(obj) -> list:
+    """``[obj of rank 0, obj of rank 1, ...]`` (just ``[obj]`` without a process group)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out

@@ -66,7 +66,9 @@ class FinetuneRecipe:
             rank=self.proc.rank, world_size=self.proc.world_size,
             rate_units=user_units + self.canaries.count * self.canaries.inclusion_prob if self.canaries.count else None,
             dataset=DatasetIdentity(root=self.data.root, fingerprint=self.data.fingerprint,
-                                    source_fingerprint=self.data.source_fingerprint))
+                                    source_fingerprint=self.data.source_fingerprint,
+                                    record_ids=self.data.train_record_ids))  # hashed once, by the main process
+        self.plan.check_ranks_agree()  # collective: every rank read the same data and resolved one mechanism
         self.plan.charge_dataset(status="planned")
         # 4. models: base pipeline, trainable part, frozen features (private pixels are read from here on)
         self._setup_model()
@@ -162,7 +164,6 @@ class FinetuneRecipe:
 
         from dpdiff.data.records import PrivacyUnits
         from dpdiff.models import adapters
-        from dpdiff.training.checkpoint import set_generator_state
         from dpdiff.training.loss import make_objective
         from dpdiff.training.precision import autocast_dtype
         from dpdiff.training.rows import RowBuilder
@@ -173,13 +174,14 @@ class FinetuneRecipe:
         # train units, re-indexed onto the encoded (training-only) arrays
         tu = self.data.units.subset(self.data.train_units)
         units = PrivacyUnits(tu.kind, tuple(tuple(self.train_index[i] for i in m) for m in tu.members), tu.names)
-        # augmentation draws (timesteps, diffusion noise, flips) are not privacy-relevant: seeded by train.seed
-        row_gen = torch.Generator().manual_seed(t.seed * 1_000_003 + proc.rank)
+        # augmentation draws (timesteps, diffusion noise, flips, images of a large user) keyed per unit and step
+        # (training.rows): one unit's presence changes no other unit's rows
         self.row_builder = RowBuilder(
             self.encoded, units, augmult=s.privacy.augmult if s.privacy.enabled else 1,
             mitigation=self._caption_mitigation(), random_flip=s.data.random_flip,
             num_train_timesteps=int(self.base.noise_scheduler.config.num_train_timesteps),
-            timestep_range=t.timestep_range, generator=row_gen, max_images_per_unit=s.privacy.max_images_per_user,
+            timestep_range=t.timestep_range, key=self.plan.randomness.augmentation_key(),
+            max_images_per_unit=s.privacy.max_images_per_user,
             caption_dropout=t.caption_dropout, empty_text=self.empty_text)
         self.sampler = self.plan.sampler(num_units=len(units), batch_size=t.batch_size, rank=proc.rank,
                                          world_size=proc.world_size, seed=t.seed)
@@ -199,7 +201,7 @@ class FinetuneRecipe:
         self.ema = EMAModel(self.params, decay=t.ema_decay) if t.ema_enabled else None
         start = self.plan.start_step
         if self.resume:
-            self._restore_training_state(row_gen, set_generator_state)
+            self._restore_training_state()
             if start >= t.max_steps:
                 log.warning("checkpoint is at step %d >= train.max_steps=%d: nothing to train", start, t.max_steps)
         self.tracker = build_tracker(self.cfg.tracker, self.run_dir, is_main=proc.is_main,
@@ -227,12 +229,12 @@ class FinetuneRecipe:
                                     seed=int((self.cfg.probes.get("audit") or {}).get("seed", 0) or 0))
         hook = GradientCanaryHook(canaries, shapes=[tuple(p.shape) for p in self.params],
                                   noise_multiplier=mech.noise_multiplier, sample_rate=mech.sample_rate,
-                                  clip_norm=self.settings.privacy.max_grad_norm)
+                                  clip_norm=self.settings.privacy.max_grad_norm, rng=self.plan.randomness.canary_rng())
         if self.proc.is_main:
             self.engine.gradient_canaries = hook
         return hook
 
-    def _restore_training_state(self, row_gen, set_generator_state) -> None:
+    def _restore_training_state(self) -> None:
         ckpt, proc = self.checkpoint, self.proc
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
@@ -243,10 +245,9 @@ class FinetuneRecipe:
             mine = ranks[proc.rank]
             if mine.get("sampler") is not None:  # non-private runs, or reproducible noise (debugging)
                 self.sampler.load_state_dict(mine["sampler"])
-            set_generator_state(row_gen, mine["row_generator"])
-            noise = ckpt["state"].get("noise_generator")
+            noise = ckpt["state"].get("noise")
             if noise is not None and self.plan.reproducible_noise:
-                set_generator_state(self.engine.noise_generator, noise)
+                self.engine.noise.load_state_dict(noise)
         if self.proc.is_main:
             from dpdiff.training.tracking import truncate_metrics
 
@@ -300,7 +301,15 @@ class FinetuneRecipe:
         from dpdiff.models import adapters
         from dpdiff.models.loading import sampling_pipeline
         from dpdiff.models.pipeline import sample_grid
-        from dpdiff.report.privacy_json import privacy_record, run_record, write_privacy_json, write_run_json
+        from dpdiff.report.privacy_json import (
+            owner_record,
+            privacy_record,
+            run_record,
+            write_model_card,
+            write_owner_json,
+            write_privacy_json,
+            write_run_json,
+        )
 
         if not self.proc.is_main:
             return {}
@@ -311,10 +320,14 @@ class FinetuneRecipe:
         self.weights_dir = adapters.save(self.denoiser, kind=s.adapter.kind, out_dir=self.run_dir,
                                          family=self.base.family)
         dataset_total = self.plan.charge_dataset(status="finished")
+        # privacy.json and the model card are published with the weights: the mechanism and the guarantee only;
+        # what was computed from the data beyond N goes to data_owner.json (0600)
         self.privacy_record = privacy_record(plan=self.plan, data=self.data, world_size=self.proc.world_size,
-                                             train_steps=self.trainer.step, canaries=self.canaries.summary(),
-                                             dataset_total=dataset_total, planning=self._run_plan())
+                                             train_steps=self.trainer.step)
         write_privacy_json(self.run_dir, self.privacy_record)
+        write_owner_json(self.run_dir, owner_record(plan=self.plan, data=self.data, canaries=self.canaries.summary(),
+                                                    dataset_total=dataset_total, planning=self._run_plan()))
+        write_model_card(self.weights_dir, self.privacy_record, base_name=self.base.path, adapter=s.adapter.kind)
         sc = s.train.sample
         pipe = sampling_pipeline(self.base, self.denoiser, resolution=self.resolution,
                                  max_sequence_length=s.model.max_sequence_length)

@@ -7,6 +7,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from dpdiff.privacy.randomness import GaussianNoise
+
 
 def init(rank: int, world: int, port: int) -> None:
     os.environ["MASTER_ADDR"] = "127.0.0.1"
@@ -30,7 +32,7 @@ def engine_step(rank: int, world: int, port: int, out_dir: str, sigma: float, ze
         t = torch.randn(8, 200, generator=g)
         mine = [u for u in range(8) if u % world == rank]
         eng = DPSGDEngine(model, noise_multiplier=sigma, max_grad_norm=0.5, expected_batch_size=4.0,
-                          noise_generator=torch.Generator().manual_seed(1000 + rank))
+                          noise=GaussianNoise.seeded(1000 + rank))
         eng.start_step()
         if mine:
             xs, ts = x[mine], t[mine]
@@ -53,3 +55,34 @@ def context_world(rank: int, world: int, port: int, out_dir: str) -> None:
     with open(os.path.join(out_dir, f"ctx{rank}.txt"), "w") as f:
         f.write(" ".join(map(str, got)))
     dist.destroy_process_group()
+
+
+def plans_agree(rank: int, world: int, port: int, out_dir: str, differ: bool) -> None:
+    """Each rank builds a privacy plan (rank 1 over one more unit when ``differ``) and checks the ranks agree."""
+    from pathlib import Path
+
+    from dpdiff.errors import UserError
+    from dpdiff.privacy.plan import DatasetIdentity, PrivacyPlan
+    from dpdiff.privacy.settings import PrivacySettings
+
+    init(rank, world, port)
+    try:
+        s = PrivacySettings(enabled=True, target_epsilon=8.0, delta=1e-4, max_grad_norm=1.0, accountant="rdp",
+                            augmult=1, unit="example", max_images_per_user=None, noise_multiplier=None,
+                            reproducible_noise=False, dataset_budget=None, dataset_delta=None, dataset_ledger=None)
+        root = Path(out_dir) / "data"
+        root.mkdir(parents=True, exist_ok=True)
+        n = 200 + (1 if differ and rank == 1 else 0)
+        plan = PrivacyPlan.build(settings=s, dataset=DatasetIdentity(root=root, fingerprint="f" * 64,
+                                                                     source_fingerprint="f" * 64),
+                                 num_units=n, batch_size=20, max_steps=30, seed=0, run_dir=Path(out_dir) / "run",
+                                 rank=rank, world_size=world)
+        try:
+            plan.check_ranks_agree()
+            outcome = "agree"
+        except UserError as err:
+            outcome = f"refused: {err}"
+        with open(os.path.join(out_dir, f"plan{rank}.txt"), "w") as f:
+            f.write(outcome)
+    finally:
+        dist.destroy_process_group()

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from dpdiff.privacy.randomness import GaussianNoise
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -97,21 +99,19 @@ def trained_recipe(run_dir: Path, overrides: list[str], patch=None):
 
 
 #: every clipping engine and per-layer policy the tests compare with the per-unit loop
-ENGINES = ["hooks", "two_pass_never", "two_pass_always", "bookkeeping_never", "bookkeeping_always",
-           "bookkeeping_auto"]
+ENGINES = ["hooks", "bookkeeping_never", "bookkeeping_always", "bookkeeping_auto"]
 
 
 def make_engine(engine: str, model, **kw):
-    """``hooks``, ``two_pass_<ghost>`` or ``bookkeeping_<ghost>`` (ghost: never | always | auto)."""
+    """``hooks`` or ``bookkeeping_<ghost>`` (ghost: never | always | auto)."""
     from dpdiff.privacy.bookkeeping import BookKeepingDPSGDEngine
     from dpdiff.privacy.engine import DPSGDEngine
-    from dpdiff.privacy.fast_clip import TwoPassDPSGDEngine
 
     if engine == "hooks":
         return DPSGDEngine(model, **kw)
     kind, ghost = engine.rsplit("_", 1)
-    cls = {"two_pass": TwoPassDPSGDEngine, "bookkeeping": BookKeepingDPSGDEngine}[kind]
-    return cls(model, **kw, ghost=ghost)
+    assert kind == "bookkeeping", engine
+    return BookKeepingDPSGDEngine(model, **kw, ghost=ghost)
 
 
 def clip_sum(ref: torch.Tensor, C: float) -> torch.Tensor:
@@ -127,7 +127,7 @@ def engine_clipped_sum(engine: str, model, objective, rows, *, C: float, expecte
 
     params = [p for p in model.parameters() if p.requires_grad]
     eng = make_engine(engine, model, noise_multiplier=sigma, max_grad_norm=C, expected_batch_size=expected,
-                      noise_generator=torch.Generator().manual_seed(0), params=params)
+                      noise=GaussianNoise.seeded(0), params=params)
     eng.start_step()
     for micro in split_units(rows, micro_units):
         eng.backward(objective.row_losses(model, micro), unit_pos=micro.unit_pos, row_weight=micro.row_weight,

@@ -41,6 +41,21 @@ class PreparedData:
         canaries = set(self.canary_records)
         return [i for i in self.train_records() if i not in canaries]
 
+    def train_record_ids(self):
+        """The ids of the user's records this run trains on (``member_records``: held-out records and audit
+        canaries excluded), with their user ids: what the dataset ledger charges. Computed on first use (it
+        reads every trained image once more) and kept; a copy made with ``dataclasses.replace`` (canaries
+        inserted) computes its own. Returns a ``dpdiff.data.records.RecordIds``."""
+        from dpdiff.data.records import RecordIds, record_ids
+
+        cached = self.__dict__.get("_train_record_ids")
+        if cached is None:
+            recs = [self.records[i] for i in self.member_records()]
+            users = tuple(str(r.user_id) if r.user_id else None for r in recs)
+            cached = RecordIds(digests=tuple(record_ids(recs)), users=users if any(users) else None)
+            self.__dict__["_train_record_ids"] = cached
+        return cached
+
     @property
     def num_train_units(self) -> int:
         return len(self.train_units)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dpdiff.errors import UserError
+from dpdiff.privacy.dataset_ledger import RecordIds  # noqa: F401  (re-exported: what the ledger charges)
 
 
 @dataclass(frozen=True)
@@ -110,36 +111,49 @@ def group_units(records: list[ImageRecord], *, unit: str, groups: list[list[int]
 def split_holdout(units: PrivacyUnits, *, fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """Seeded, data-independent split of unit ids into (train, holdout).
 
-    Held-out units are never trained on; probes use them as non-members. The split depends
-    only on the unit count and the seed, so choosing it spends no privacy budget.
+    Each unit is held out on its own: when a seeded hash of its name (BLAKE2b keyed by the seed), read as a
+    uniform number in [0, 1), falls below ``fraction``. Whether a unit is trained on therefore depends on that
+    unit alone, never on how many other units there are or where it sits in the list (a seeded permutation of
+    the N units would move many units between train and holdout when one unit is added: the training sets of
+    two neighbouring datasets would then differ in more than one unit). The holdout's size is Binomial(N,
+    fraction). Held-out units are never trained on; probes use them as non-members. Choosing the split spends no
+    privacy budget.
     """
-    import numpy as np
-
-    n = len(units)
-    n_hold = int(round(fraction * n))
-    if fraction > 0 and n_hold == 0 and n >= 2:
-        n_hold = 1
-    perm = np.random.default_rng(seed).permutation(n)
-    hold = sorted(perm[:n_hold].tolist())
-    train = sorted(perm[n_hold:].tolist())
+    key = hashlib.blake2b(str(int(seed)).encode(), digest_size=32).digest()
+    train, hold = [], []
+    for i, name in enumerate(units.names):
+        u = int.from_bytes(hashlib.blake2b(name.encode(), key=key, digest_size=8).digest(), "little") / 2.0**64
+        (hold if u < fraction else train).append(i)
     return train, hold
 
 
-def fingerprint(records: list[ImageRecord]) -> str:
+def fingerprint(records: list[ImageRecord], *, ids: list[bytes] | None = None) -> str:
     """A content fingerprint of a dataset: sha256 over sorted (key, caption, user, image sha256).
 
-    Names the dataset in reports and the per-dataset privacy ledger without revealing it.
+    Names the dataset in reports and the per-dataset privacy ledger without revealing it. ``ids``
+    (``record_ids(records)``, aligned with ``records``) saves hashing every image again.
     """
     h = hashlib.sha256()
-    for r in sorted(records, key=lambda r: r.key):
+    if ids is not None and len(ids) != len(records):
+        raise ValueError("fingerprint: ids must be aligned with records")
+    for i in sorted(range(len(records)), key=lambda i: records[i].key):
+        r = records[i]
         h.update(r.key.encode())
         h.update(b"\0")
         h.update(r.text.encode())
         h.update(b"\0")
         h.update(str(r.user_id or "").encode())
         h.update(b"\0")
-        h.update(_content_digest(r))
+        h.update(ids[i] if ids is not None else _content_digest(r))
     return h.hexdigest()
+
+
+def record_ids(records: list[ImageRecord]) -> list[bytes]:
+    """Each record's stable id: the sha256 of its image bytes (32 bytes), aligned with ``records``, each
+    computed once. The id follows the content, not the file name or caption: the same image under another
+    name is the same record, an edited image a new one. Private (it identifies an image to whoever holds it):
+    the dataset ledger stores only keyed hashes of it (``dpdiff.privacy.dataset_ledger``)."""
+    return [_content_digest(r) for r in records]
 
 
 def _content_digest(r: ImageRecord) -> bytes:

@@ -4,8 +4,8 @@ Followed: Bu, Wang, Zha and Karypis 2023, "Differentially private optimization o
 small cost" (book-keeping, BK; fastDP's ``clipping_mode="MixOpt"``), generalised from rows to
 dpdiff's privacy units (K augmentation draws, or all images of a user, per unit).
 
-Opacus' ghost clipping and the ``two_pass`` engine run two backward passes: one for the per-unit
-norms, one for the reweighted loss. BK runs one. During it every trainable layer's unit-gradient
+Opacus' ghost clipping runs two backward passes: one for the per-unit norms, one for the
+reweighted loss. BK runs one. During it every trainable layer's unit-gradient
 norms are computed from the layer's input A and output gradient B, and what is needed to form
 the clipped gradient later is *kept* (book-kept); once the backward has given every unit's norm,
 the clip factors c_u are known and each layer's clipped sum ``sum_u c_u g_u`` is formed at once:
@@ -36,6 +36,7 @@ from torch import nn
 
 from dpdiff.privacy import clipping
 from dpdiff.privacy.fast_clip import GhostNormEngine, select_rows, weight_gradient
+from dpdiff.privacy.precision import exact_float32
 
 
 class BookKeepingDPSGDEngine(GhostNormEngine):
@@ -71,24 +72,25 @@ class BookKeepingDPSGDEngine(GhostNormEngine):
         try:
             self.hooks.backward_to_outputs(row_loss.sum())  # the one backward: norms, and A, B or g_u kept
             self._check_every_param_seen()
-            norms, factor, finite = self._clip()
-            row_ok, all_finite = finite[unit_pos], bool(finite.all())
-            row_scale = torch.where(row_ok, row_weight.to(torch.float32) * factor[unit_pos], 0.0)
-            self._sums()
-            while self._kept:  # the clipped sum, layer by layer, releasing each layer's book-keeping as it goes
-                record = self._kept.pop()
-                if record[0] == "units":
-                    for p, ug in record[1].items():
-                        ug = clipping.zero_nonfinite_units(unit_grads=ug, finite=finite)
-                        self._summed[self._index[id(p)]] += torch.einsum("u,u...->...", factor, ug)
-                else:
-                    _, module, act, grad_out = record
-                    if not all_finite:  # select the bad units' rows away before any product (0 * NaN is NaN)
-                        act, grad_out = select_rows(act, row_ok), select_rows(grad_out, row_ok)
-                    grad_out = grad_out.to(torch.float32) * row_scale.view(-1, *([1] * (grad_out.dim() - 1)))
-                    for p, g in weight_gradient(module, act, grad_out).items():
-                        if id(p) in self._index:  # a trainable weight outside ``params`` is not this engine's
-                            self._summed[self._index[id(p)]] += g
+            with exact_float32():  # ghost norms and clipped sums at one precision (precision.py)
+                norms, factor, finite = self._clip()
+                row_ok, all_finite = finite[unit_pos], bool(finite.all())
+                row_scale = torch.where(row_ok, row_weight.to(torch.float32) * factor[unit_pos], 0.0)
+                self._sums()
+                while self._kept:  # the clipped sum, layer by layer, releasing each layer's book-keeping as it goes
+                    record = self._kept.pop()
+                    if record[0] == "units":
+                        for p, ug in record[1].items():
+                            ug = clipping.zero_nonfinite_units(unit_grads=ug, finite=finite)
+                            self._summed[self._index[id(p)]] += torch.einsum("u,u...->...", factor, ug)
+                    else:
+                        _, module, act, grad_out = record
+                        if not all_finite:  # select the bad units' rows away before any product (0 * NaN is NaN)
+                            act, grad_out = select_rows(act, row_ok), select_rows(grad_out, row_ok)
+                        grad_out = grad_out.to(torch.float32) * row_scale.view(-1, *([1] * (grad_out.dim() - 1)))
+                        for p, g in weight_gradient(module, act, grad_out).items():
+                            if id(p) in self._index:  # a trainable weight outside ``params`` is not this engine's
+                                self._summed[self._index[id(p)]] += g
         finally:
             self._kept = []
         self.stats.add(row_loss=row_loss, norms=norms, num_units=num_units)

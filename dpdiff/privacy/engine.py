@@ -36,6 +36,8 @@ import torch.distributed as dist
 from torch import nn
 
 from dpdiff.privacy import clipping
+from dpdiff.privacy.precision import exact_float32
+from dpdiff.privacy.randomness import GaussianNoise
 
 
 @dataclass
@@ -131,8 +133,12 @@ class LayerHooks:
                 self.sink = torch.zeros((), device=output.device, requires_grad=True)
             out = output = output + self.sink  # a 0-dim tensor keeps the output's dtype
             self.sinks += 1
-        output.register_hook(lambda grad, m=module, a=acts: self.callback(m, a, grad.detach()))
+        output.register_hook(lambda grad, m=module, a=acts: self._call(m, a, grad.detach()))
         return out
+
+    def _call(self, module, acts, grad) -> None:
+        with exact_float32():  # the per-unit products at the precision their norms are taken (precision.py)
+            self.callback(module, acts, grad)
 
     def per_row_grads(self, module, acts, backprops) -> dict:
         if type(module) is nn.Linear:
@@ -217,7 +223,7 @@ class DPSGDEngine:
     """
 
     def __init__(self, model: nn.Module, *, noise_multiplier: float, max_grad_norm: float,
-                 expected_batch_size: float, noise_generator: torch.Generator,
+                 expected_batch_size: float, noise: GaussianNoise,
                  params: list[nn.Parameter] | None = None):
         if max_grad_norm <= 0:
             raise ValueError("max_grad_norm must be > 0")
@@ -230,7 +236,10 @@ class DPSGDEngine:
         self.noise_multiplier = float(noise_multiplier)
         self.max_grad_norm = float(max_grad_norm)
         self.expected_batch_size = float(expected_batch_size)
-        self.noise_generator = noise_generator
+        if not isinstance(noise, GaussianNoise):
+            raise TypeError("noise must be a dpdiff.privacy.randomness.GaussianNoise (a torch.Generator on the CPU "
+                            "keeps only 32 bits of its seed)")
+        self.noise = noise
         self.param_groups: dict[str, list[int]] = {}  # name -> indices into params, for the SNR statistics
         self.gradient_canaries = None  # an opt-in audit (dpdiff.probes.canaries.GradientCanaryHook)
         self._slices: dict[int, tuple[int, int]] = {}  # id(param) -> [start, end) in the flat buffers
@@ -261,6 +270,7 @@ class DPSGDEngine:
             ug = reduce_rows_to_units(gs, self._unit_pos, self._row_weight, self._num_units, identity=self._identity)
             start, end = self._slices[id(p)]
             self._unit_flat[:, start:end].view(ug.shape).copy_(ug)  # ug may be a transposed view: one copy
+            self._written += end - start
 
     #: noise is drawn in chunks of whole tensors of at most this many coordinates: one draw for a LoRA's weights, a
     #: bounded extra buffer for a full UNet's
@@ -282,29 +292,27 @@ class DPSGDEngine:
 
         One Gaussian draw per chunk of consecutive tensors instead of one per tensor: the same distribution
         (i.i.d. coordinates) in a fraction of the calls. A CPU draws Gaussians on one thread (~8 ns each, 7 s for
-        a full SD UNet's 860M weights): when there are several chunks, each gets its own generator, seeded from
-        the noise generator in chunk order (so a reproducible run stays reproducible), and the chunks are drawn
-        on ``torch.get_num_threads()`` threads (the draws release the GIL)."""
+        a full SD UNet's 860M weights): when there are several chunks, each gets its own child stream of the
+        noise source (``GaussianNoise.children``: independent, full-entropy, reproducible in a reproducible run)
+        and the chunks are drawn on ``torch.get_num_threads()`` threads (numpy's fills release the GIL)."""
         chunks = self._noise_chunks()
         device = self._flat_sum.device
 
-        def draw(chunk: tuple[int, int], generator: torch.Generator) -> list[float]:
+        def draw(chunk: tuple[int, int], source: GaussianNoise) -> list[float]:
             i, j = chunk
             start, end = self._slices[id(self.params[i])][0], self._slices[id(self.params[j - 1])][1]
-            z = torch.empty(end - start, dtype=torch.float32, device=device).normal_(0.0, std, generator=generator)
+            z = source.fill_(torch.empty(end - start, dtype=torch.float32, device=device), std)
             sq = _squared_norms([z[slice(self._slices[id(p)][0] - start, self._slices[id(p)][1] - start)]
                                  for p in self.params[i:j]])
             self._flat_sum[start:end] += z
             return sq
 
-        if len(chunks) == 1 or device.type != "cpu":
-            return [x for c in chunks for x in draw(c, self.noise_generator)]
+        if len(chunks) == 1 or not self.noise.parallel:
+            return [x for c in chunks for x in draw(c, self.noise)]
         from concurrent.futures import ThreadPoolExecutor
 
-        seeds = torch.randint(0, 2**62, (len(chunks),), generator=self.noise_generator).tolist()
-        gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
         with ThreadPoolExecutor(max_workers=max(torch.get_num_threads(), 1)) as pool:
-            return [x for sq in pool.map(draw, chunks, gens) for x in sq]
+            return [x for sq in pool.map(draw, chunks, self.noise.children(len(chunks))) for x in sq]
 
     # --- one logical step -------------------------------------------------------------
     def start_step(self) -> None:
@@ -353,14 +361,19 @@ class DPSGDEngine:
             return  # never forward/backward an empty batch (diffusers' attention crashes)
         self._start_micro_batch(unit_pos, row_weight, num_units)
         self._unit_flat = torch.empty((num_units, self.numel), dtype=torch.float32, device=row_loss.device)
+        self._written = 0  # coordinates of _unit_flat written by the layers' callbacks (it is torch.empty)
         try:
             self.hooks.backward_to_outputs(row_loss.sum())
             self._check_every_param_seen()
-            norms = unit_norms(self._unit_flat)
-            factor = clipping.clip_factors(norms=norms, max_grad_norm=self.max_grad_norm)
-            unit_grads = clipping.zero_nonfinite_units(unit_grads=self._unit_flat, finite=torch.isfinite(norms))
-            self._sums()
-            self._flat_sum += factor @ unit_grads
+            if self._written != self.numel:
+                raise RuntimeError(f"{self.numel - self._written} of {self.numel} trainable weights received no "
+                                   "per-unit gradient in this micro-batch (or one was written twice)")
+            with exact_float32():
+                norms = unit_norms(self._unit_flat)
+                factor = clipping.clip_factors(norms=norms, max_grad_norm=self.max_grad_norm)
+                unit_grads = clipping.zero_nonfinite_units(unit_grads=self._unit_flat, finite=torch.isfinite(norms))
+                self._sums()
+                self._flat_sum += factor @ unit_grads
         finally:
             self._unit_flat = None
         self.stats.add(row_loss=row_loss, norms=norms, num_units=num_units)
@@ -383,13 +396,11 @@ class DPSGDEngine:
         main = not distributed or dist.get_rank() == 0
         signal_sq = _squared_norms(self._summed) if main else []
         noise_sq = [0.0] * len(self._summed)
-        if main and self.gradient_canaries is not None:
-            self.gradient_canaries.inject(self._summed, generator=self.noise_generator)
         if main and std > 0:
             noise_sq = self._add_noise(std)
         if distributed:  # rank 0's noisy sum to every rank: one noise draw in total
             dist.broadcast(self._flat_sum, src=0)
-        if main and self.gradient_canaries is not None:
+        if main and self.gradient_canaries is not None:  # scored beside the released sum, never added to it
             self.gradient_canaries.observe(self._summed)
         self._flat_sum /= self.expected_batch_size  # in place: the gradients are views of one buffer, no copy
         for p, acc in zip(self.params, self._summed):

@@ -1,33 +1,18 @@
-"""Two-pass per-unit clipping: per-unit norms layer by layer, then one reweighted backward; and the ghost-norm
-helpers it shares with the one-pass book-keeping engine (``bookkeeping.py``, which ``auto`` prefers).
+"""Ghost norms per layer: the helpers and the base engine that the book-keeping engine (``bookkeeping.py``) builds on.
 
-Materialising per-unit gradients of every UNet weight at once (the single-pass engine) needs
-``units x parameters`` floats: impossible for a full SD UNet. Opacus' fast gradient clipping
-(Lee & Kifer 2021; Bu et al. 2022, "ghost clipping") avoids it with two backward passes; it
-clips *rows*, though, and dpdiff clips *units* (K augmentation draws, or all images of a user).
-This engine generalises it to units:
+Materialising per-unit gradients of every UNet weight at once (the single-pass ``hooks`` engine) needs
+``units x parameters`` floats: impossible for a full SD UNet. Opacus' fast gradient clipping (Lee & Kifer
+2021; Bu et al. 2022, "ghost clipping") avoids it; it clips *rows*, though, and dpdiff clips *units* (K
+augmentation draws, or all images of a user). Here, in the backward, for each layer in turn, per-row
+gradients (Opacus' per-layer formulas) are summed per unit with the rows' weights and their squared norms
+accumulated per unit; for ``nn.Linear`` and ``nn.Conv2d`` (on unfolded patches) the *ghost norm* is used
+instead when cheaper (the per-layer rule of Bu et al.'s "MixOpt", ``ghost_is_cheaper``):
+||sum_r w_r B_r^T A_r||^2 = sum((A_u A_u^T) * (B_u B_u^T)) over the unit's stacked tokens, cost (n T)^2 (i + o)
+against n T i o for materialising.
 
-pass 1 (hooks on, weight gradients skipped): for each layer in turn, per-row gradients (Opacus'
-    per-layer formulas) are summed per unit with the rows' weights, their squared norms
-    accumulated per unit, and discarded, so at most one layer's per-unit gradients exist at a
-    time. For ``nn.Linear`` and ``nn.Conv2d`` (on unfolded patches) the *ghost norm* is used instead
-    when cheaper (the per-layer rule of Bu et al.'s "MixOpt", ``ghost_is_cheaper``):
-    ||sum_r w_r B_r^T A_r||^2 = sum((A_u A_u^T) * (B_u B_u^T)) over the unit's stacked tokens, cost
-    (n T)^2 (i + o) against n T i o for materialising.
-pass 2 (hooks off): backward of sum_r w_r c_u(r) loss_r, with c_u = min(1, C/(||g_u|| + 1e-6)),
-    leaves exactly sum_u c_u g_u in ``p.grad``: the clipped sum the single-pass engine computes.
-
-Noise, the all-reduce and the normalisation are the single-pass engine's (``DPSGDEngine.finalize``).
-Exactness is tested against the same naive per-unit loop.
-
-Non-finite units. A unit whose norm from pass 1 is NaN or inf gets c_u = 0 (``clipping.clip_factors``),
-but pass 2 cannot simply run with it: its rows' activations or backprops may be NaN/inf, and the
-weight gradient autograd forms, a sum over *all* rows of backprop x activation, would carry
-0 * NaN = NaN into every unit's contribution. For such a micro-batch pass 2 is instead a second
-hooked backward (to the layers' outputs only) of the same reweighted loss, in which each layer's
-weight gradient is formed from its activations and backprops with the bad units' rows *selected
-away* (``torch.where``) first: exactly sum_u c_u g_u over the finite units, with no re-forward
-(rows are independent through the network, the assumption every per-sample rule already makes).
+A two-pass engine (norms, then a reweighted second autograd backward) was retired: a weight also used through a
+functional call outside its module received a second-pass gradient that pass 1 never measured (a unit's
+contribution reached 2C at C = 1), and it did the book-keeping engine's work plus a second backward.
 
 Shared layers. A layer (or a parameter) used twice in one forward has gradient g1 + g2 per unit,
 but per-layer norms would add ||g1||^2 + ||g2||^2 (a tiny model clips to 1.41 C): it is refused,
@@ -41,6 +26,7 @@ from torch import nn
 
 from dpdiff.privacy import clipping
 from dpdiff.privacy.engine import DPSGDEngine, reduce_rows_to_units, refuse_shared
+from dpdiff.privacy.randomness import GaussianNoise
 
 
 def ghost_capable(module: nn.Module) -> bool:
@@ -143,15 +129,15 @@ def weight_gradient(module: nn.Module, act: torch.Tensor, grad_out: torch.Tensor
 
 
 class GhostNormEngine(DPSGDEngine):
-    """What the engines with per-layer ghost norms share: the ``ghost`` policy (``auto``: the cheaper per layer;
+    """What an engine with per-layer ghost norms needs: the ``ghost`` policy (``auto``: the cheaper per layer;
     ``always``: every ghost-capable layer; ``never``: instantiate everything; the last two are for tests), the
     parameter index, the per-layer norm step and the clip step."""
 
     def __init__(self, model: nn.Module, *, noise_multiplier: float, max_grad_norm: float,
-                 expected_batch_size: float, noise_generator: torch.Generator,
+                 expected_batch_size: float, noise: GaussianNoise,
                  params: list[nn.Parameter] | None = None, ghost: str = "auto"):
         super().__init__(model, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
-                         expected_batch_size=expected_batch_size, noise_generator=noise_generator, params=params)
+                         expected_batch_size=expected_batch_size, noise=noise, params=params)
         if ghost not in ("auto", "always", "never"):
             raise ValueError("ghost must be auto, always or never")
         self.ghost = ghost
@@ -192,73 +178,3 @@ class GhostNormEngine(DPSGDEngine):
         # clamp_min keeps NaN (a non-finite unit) NaN
         norms = self._sq_norms.clamp_min(0.0).sqrt()
         return norms, clipping.clip_factors(norms=norms, max_grad_norm=self.max_grad_norm), torch.isfinite(norms)
-
-
-class TwoPassDPSGDEngine(GhostNormEngine):
-    def __init__(self, model: nn.Module, **kw):
-        super().__init__(model, **kw)
-        self.ghost_layers = 0
-        self.materialised_layers = 0
-        self._pass = "norms"  # which backward the output hooks are in: norms | reweighted | masked
-        self._row_ok: torch.Tensor | None = None
-
-    def _on_layer(self, module, acts, backprops) -> None:
-        """Pass 1: this layer's contribution to every unit's squared gradient norm."""
-        if self._pass == "reweighted":  # the output hooks fire again in an autograd pass 2: nothing to do
-            return
-        if self._pass == "masked":
-            self._add_masked_layer_grads(module, acts, backprops)
-            return
-        if self._add_layer_norms(module, acts, backprops) is None:
-            self.ghost_layers += 1
-        else:
-            self.materialised_layers += 1
-
-    def _add_masked_layer_grads(self, module, acts, backprops) -> None:
-        """Masked pass 2: this layer's sum over the finite units' rows of backprop x activation.
-
-        The backprops are those of sum_r w_r c_u(r) loss_r, so the sum over rows is this layer's part
-        of sum_u c_u g_u. Rows of non-finite units are replaced by zeros *before* any product, so
-        their NaN/inf never reaches a sum over rows.
-        """
-        acts = [select_rows(a, self._row_ok) for a in acts]
-        backprops = select_rows(backprops, self._row_ok)
-        if isinstance(module, (nn.Linear, nn.Conv2d)):  # formed as autograd does, instead of per-row gradients
-            grads = weight_gradient(module, acts[0], backprops)
-        else:
-            grads = {p: gs.to(torch.float32).sum(0)
-                     for p, gs in self.hooks.per_row_grads(module, acts, backprops).items()}
-        for p, g in grads.items():
-            i = self._index.get(id(p))
-            if i is not None and p.requires_grad:
-                self._summed[i] += g
-
-    def backward(self, row_loss: torch.Tensor, *, unit_pos: torch.Tensor, row_weight: torch.Tensor,
-                 num_units: int) -> None:
-        assert self._step_open, "call start_step() first"
-        if row_loss.numel() == 0:
-            return
-        self._start_micro_batch(unit_pos, row_weight, num_units)
-        self._pass = "norms"
-        self.hooks.backward_to_outputs(row_loss.sum(), retain_graph=True)  # pass 1: norms only
-        norms, factor, finite = self._clip()
-        weights = (row_weight.to(torch.float32) * factor[unit_pos]).to(row_loss.dtype)
-        try:
-            self._sums()
-            if bool(finite.all()):
-                for p in self.params:
-                    p.grad = None
-                self._pass = "reweighted"
-                (row_loss * weights).sum().backward()  # pass 2: sum_u c_u g_u in p.grad
-                for acc, p in zip(self._summed, self.params):
-                    if p.grad is not None:
-                        acc += p.grad.to(torch.float32)
-                    p.grad = None
-            else:
-                self._pass = "masked"
-                self._row_ok = finite[unit_pos]
-                self.hooks.backward_to_outputs((row_loss * weights).sum())
-        finally:
-            self._pass = "norms"
-            self._row_ok = None
-        self.stats.add(row_loss=row_loss, norms=norms, num_units=num_units)

@@ -12,7 +12,7 @@ It owns everything that decides or records the guarantee:
 * the stop rule (``may_step``) and the ledger (``record_step``, saved after every step);
 * the randomness of the mechanism (fresh OS entropy per run and process; ``dpdiff.privacy.randomness``);
 * the sampler (Poisson for DP, never shuffled batches accounted as Poisson) and the clipping engine
-  (hooks, book-keeping or two-pass: a performance choice, all exact; ``choose_engine``);
+  (hooks or book-keeping: a performance choice, both exact; ``choose_engine``);
 * the dataset-ledger charge, with ``privacy.dataset_budget`` refused before training.
 
 A non-private plan (``privacy=none``) has the same interface: no mechanism, a shuffle sampler, the
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from dpdiff.errors import UserError
@@ -41,7 +41,7 @@ from dpdiff.privacy.settings import PrivacySettings, default_delta
 
 log = logging.getLogger("dpdiff")
 
-ENGINES = ("auto", "hooks", "bookkeeping", "two_pass")
+ENGINES = ("auto", "hooks", "bookkeeping")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -62,11 +62,17 @@ class Mechanism:
 
 @dataclass(frozen=True, kw_only=True)
 class DatasetIdentity:
-    """What the steps are spent on: the data folder and its two fingerprints (see ``dataset_ledger``)."""
+    """What the steps are spent on: the data folder, its two fingerprints and the ids of the records trained on
+    (see ``dataset_ledger``)."""
 
     root: Path
     fingerprint: str  # the records trained on
     source_fingerprint: str  # every record the folder lists, as read
+    # the records trained on (``RecordIds``, a sequence of ``record_ids`` digests, or a callable returning either,
+    # called by the main process only, e.g. ``PreparedData.train_record_ids``); None: unknown, and every attempt in
+    # the ledger is then charged to this run's records (conservative)
+    # (never printed nor compared: a bound method's repr would print the whole dataset)
+    record_ids: object | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -168,8 +174,10 @@ def resolve_mechanism(settings: PrivacySettings, *, num_units: float, batch_size
 def choose_engine(mode: str, *, trainable_numel: int, micro_batch_size: int, memory_gb: float) -> str:
     """``hooks`` (every trainable weight's per-unit gradient held at once: the least work per layer, LoRA's case)
     when a micro-batch's per-unit gradients fit in ``memory_gb``, else ``bookkeeping`` (one backward, per layer the
-    cheaper of ghost norms and per-unit gradients: full fine-tuning's case). ``two_pass`` is never chosen: it does
-    the book-keeping engine's work plus a second backward. All three are exact."""
+    cheaper of ghost norms and per-unit gradients: full fine-tuning's case). Both are exact."""
+    if mode == "two_pass":
+        raise UserError("train.per_sample=two_pass was retired (it could exceed the clip norm for weights also used "
+                        "outside their layer); use bookkeeping, which does the same in one backward")
     if mode not in ENGINES:
         raise UserError(f"train.per_sample={mode}: must be one of {', '.join(ENGINES)}")
     if mode != "auto":
@@ -223,8 +231,11 @@ class PrivacyPlan:
             ledger.attempts.append({"attempt_id": attempt_id, "start": ledger.steps})
         elif batch_size > num_units:
             raise UserError(f"train.batch_size={batch_size:g} is larger than the {num_units} training units")
-        randomness = PrivacyRandomness(reproducible=settings.reproducible_noise, seed=int(seed), rank=rank,
-                                       world_size=world_size, start_step=ledger.steps if ledger else start)
+        # a non-private run has no mechanism to protect: its draws follow train.seed, for reproducible baselines
+        randomness = PrivacyRandomness(reproducible=settings.reproducible_noise or not settings.enabled,
+                                       seed=int(seed), rank=rank,
+                                       world_size=world_size, start_step=ledger.steps if ledger else start,
+                                       secure=settings.secure_rng)
         return cls(settings=settings, dataset=dataset, mechanism=mech, ledger=ledger, randomness=randomness,
                    run_dir=run_dir, run_id=run_id, attempt_id=attempt_id, start_step=start, resume=resume,
                    is_main=rank == 0)
@@ -257,6 +268,36 @@ class PrivacyPlan:
         if led.reproducible_noise != settings.reproducible_noise:
             raise UserError(f"{where}: its ledger was spent with privacy.reproducible_noise={led.reproducible_noise}; "
                             "resume with the same setting")
+
+    # ------------------------------------------------------------------------ rank agreement
+    def agreement(self) -> dict:
+        """What every process of a run must agree on: the data trained on and the mechanism."""
+        m = self.mechanism
+        out = {"dataset_fingerprint": self.dataset.fingerprint, "privacy_unit": self.settings.unit,
+               "dp": self.enabled, "max_grad_norm": self.settings.max_grad_norm, "augmult": self.settings.augmult,
+               "accountant": self.settings.accountant}
+        if m is not None:
+            out.update(num_units=m.num_units, sample_rate=m.sample_rate, noise_multiplier=m.noise_multiplier,
+                       delta=m.delta, steps=m.steps, expected_batch_size=m.expected_batch_size)
+        return out
+
+    def check_ranks_agree(self, gathered: list[dict] | None = None) -> None:
+        """Refuse a multi-process run whose processes prepared different data or resolved different mechanisms
+        (node-local copies of a folder that differ, another config on one node): each rank samples its share of
+        the units by index with the same q, so a different N, q or unit order on one rank could sample one unit
+        on two ranks, or at another rate than the accountant's. ``gathered``: every rank's :meth:`agreement`
+        (collective: every rank calls this)."""
+        from dpdiff.runtime import gather_objects
+
+        gathered = gathered if gathered is not None else gather_objects(self.agreement())
+        first = gathered[0]
+        for rank, other in enumerate(gathered[1:], start=1):
+            bad = sorted(k for k in set(first) | set(other) if first.get(k) != other.get(k))
+            if bad:
+                k = bad[0]
+                raise UserError(f"process {rank} disagrees with process 0 on {', '.join(bad)} ({k}: "
+                                f"{other.get(k)!r} vs {first.get(k)!r}); every process must read the same data "
+                                "folder and config (a node-local copy that differs, or another data.path on one node)")
 
     # --------------------------------------------------------------------------- properties
     @property
@@ -305,33 +346,31 @@ class PrivacyPlan:
                               world_size=world_size)
 
     def engine(self, model, *, params, device, per_sample: str, micro_batch_size: int, memory_gb: float):
-        """The clipping engine for this plan (hooks, book-keeping or two-pass, all exact), its noise from fresh
-        entropy."""
+        """The clipping engine for this plan (hooks or book-keeping, both exact), its noise from fresh entropy."""
         from dpdiff.privacy.bookkeeping import BookKeepingDPSGDEngine
         from dpdiff.privacy.engine import DPSGDEngine, NonPrivateEngine
-        from dpdiff.privacy.fast_clip import TwoPassDPSGDEngine
 
         if self.mechanism is None:
             self.engine_kind = "none"
             return NonPrivateEngine(model, params=params)
         self.engine_kind = choose_engine(per_sample, trainable_numel=sum(p.numel() for p in params),
                                          micro_batch_size=micro_batch_size, memory_gb=memory_gb)
-        cls = {"hooks": DPSGDEngine, "bookkeeping": BookKeepingDPSGDEngine,
-               "two_pass": TwoPassDPSGDEngine}[self.engine_kind]
+        cls = {"hooks": DPSGDEngine, "bookkeeping": BookKeepingDPSGDEngine}[self.engine_kind]
         return cls(model, noise_multiplier=self.mechanism.noise_multiplier,
                    max_grad_norm=self.settings.max_grad_norm,
                    expected_batch_size=self.mechanism.expected_batch_size,
-                   noise_generator=self.randomness.noise_generator(device), params=params)
+                   noise=self.randomness.noise(device), params=params)
 
     # ----------------------------------------------------------------------- dataset ledger
-    def _entry(self, *, status: str, segments):
+    def _entry(self, *, status: str, segments, record_set: dict | None = None):
         m = self.mechanism
         return make_entry(attempt_id=self.attempt_id, run_id=self.run_id, run_dir=str(self.run_dir.resolve()),
                           fingerprint=self.dataset.fingerprint, source_fingerprint=self.dataset.source_fingerprint,
                           status=status, dp=self.enabled, privacy_unit=self.settings.unit,
                           delta=m.delta if m else None, accountant=self.settings.accountant if m else None,
                           segments=segments, reproducible_noise=self.reproducible_noise,
-                          parent_attempt=self._parent_attempt())
+                          parent_attempt=self._parent_attempt(),
+                          record_set=record_set if record_set is not None else getattr(self, "_record_set", None))
 
     def _parent_attempt(self) -> str | None:
         if self.ledger is None or len(self.ledger.attempts) < 2:
@@ -339,44 +378,89 @@ class PrivacyPlan:
         return str(self.ledger.attempts[-2]["attempt_id"])
 
     def charge_dataset(self, *, status: str) -> dict | None:
-        """Record this attempt in the dataset's ledger: ``planned`` (all planned steps, before training; refuses a
-        run past ``privacy.dataset_budget``) or ``finished`` (the steps taken). Main process only."""
+        """Record this attempt in the dataset's ledger: ``planned`` (all planned steps, before training) or
+        ``finished`` (the steps taken). Main process only. Returns the worst-charged training record's total
+        (``epsilon``) with the records carrying each charge (``records_charged``).
+
+        ``planned`` charges the set of records this run trains on (``DatasetIdentity.record_ids``), under the
+        ledger's lock, and refuses a run whose privacy unit differs from that of a DP attempt already charged to
+        any of its records, or that would bring any of its records past ``privacy.dataset_budget``."""
         if not self.is_main:
             return None
+        from dpdiff.privacy.dataset_ledger import RecordIds, charges_summary, record_charges
+
         s = self.settings
-        self.dataset_ledger = DatasetLedger(ledger_location(data_root=self.dataset.root,
-                                                            source_fingerprint=self.dataset.source_fingerprint,
-                                                            configured=s.dataset_ledger))
+        led = self.dataset_ledger = DatasetLedger(ledger_location(data_root=self.dataset.root,
+                                                                  source_fingerprint=self.dataset.source_fingerprint,
+                                                                  configured=s.dataset_ledger))
+        if not hasattr(self, "_record_ids"):
+            ids = self.dataset.record_ids() if callable(self.dataset.record_ids) else self.dataset.record_ids
+            self._record_ids = (ids if ids is None or isinstance(ids, RecordIds)
+                                else RecordIds(digests=tuple(ids)))
+        ids = self._record_ids
+        per_record = ids is not None
+        current = ids if per_record else [b"\0" * 32]  # unknown records: one stand-in, charged every attempt
+        delta = float(s.dataset_delta or (self.mechanism.delta if self.mechanism else 1e-5))
         fps = {self.dataset.fingerprint, self.dataset.source_fingerprint}
-        if status == "planned":
-            self._correct_crashed_attempts(fps)
-            own = ([MechanismSegment(self.mechanism.noise_multiplier, self.mechanism.sample_rate,
-                                     max(self.mechanism.steps - self.ledger_start, 0))] if self.mechanism else [])
-        else:
-            own = slice_segments(self.ledger.segments, self.ledger_start, self.ledger.steps) if self.ledger else []
-        entry = self._entry(status=status, segments=own)
-        others = [e for e in self.dataset_ledger.entries(fps) if e.attempt_id != self.attempt_id]
-        delta = s.dataset_delta or (self.mechanism.delta if self.mechanism else 1e-5)
-        total = compose_runs(others + [entry], delta=float(delta), accountant=s.accountant)
-        if status == "planned" and s.dataset_budget is not None and total["epsilon"] > s.dataset_budget:
-            spent = compose_runs(others, delta=float(delta), accountant=s.accountant)["epsilon"]
-            raise UserError(
-                f"privacy.dataset_budget={s.dataset_budget:g}: this run would bring the total epsilon spent on this "
-                f"dataset to {total['epsilon']:.3f} ({spent:.3f} already spent by {len(others)} run(s), ledger "
-                f"{self.dataset_ledger.path}); lower the run's epsilon or raise the budget knowingly")
-        self.dataset_ledger.record(entry)
-        self.dataset_total = {**total, "path": str(self.dataset_ledger.path)}
+        with led.lock():  # from reading the ledger to appending to it: concurrent runs cannot both pass the checks
+            if status == "planned":
+                self._correct_crashed_attempts(fps)
+                own = ([MechanismSegment(self.mechanism.noise_multiplier, self.mechanism.sample_rate,
+                                         max(self.mechanism.steps - self.ledger_start, 0))] if self.mechanism else [])
+            else:
+                own = slice_segments(self.ledger.segments, self.ledger_start, self.ledger.steps) if self.ledger else []
+            entry = self._entry(status=status, segments=own)
+            others = [e for e in led.entries() if e.attempt_id != self.attempt_id]
+            charges = record_charges(led, others, current, delta=delta, accountant=s.accountant, extra=entry,
+                                     absent=False, conservative=not per_record)
+            held = [c for c in charges.charges if c.records]
+            n = charges.records
+            where = f"{n} training records" if per_record else "records (unknown to the ledger: every run counted)"
+            if status == "planned" and self.enabled:
+                clash = {a.attempt_id: a for c in held for a in c.attempts
+                         if a is not entry and a.dp and a.steps > 0 and a.privacy_unit != s.unit}
+                if clash:
+                    other = next(iter(clash.values())).privacy_unit
+                    hit = sum(c.records for c in held if any(a.attempt_id in clash for a in c.attempts))
+                    raise UserError(
+                        f"privacy.unit={s.unit}: {hit if per_record else 'the'} of this run's {where} were already "
+                        f"trained on per {other} by {len(clash)} DP run(s) (ledger {led.path}); a per-{s.unit} and a "
+                        f"per-{other} guarantee do not compose into either (removing one image of a multi-image user "
+                        f"replaces that user's unit), so no total could be stated. Keep privacy.unit={other} for this "
+                        "data, or, only if the data owner accepts group-privacy reasoning across the two units, "
+                        "account this run in a separate ledger with privacy.dataset_ledger=PATH")
+            worst = charges.worst
+            if status == "planned" and s.dataset_budget is not None and worst.epsilon > s.dataset_budget:
+                before = compose_runs([a for a in worst.attempts if a is not entry], delta=delta,
+                                      accountant=s.accountant)
+                over = sum(c.records for c in held if c.epsilon > s.dataset_budget)
+                shown = "inf" if worst.epsilon == float("inf") else f"{worst.epsilon:.3f}"
+                raise UserError(
+                    f"privacy.dataset_budget={s.dataset_budget:g}: this run would bring its most-charged training "
+                    f"record to epsilon {shown} at delta {delta:.3g} ({before['epsilon']:.3f} already spent on it "
+                    f"by {before['runs']} run(s); {over if per_record else 'the'} of its {where} would pass the "
+                    f"budget; ledger {led.path}"
+                    + (f"; {worst.total['note']}" if worst.total.get("note") else "")
+                    + "); lower the run's epsilon, leave those records out, or raise the budget knowingly")
+            if status == "planned" and per_record:
+                self._record_set = led.store_records(self.attempt_id, ids, users=s.unit == "user")
+                entry = self._entry(status=status, segments=own)
+            led.record(entry)
+            self._charged = True
+        self.dataset_total = {**charges_summary(charges, per_record=per_record), "path": str(led.path)}
         return self.dataset_total
 
     def release_charge(self) -> None:
-        """A run that failed before its first step: its planned entry is replaced by an empty one."""
-        if self.is_main and self.dataset_ledger is not None and (self.ledger is None
-                                                                 or self.ledger.steps == self.ledger_start):
-            self.dataset_ledger.record(self._entry(status="ended", segments=[]))
+        """A run that failed before its first step: its planned entry is replaced by an empty one (no steps, no
+        records charged)."""
+        if (self.is_main and self.dataset_ledger is not None and getattr(self, "_charged", False)
+                and (self.ledger is None or self.ledger.steps == self.ledger_start)):
+            self.dataset_ledger.record(self._entry(status="ended", segments=[], record_set={"records": 0}))
 
     def _correct_crashed_attempts(self, fps: set[str]) -> None:
         """A resumed run's earlier attempts whose last line is still "planned" crashed (the run dir's lock is free):
-        replace their planned steps by the steps their run ledger records they spent."""
+        replace their planned steps by the steps their run ledger records they spent (in the ledger file holding
+        the attempt, with the same record set)."""
         if self.resume is None or self.ledger is None:
             return
         latest = {e.attempt_id: e for e in self.dataset_ledger.entries(fps)}
@@ -389,7 +473,7 @@ class PrivacyPlan:
                 attempt_id=attempt_id, run_id=e.run_id, run_dir=e.run_dir, fingerprint=e.fingerprint,
                 source_fingerprint=e.source_fingerprint, status="ended", dp=e.dp, privacy_unit=e.privacy_unit,
                 delta=e.delta, accountant=e.accountant, segments=spent, reproducible_noise=e.reproducible_noise,
-                parent_attempt=e.parent_attempt))
+                parent_attempt=e.parent_attempt, record_set=e.record_set), path=e.origin)
             log.info("dataset ledger: attempt %s ended after %d steps (its planned entry corrected)", attempt_id[:8],
                      end - start)
 

@@ -35,6 +35,7 @@ class PrivacySettings:
     max_images_per_user: int | None
     noise_multiplier: float | None  # None: calibrated to target_epsilon
     reproducible_noise: bool  # noise and masks from train.seed: debugging only, no guarantee across runs
+    secure_rng: bool = False  # noise and masks from a ChaCha20 keystream (randomness.py), not PCG64DXSM/Philox
     dataset_budget: float | None  # cap on the dataset's composed epsilon over all runs
     dataset_delta: float | None  # delta at which the dataset's total is stated
     dataset_ledger: str | None  # ledger file; None = next to the data (or under DPDIFF_HOME)
@@ -42,9 +43,6 @@ class PrivacySettings:
     @classmethod
     def from_config(cls, cfg) -> PrivacySettings:
         get = (lambda k, d=None: cfg.get(k, d)) if hasattr(cfg, "get") else (lambda k, d=None: getattr(cfg, k, d))
-        if get("secure_rng") is not None:
-            raise UserError("privacy.secure_rng no longer exists: noise and sampling are always seeded from fresh OS "
-                            "entropy (privacy.reproducible_noise=true is the debugging opposite); remove the key")
         s = cls(
             enabled=bool(get("enabled", True)),
             target_epsilon=_num(get("target_epsilon"), "target_epsilon"),
@@ -56,6 +54,7 @@ class PrivacySettings:
             max_images_per_user=_int(get("max_images_per_user"), "max_images_per_user"),
             noise_multiplier=_num(get("noise_multiplier"), "noise_multiplier"),
             reproducible_noise=_bool(get("reproducible_noise", False), "reproducible_noise"),
+            secure_rng=_bool(get("secure_rng", False), "secure_rng"),
             dataset_budget=_num(get("dataset_budget"), "dataset_budget"),
             dataset_delta=_num(get("dataset_delta"), "dataset_delta"),
             dataset_ledger=None if get("dataset_ledger") in (None, "") else str(get("dataset_ledger")),
@@ -78,6 +77,12 @@ class PrivacySettings:
             raise _fail("accountant", self.accountant, f"must be one of {', '.join(available_accountants())}")
         if not self.enabled:
             return
+        if self.secure_rng:
+            import numpy as np
+
+            from dpdiff.privacy.randomness import secure_bit_generator
+
+            secure_bit_generator(np.random.SeedSequence(0))  # refuses now, not after the data is read
         if self.max_grad_norm is None or not (self.max_grad_norm > 0 and math.isfinite(self.max_grad_norm)):
             raise _fail("max_grad_norm", self.max_grad_norm, "must be a positive number (the clipping bound C)")
         if self.target_epsilon is None and self.noise_multiplier is None:

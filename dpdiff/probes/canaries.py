@@ -18,8 +18,13 @@ gradient of every step (the mechanism's released output, so all-iterates access 
 guarantee) at the canary coordinates and scores canary i by the log likelihood ratio of the
 subsampled Gaussian, ``sum_t log(1 - q + q exp((x_t - 1/2) / sigma^2))`` with ``x_t`` the
 coordinate over C: the Neyman-Pearson test of this mechanism, so far easier to detect than data
-canaries read from the last model's loss. The trainer calls ``inject`` before and ``observe``
-after the noise of each step, then ``save``; the audit reads ``gradient_canaries.json``.
+canaries read from the last model's loss. The canaries are scored *beside* the released sum, never
+added to it: after the noise of each step the engine calls ``observe``, which draws each canary's
+Poisson coin (rate q, from a full-entropy stream of its own) and reads ``released + C [joined]`` at its
+coordinate. That is exactly the value the released sum would hold had the canary been a trained unit (same
+noise draw), so the audit's statistic is unchanged, while the weights the user ships are those of the
+user's data alone (an audit must not change the model it audits). Then ``save``; the audit reads
+``gradient_canaries.json``.
 
 Canaries change the training set (N grows by the included ones); the dataset fingerprint and
 the per-dataset ledger still describe the user's own data, and the report names the canaries.
@@ -138,13 +143,12 @@ class GradientCanaries:
     """White-box Dirac gradient canaries (module docstring). Keyword-only, seeded, no data needed.
 
     ``count`` canaries over ``num_params`` flattened trainable parameters: distinct coordinates and
-    inclusion coins (probability 1/2) drawn from ``seed``. Per step: ``inject(summed_clipped_grad,
-    sample_rate=q, clip_norm=C, generator=g)`` before the noise (each included canary joins the
-    step's Poisson sample with probability q and adds C at its coordinate), then
-    ``observe(noisy_summed_grad, noise_multiplier=sigma, sample_rate=q, clip_norm=C)`` after it.
-    The canaries are extra privacy units: the accountant's unit count includes them. The score treats
-    the other units' summed gradient at a canary coordinate as zero; where it is not, the score is
-    noisier (a weaker audit), never invalid: the coins are drawn independently of everything else.
+    inclusion coins (probability 1/2) drawn from ``seed``. Per step, after the noise:
+    ``observe(noisy_summed_grad, noise_multiplier=sigma, sample_rate=q, clip_norm=C, rng=rng)``: each included
+    canary joins with probability q and is scored at ``released + C`` (module docstring). The canaries never
+    enter the released sum, so they are not units of the mechanism. The score treats the other units' summed
+    gradient at a canary coordinate as zero; where it is not, the score is noisier (a weaker audit), never
+    invalid: the coins are drawn independently of everything else.
     """
 
     def __init__(self, *, count: int, num_params: int, seed: int):
@@ -167,23 +171,19 @@ class GradientCanaries:
             self._coords_t = torch.as_tensor(self.coordinates, dtype=torch.long, device=device)
         return self._coords_t
 
-    def inject(self, summed_clipped_grad, *, sample_rate: float, clip_norm: float, generator=None) -> int:
-        """Add ``clip_norm`` at the coordinate of each included canary sampled this step (in place);
-        returns how many joined. ``summed_clipped_grad``: the flat sum of clipped per-unit gradients."""
-        import torch
+    def joined(self, *, sample_rate: float, rng: np.random.Generator) -> np.ndarray:
+        """This step's coins: canary i joins when it is included and its Poisson coin (rate q) says so."""
+        return (rng.random(self.count) < float(sample_rate)) & self.included
 
-        flat = summed_clipped_grad.view(-1)
-        joined = torch.rand(self.count, generator=generator) < float(sample_rate)
-        joined &= torch.as_tensor(self.included)
-        idx = self._coords(flat.device)[joined.to(flat.device)]
-        flat.index_add_(0, idx, torch.full((len(idx),), float(clip_norm), dtype=flat.dtype, device=flat.device))
-        return int(joined.sum())
-
-    def observe(self, noisy_summed_grad, *, noise_multiplier: float, sample_rate: float, clip_norm: float) -> None:
-        """Add this step's log likelihood ratio to each canary's score (the flat noisy *sum*, before
-        any division by the batch size)."""
+    def observe(self, noisy_summed_grad, *, noise_multiplier: float, sample_rate: float, clip_norm: float,
+                rng: np.random.Generator) -> int:
+        """Score this step: the released flat noisy *sum* (before any division by the batch size) at each canary
+        coordinate, plus ``clip_norm`` for the canaries that joined (drawn here). Returns how many joined."""
+        joined = self.joined(sample_rate=sample_rate, rng=rng)
         values = noisy_summed_grad.view(-1)[self._coords(noisy_summed_grad.device)].double().cpu().numpy()
-        self.observe_values(values, noise_multiplier=noise_multiplier, sample_rate=sample_rate, clip_norm=clip_norm)
+        self.observe_values(values + float(clip_norm) * joined, noise_multiplier=noise_multiplier,
+                            sample_rate=sample_rate, clip_norm=clip_norm)
+        return int(joined.sum())
 
     def observe_values(self, values: np.ndarray, *, noise_multiplier: float, sample_rate: float,
                        clip_norm: float) -> None:
@@ -217,33 +217,27 @@ def load_gradient_canaries(run_dir: Path) -> dict | None:
 class GradientCanaryHook:
     """Connects ``GradientCanaries`` to a DP engine's noise step, whose clipped sum is a list of tensors (one
     per trainable parameter): the canaries' flat coordinates are mapped onto (tensor, offset) once. The
-    engine calls ``inject(tensors, generator=...)`` before the noise and ``observe(tensors)`` after it,
-    on the process that adds the noise."""
+    engine calls ``observe(tensors)`` after the noise, on the process that adds it; the coins come from ``rng``
+    (``PrivacyRandomness.canary_rng``: full entropy, on the CPU whatever the device of the gradients)."""
 
     def __init__(self, canaries: GradientCanaries, *, shapes: list[tuple[int, ...]], noise_multiplier: float,
-                 sample_rate: float, clip_norm: float):
+                 sample_rate: float, clip_norm: float, rng: np.random.Generator):
         sizes = np.array([int(np.prod(s)) for s in shapes], dtype=np.int64)
         starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
         if int(sizes.sum()) <= int(canaries.coordinates.max()):
             raise ValueError("gradient canaries were drawn over more parameters than the engine trains")
-        self.canaries = canaries
+        self.canaries, self.rng = canaries, rng
         self.tensor = np.searchsorted(starts, canaries.coordinates, side="right") - 1
         self.offset = canaries.coordinates - starts[self.tensor]
         self.noise_multiplier, self.sample_rate, self.clip_norm = noise_multiplier, sample_rate, clip_norm
 
-    def inject(self, tensors, *, generator=None) -> int:
-        import torch
-
-        joined = (torch.rand(self.canaries.count, generator=generator) < self.sample_rate).numpy()
-        joined &= self.canaries.included
-        for j in np.flatnonzero(joined):
-            tensors[int(self.tensor[j])].view(-1)[int(self.offset[j])] += float(self.clip_norm)
-        return int(joined.sum())
-
-    def observe(self, tensors) -> None:
+    def observe(self, tensors) -> int:
+        """Score this step beside the released noisy sum ``tensors`` (read only); returns how many joined."""
+        joined = self.canaries.joined(sample_rate=self.sample_rate, rng=self.rng)
         values = np.array([float(tensors[int(t)].view(-1)[int(o)]) for t, o in zip(self.tensor, self.offset)])
-        self.canaries.observe_values(values, noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate,
-                                     clip_norm=self.clip_norm)
+        self.canaries.observe_values(values + self.clip_norm * joined, noise_multiplier=self.noise_multiplier,
+                                     sample_rate=self.sample_rate, clip_norm=self.clip_norm)
+        return int(joined.sum())
 
     def save(self, run_dir: Path) -> Path:
         return self.canaries.save(run_dir)

@@ -36,7 +36,8 @@ def sweep_report_command(args: list[str]) -> None:
 
 
 def budget_command(args: list[str]) -> None:
-    """``dpdiff budget DATASET [ledger=PATH] [delta=D] [accountant=prv|pld|rdp]``"""
+    """``dpdiff budget DATASET [ledger=PATH] [delta=D] [accountant=prv|pld|rdp]``: per record, what every run
+    recorded in the dataset's ledger has spent (see ``dpdiff.privacy.dataset_ledger``)."""
     from dpdiff.privacy.accountants import DEFAULT_ACCOUNTANT
 
     pos = [a for a in args if "=" not in a]
@@ -44,32 +45,67 @@ def budget_command(args: list[str]) -> None:
                                                     "caption_column": "text"})
     if len(pos) != 1:
         raise UserError("usage: dpdiff budget DATASET_DIR [ledger=PATH] [delta=D] [accountant=prv|pld|rdp]")
-    from dpdiff.data.prepare import source_fingerprint
-    from dpdiff.privacy.dataset_ledger import DatasetLedger, compose_runs, ledger_location
+    from dpdiff.data.formats import read_dataset
+    from dpdiff.data.prepare import resolve_data_path
+    from dpdiff.data.records import RecordIds, fingerprint, record_ids
+    from dpdiff.privacy.dataset_ledger import DatasetLedger, ledger_location, record_charges
 
-    root, fp = source_fingerprint(pos[0] if pos[0] not in ("digits", "builtin") else None,
-                                  caption_column=opts["caption_column"])
-    loc = ledger_location(data_root=root, source_fingerprint=fp, configured=opts["ledger"])
-    entries = DatasetLedger(loc).entries({fp})
-    # a run that trained on a subset (skipped files, deduplication) is found by the folder's fingerprint; its
-    # own fingerprint then names the other entries of that subset
-    subsets = {e.fingerprint for e in entries}
-    entries = DatasetLedger(loc).entries({fp, *subsets})
-    print(f"dataset {root} (fingerprint {fp[:16]}...)")
+    def show(eps: float) -> str:
+        return "inf" if eps == float("inf") else f"{eps:.4g}"
+
+    root, _ = resolve_data_path(pos[0] if pos[0] not in ("digits", "builtin") else None)
+    records = read_dataset(root, caption_column=opts["caption_column"])
+    ids = record_ids(records)  # each image read once: the ids and the folder's fingerprint
+    fp = fingerprint(records, ids=ids)
+    users = tuple(str(r.user_id) if r.user_id else None for r in records)
+    current = RecordIds(digests=tuple(ids), users=users if any(users) else None)
+    ledger = DatasetLedger(ledger_location(data_root=root, source_fingerprint=fp, configured=opts["ledger"]))
+    entries = ledger.entries()
+    print(f"dataset {root} ({len(records)} records, fingerprint {fp[:16]}...)")
     if not entries:
         print("no run has been recorded on this dataset: nothing spent")
         return
     delta = float(opts["delta"]) if opts["delta"] else max((e.delta for e in entries if e.delta), default=1e-5)
-    for e in entries:
+    ch = record_charges(ledger, entries, current, delta=delta, accountant=opts["accountant"])
+    legacy = {e.attempt_id for e in ch.legacy}
+    print(f"ledger {ledger.path}")
+    shown_entries = entries[-15:]
+    if len(entries) > len(shown_entries):
+        print(f"  ({len(entries) - len(shown_entries)} earlier attempts not listed)")
+    for e in shown_entries:
         eps = "NO DP (unbounded)" if not e.dp else f"{e.epsilon:.4g}" if e.epsilon is not None else "?"
         flag = " (reproducible noise)" if e.reproducible_noise else ""
+        if e.attempt_id in legacy:
+            recs = "all*"
+        else:
+            n = int((e.record_set or {}).get("records") or 0)
+            recs = f"{n} ({ch.touching.get(e.attempt_id, 0)} here)"
         print(f"  {e.time}  {e.status:8s}  epsilon {eps:>10s}  steps {e.steps:6d}  {e.privacy_unit:7s}  "
-              f"{e.run_dir}{flag}")
-    total = compose_runs(entries, delta=delta, accountant=opts["accountant"])
-    eps = total["epsilon"]
-    print(f"total: epsilon {'inf' if eps == float('inf') else f'{eps:.4g}'} at delta {delta:.3g} "
-          f"({total['runs']} attempts composed, {total.get('accountant', '')}, per {total['unit']})"
-          + (f"; {total['note']}" if total.get("note") else ""))
+              f"records {recs:>13s}  {e.run_dir}{flag}")
+    if legacy:
+        print(f"  * {len(legacy)} attempt(s) without a readable record set (recorded before per-record ledgers, or "
+              "its set was deleted): charged to every record, conservatively")
+    worst = ch.worst.total
+    print(f"worst-charged record: epsilon {show(worst['epsilon'])} at delta {delta:.3g} ({worst['runs']} attempts "
+          f"composed, {worst.get('accountant', '')}, "
+          f"{'units mixed' if worst['unit'] == 'mixed' else 'per ' + worst['unit']})"
+          + (f"; {worst['note']}" if worst.get("note") else ""))
+    print("records carrying each charge (worst first):")
+    rows: dict[tuple[str, int], int] = {}
+    for h in ch.histogram():
+        key = (show(h["epsilon"]), h["runs"])
+        rows[key] = rows.get(key, 0) + h["records"]
+    items = list(rows.items())
+    for (eps, runs), count in items[:8]:
+        what = "new: no run trained on them" if runs == 0 else f"{runs} attempt{'s' if runs != 1 else ''}"
+        print(f"  epsilon {eps:>8s}  {count:7d} record{'s' if count != 1 else ' '}  ({what})")
+    if len(items) > 8:
+        rest = items[8:]
+        print(f"  ... {len(rest)} more charges over {sum(c for _, c in rest)} records (epsilon <= {rest[0][0][0]})")
+    if not ch.new_records:
+        print("  no record is new (every record of the folder was charged by at least one attempt)")
+    absent = f"{ch.absent}" + (f" (worst epsilon {show(ch.absent_worst)})" if ch.absent_worst is not None else "")
+    print(f"ledger-known records absent from the folder now: {absent}")
 
 
 def plan_command(args: list[str]) -> None:

@@ -1,7 +1,9 @@
 """The run report: ``report.md`` and a self-contained ``report.html`` (images inlined, no network).
 
-Built only from the files of the run dir (privacy.json, run.json, metrics.jsonl, probes.json,
-the PNGs), so ``dpdiff report run_dir=...`` rebuilds it at any time.
+Built only from the files of the run dir (privacy.json, data_owner.json, run.json, metrics.jsonl,
+probes.json, the PNGs), so ``dpdiff report run_dir=...`` rebuilds it at any time. The report is a
+data-owner document: it shows what data_owner.json holds (fingerprints, counts, the planning summary)
+next to the public guarantee of privacy.json.
 """
 
 from __future__ import annotations
@@ -50,7 +52,17 @@ def guarantee_sentence(priv: dict) -> str:
             f"({priv['num_units']} units), by the {priv['accountant']} accountant.")
 
 
-def mechanism_rows(priv: dict) -> list[tuple[str, str]]:
+def _owner_value(priv: dict, owner: dict | None, key: str, default=None):
+    """A data-owner field: from data_owner.json, else from privacy.json (run dirs from before the split)."""
+    if owner and key in owner:
+        return owner[key]
+    return priv.get(key, default)
+
+
+def mechanism_rows(priv: dict, owner: dict | None = None) -> list[tuple[str, str]]:
+    """The mechanism's numbers (privacy.json); ``owner`` (data_owner.json) adds the image count."""
+    images = _owner_value(priv, owner, "num_images")
+    per_unit = f"{priv['num_units']} units" + (f", {images} images" if images is not None else "")
     if not priv.get("dp"):
         return [("differential privacy", "none"), ("steps", _fmt(priv.get("steps"))),
                 ("batch size", _fmt(priv.get("expected_batch_size"))), ("units", _fmt(priv.get("num_units")))]
@@ -60,7 +72,7 @@ def mechanism_rows(priv: dict) -> list[tuple[str, str]]:
         ("target epsilon", _fmt(priv["target_epsilon"])),
         ("delta", _fmt(priv["delta"], 3)),
         ("accountant", f"{priv['accountant']} ({priv.get('accountant_note', '')})"),
-        ("privacy unit", f"{priv['privacy_unit']} ({priv['num_units']} units, {priv.get('num_images')} images)"),
+        ("privacy unit", f"{priv['privacy_unit']} ({per_unit})"),
         ("sample rate q", _fmt(priv["sample_rate"])),
         ("expected batch q*N", _fmt(priv["expected_batch_size"])),
         ("noise multiplier sigma", _fmt(priv["noise_multiplier"])),
@@ -88,13 +100,14 @@ def write_run_report(run_dir: Path) -> tuple[Path, Path]:
 
         raise UserError(f"{run_dir} has no privacy.json: not a finished dpdiff run dir")
     run = _load(run_dir, "run.json") or {}
+    owner = _load(run_dir, "data_owner.json") or {}  # the data owner's statistics (absent in older run dirs)
     probes = _load(run_dir, "probes.json")
     utility = _load(run_dir, "utility.json")
     metrics = _metrics(run_dir)
     from dpdiff.report.plots import write_run_plots
 
     plots = write_run_plots(run_dir, metrics=metrics, privacy=priv)
-    sections = build_sections(priv=priv, run=run, probes=probes, metrics=metrics, utility=utility)
+    sections = build_sections(priv=priv, run=run, probes=probes, metrics=metrics, utility=utility, owner=owner)
     md = render_markdown(sections, run_dir=run_dir, plots=plots, run=run)
     page = render_html(sections, run_dir=run_dir, plots=plots, run=run, dp=bool(priv.get("dp")))
     write_text_atomic(run_dir / "report.md", md)
@@ -157,22 +170,27 @@ def signal_rows(plan: dict | None, metrics: list[dict]) -> list[tuple[str, str]]
 
 
 def build_sections(*, priv: dict, run: dict, probes: dict | None, metrics: list[dict],
-                   utility: dict | None = None) -> list[tuple[str, list]]:
-    """(title, rows) pairs shared by the markdown and HTML renderers."""
+                   utility: dict | None = None, owner: dict | None = None) -> list[tuple[str, list]]:
+    """(title, rows) pairs shared by the markdown and HTML renderers. ``priv`` is privacy.json (public),
+    ``owner`` data_owner.json (the statistics of the data: fingerprints, counts, the planning summary)."""
     data = run.get("data", {})
+
+    def own(key, default=None):
+        return _owner_value(priv, owner, key, default)
+
     trained = [
         ("base model", f"{run.get('base_model', 'n/a')} ({run.get('model_family', 'sd')})"),
         ("adapter", run.get("adapter", "n/a")),
         ("dataset", f"{data.get('path', 'n/a')}{' (built-in demo)' if data.get('builtin_demo') else ''}"),
-        ("dataset fingerprint (sha256)", priv.get("dataset_fingerprint", "n/a")),
-        ("images used / units", f"{priv.get('num_images')} / {priv.get('num_units')} ({priv.get('privacy_unit')})"),
-        ("held-out units", _fmt(priv.get("holdout_units"))),
-        ("skipped bad files", _fmt(priv.get("skipped_files"))),
-        ("duplicate sets", _fmt((priv.get("duplicates") or {}).get("duplicate_sets"))),
+        ("dataset fingerprint (sha256)", own("dataset_fingerprint", "n/a")),
+        ("images used / units", f"{own('num_images')} / {priv.get('num_units')} ({priv.get('privacy_unit')})"),
+        ("held-out units", _fmt(own("holdout_units"))),
+        ("skipped bad files", _fmt(own("skipped_files"))),
+        ("duplicate sets", _fmt((own("duplicates") or {}).get("duplicate_sets"))),
         ("wall time (s)", _fmt(run.get("wall_seconds"))),
         ("dpdiff / git", f"{run.get('dpdiff_version')} / {run.get('git_commit') or 'n/a'}"),
     ]
-    out = [("What was trained on what", trained), ("Mechanism", mechanism_rows(priv))]
+    out = [("What was trained on what", trained), ("Mechanism", mechanism_rows(priv, owner))]
     if metrics:
         last = metrics[-1]
         out.append(("Training (non-private statistics)", [
@@ -183,7 +201,7 @@ def build_sections(*, priv: dict, run: dict, probes: dict | None, metrics: list[
              _fmt(sum(int(m.get("nonfinite_units") or 0) for m in metrics))),
         ]))
     if priv.get("dp"):
-        out.append(("Signal and noise: can this run learn?", signal_rows(priv.get("plan"), metrics)))
+        out.append(("Signal and noise: can this run learn?", signal_rows(own("plan"), metrics)))
     if utility:
         out.append(("Utility", utility_rows(utility)))
     if probes:
@@ -193,7 +211,9 @@ def build_sections(*, priv: dict, run: dict, probes: dict | None, metrics: list[
     else:
         out.append(("Probes: what the trained model leaks",
                     [("status", "not run (probes=none); run them later with dpdiff probe run_dir=...")]))
-    out.append(("Caveats", [(str(i + 1), c) for i, c in enumerate(priv.get("caveats", []))]))
+    notes = list(priv.get("caveats", [])) + [c for c in (owner or {}).get("caveats") or []
+                                             if c not in priv.get("caveats", [])]
+    out.append(("Caveats", [(str(i + 1), c) for i, c in enumerate(notes)]))
     return out
 
 

@@ -46,9 +46,14 @@ def terminal_summary(*, privacy: dict, probes: dict | None, steps: int, seconds:
 
 
 def flat_summary(privacy: dict, probes: dict | None) -> dict:
-    """``privacy/KEY`` and ``probes/SECTION/KEY`` scalars (a remote tracker only receives the privacy part
-    unless ``tracker.log_private_data=true``)."""
-    out = {f"privacy/{k}": v for k, v in privacy.items() if isinstance(v, (int, float, str, bool)) or v is None}
+    """``privacy/KEY`` and ``probes/SECTION/KEY`` scalars. ``privacy`` is privacy.json's record, public by
+    construction (the data-dependent fields are in data_owner.json); only its public keys pass
+    (``PUBLIC_PRIVACY_KEYS``: an older record's fingerprints or run ids do not). A remote tracker receives the
+    probes part only with ``tracker.log_private_data=true`` (``dpdiff.training.tracking.public_part``)."""
+    from dpdiff.report.privacy_json import PUBLIC_PRIVACY_KEYS
+
+    out = {f"privacy/{k}": v for k, v in privacy.items()
+           if k in PUBLIC_PRIVACY_KEYS and (isinstance(v, (int, float, str, bool)) or v is None)}
     for section, vals in (probes or {}).items():
         if isinstance(vals, dict):
             for k, v in vals.items():

@@ -13,6 +13,9 @@ from dpdiff.io import write_text_atomic
 from dpdiff.privacy.accountants import DEFAULT_ACCOUNTANT, MechanismSegment
 from dpdiff.privacy.dataset_ledger import compose_runs
 
+#: the dataset key of runs whose data_owner.json is missing (e.g. a copy of the published files only)
+UNKNOWN_DATASET = "(unknown: no data_owner.json)"
+
 
 def find_runs(root: Path) -> list[Path]:
     return sorted({p.parent for p in Path(root).rglob("privacy.json")}, key=lambda p: str(p))
@@ -47,6 +50,7 @@ def collect(root: Path) -> list[dict]:
     rows = []
     for run in find_runs(root):
         priv = _load(run / "privacy.json")
+        owner = _load(run / "data_owner.json") or {}  # the fingerprint is data-owner information
         probes = _load(run / "probes.json") or {}
         util = _load(run / "utility.json")
         name, value = utility_value(util)
@@ -72,7 +76,7 @@ def collect(root: Path) -> list[dict]:
             "ledger": priv.get("ledger") or [],
             "privacy_unit": priv.get("privacy_unit"),
             "reproducible_noise": bool(priv.get("reproducible_noise")),
-            "fingerprint": priv.get("dataset_fingerprint"),
+            "fingerprint": owner.get("dataset_fingerprint", priv.get("dataset_fingerprint")),
         })
     return rows
 
@@ -88,10 +92,12 @@ class _SweepRun:
 
 
 def sweep_total(rows: list[dict], *, accountant: str = DEFAULT_ACCOUNTANT) -> dict:
-    """Composition of every run of the sweep, per dataset fingerprint (dpdiff's one cross-run composer)."""
+    """Composition of every run of the sweep, per dataset fingerprint (dpdiff's one cross-run composer; the
+    fingerprints come from each run's data_owner.json: runs without one are composed together, as
+    ``UNKNOWN_DATASET``, the conservative choice)."""
     out = {}
-    for fp in sorted({r["fingerprint"] for r in rows}):
-        rs = [r for r in rows if r["fingerprint"] == fp]
+    for fp in sorted({r["fingerprint"] or UNKNOWN_DATASET for r in rows}):
+        rs = [r for r in rows if (r["fingerprint"] or UNKNOWN_DATASET) == fp]
         delta = max((r["delta"] for r in rs if r["delta"]), default=1e-5)
         out[fp] = compose_runs([_SweepRun(r) for r in rs], delta=delta, accountant=accountant)
     return out
@@ -109,6 +115,10 @@ def frontier(rows: list[dict]) -> list[dict]:
         if not dominated:
             keep.append(r)
     return sorted(keep, key=lambda r: r["epsilon"])
+
+
+def _fp(fp: str) -> str:
+    return fp if fp == UNKNOWN_DATASET else fp[:12]
 
 
 def _f(v, nd=3):
@@ -135,7 +145,7 @@ def write_sweep_report(root: Path) -> tuple[Path, Path]:
     head = [c if c != "utility" else uname for c in cols]
     md = ["# dpdiff sweep report", "", f"{len(rows)} runs under `{root}`.", ""]
     for fp, t in totals.items():
-        md.append(f"**Total privacy spent by this sweep on dataset {fp[:12]}: epsilon {_f(t['epsilon'])}"
+        md.append(f"**Total privacy spent by this sweep on dataset {_fp(fp)}: epsilon {_f(t['epsilon'])}"
                   f"{' at delta ' + _f(t.get('delta')) if t.get('delta') else ''} over {t['runs']} runs** "
                   "(every run trained on the same data: their guarantees compose)."
                   + (f" {t['note']}" if t.get("note") else ""))
@@ -158,7 +168,7 @@ def write_sweep_report(root: Path) -> tuple[Path, Path]:
          ".v-PASS{color:#1a7f37;font-weight:bold}.v-INCONCLUSIVE{color:#9a6700;font-weight:bold}</style></head><body>",
          "<h1>dpdiff sweep report</h1>", f"<p>{len(rows)} runs under {esc(str(root))}</p>"]
     for fp, t in totals.items():
-        h.append(f"<div class='total'>Total privacy spent by this sweep on dataset {esc(fp[:12])}: "
+        h.append(f"<div class='total'>Total privacy spent by this sweep on dataset {esc(_fp(fp))}: "
                  f"<b>epsilon {_f(t['epsilon'])}</b>{' at delta ' + _f(t.get('delta')) if t.get('delta') else ''} "
                  f"over {t['runs']} runs (runs on the same data compose).</div>")
     h.append("<table><tr>" + "".join(f"<th>{esc(c)}</th>" for c in head) + "</tr>")

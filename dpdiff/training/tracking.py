@@ -1,12 +1,33 @@
 """Experiment trackers: ``local`` (metrics.jsonl, always written) and ``wandb`` (offline by default).
 
-Nothing computed from the private data outside the DP mechanism leaves the machine unless the user
-sets ``tracker.log_private_data=true``: a remote tracker (wandb) receives the config, the privacy
-accounting (epsilon per step, the learning rate, batch sizes, which are Binomial draws that depend
-only on N and q) and images *generated* by the trained model from public prompts. Training losses,
-gradient-norm and signal-to-noise statistics, probe and utility summaries, and prompts taken from the
-training captions are non-private statistics of the data: they stay in the run dir's metrics.jsonl
-(for the data owner) unless that flag is set.
+A remote tracker is a publication channel: its logs may be sent to a team or synced to a server. The
+threat model is the standard DP adversary, who knows the whole config, every other record and everything
+published, so without ``tracker.log_private_data=true`` the remote tracker (wandb) receives only values
+that the DP guarantee covers or that do not depend on the data:
+
+* per logged step: ``epsilon`` (a function of the config and N, which is released as public) and ``lr``
+  (the schedule), with the step number. Never ``units`` or ``rows`` (the realised Poisson batch: a
+  data-dependent count outside the accountant; with user-level units ``rows`` jumps when a user with many
+  images is sampled) and never ``seconds`` (the step time grows with ``rows``: the same count again);
+* the run summary: the scalars of privacy.json (the public guarantee; see ``dpdiff.report.privacy_json``,
+  which keeps every data-dependent field but N in data_owner.json; ``flat_summary`` passes its public keys
+  only);
+* the config, with local paths redacted (``data.path``, ``data.cache_dir``, ``model.pretrained``,
+  ``privacy.dataset_ledger``, ``train.resume_from``, the other file options, the ``hydra`` node and any
+  absolute path) to ``"<redacted: local path>"``;
+* images *generated* by the trained model from public prompts (post-processing of the DP weights).
+
+wandb's own side channels are closed too: every entry is held back and sent when the tracker finishes
+(wandb stamps each row with its arrival time, ``_runtime``, which would time every step: only the run's
+total duration remains visible, an aggregate the guarantee does not cover either); no console capture
+(log lines name files and counts); no system metrics (memory and utilisation follow the realised batch
+size); no machine metadata (the command line holds ``data.path=...``); no code, git state or requirements.
+wandb's local debug logs (``wandb/debug*.log``, not uploaded) name the run dir they are written in.
+
+Training losses, gradient-norm and signal-to-noise statistics, batch sizes, step times, probe and
+utility summaries, and prompts taken from the training captions are non-private statistics of the data:
+they stay in the run dir's metrics.jsonl (for the data owner) unless ``tracker.log_private_data=true``,
+which sends everything as is.
 """
 
 from __future__ import annotations
@@ -61,13 +82,51 @@ class LocalTracker:
         pass
 
 
-PUBLIC_METRICS = frozenset({"epsilon", "lr", "seconds", "units", "rows"})
+#: per-step metrics a remote tracker receives without tracker.log_private_data (the step is sent with them)
+PUBLIC_METRICS = frozenset({"epsilon", "lr"})
 PUBLIC_SUMMARY_PREFIXES = ("privacy/",)
 
 
 def public_part(values: dict, *, prefixes: tuple[str, ...] = ()) -> dict:
-    """The entries that are not statistics of the private data (see the module docstring)."""
+    """The entries that are not statistics of the private data (see the module docstring). The ``privacy/``
+    summary entries are privacy.json's scalars (``dpdiff.report.summary.flat_summary``: its public keys only)."""
     return {k: v for k, v in values.items() if k in PUBLIC_METRICS or k.startswith(prefixes)}
+
+
+REDACTED = "<redacted: local path>"
+#: config keys that hold local paths (file options); their non-null values are redacted
+PATH_KEYS = frozenset({"data.path", "data.cache_dir", "model.pretrained", "privacy.dataset_ledger",
+                       "train.resume_from", "probes.extraction.feature_extractor", "eval.inception_weights"})
+
+
+def _looks_like_path(v) -> bool:
+    return isinstance(v, str) and (v.startswith(("/", "~", "./", "../", "\\\\")) or
+                                   (len(v) > 2 and v[1] == ":" and v[2] in "/\\"))
+
+
+def redact_config(config, _prefix: str = ""):
+    """A copy of the (resolved) config for a remote tracker: the values of ``PATH_KEYS``, the whole ``hydra``
+    node (run dir, cwd, the command line's overrides) and any absolute path replaced by ``REDACTED``. The
+    built-in demo's ``data.path`` (null, ``demo`` or ``demo:NAME``) is not a local path and is kept."""
+    if isinstance(config, dict):
+        out = {}
+        for k, v in config.items():
+            key = f"{_prefix}{k}"
+            if key == "hydra" or (key in PATH_KEYS and v not in (None, "")
+                                  and not (key == "data.path" and str(v).split(":", 1)[0] == "demo")):
+                out[k] = REDACTED
+            else:
+                out[k] = redact_config(v, f"{key}.")
+        return out
+    if isinstance(config, (list, tuple)):
+        return [redact_config(v, _prefix) for v in config]
+    return REDACTED if _looks_like_path(config) else config
+
+
+def _private_settings(wandb):
+    """wandb settings that keep its side channels closed (see the module docstring)."""
+    return wandb.Settings(console="off", x_disable_meta=True, x_disable_stats=True, x_disable_machine_info=True,
+                          disable_git=True, disable_code=True, save_code=False, x_save_requirements=False)
 
 
 class WandbTracker:
@@ -80,22 +139,49 @@ class WandbTracker:
         os.environ.setdefault("WANDB_SILENT", "true")
         self.wandb = wandb
         self.log_private_data = log_private_data
-        self.run = wandb.init(project=project, dir=str(run_dir), mode=mode, config=config, name=name,
-                              tags=tags, reinit="finish_previous")
+        extra = {} if log_private_data else {"settings": _private_settings(wandb)}
+        self.run = wandb.init(project=project, dir=str(run_dir), mode=mode,
+                              config=config if log_private_data else redact_config(config), name=name,
+                              tags=tags, reinit="finish_previous", **extra)
+        # Without log_private_data every entry waits for finish(): wandb stamps each row with its arrival
+        # time (``_runtime``, which a row cannot override), so rows sent as the steps happen would time the
+        # steps, and a step's time grows with its realised batch size (see the module docstring).
+        self._pending: list[tuple] = []
+
+    def _send(self, *entry) -> None:
+        if self.log_private_data:
+            self._write(entry)
+        else:
+            self._pending.append(entry)
+
+    def _write(self, entry: tuple) -> None:
+        kind, payload, step = entry
+        if kind == "log":
+            self.run.log(payload, step=step)
+        elif kind == "image":
+            key, path, caption = payload
+            self.run.log({key: self.wandb.Image(str(path), caption=caption)}, step=step)
+        else:
+            for k, v in payload.items():
+                self.run.summary[k] = v
 
     def log(self, metrics: dict, *, step: int) -> None:
-        self.run.log(metrics if self.log_private_data else public_part(metrics), step=step)
+        self._send("log", dict(metrics if self.log_private_data else public_part(metrics)), step)
 
     def log_image(self, key: str, path: Path, *, step: int, caption: str = "") -> None:
-        self.run.log({key: self.wandb.Image(str(path), caption=caption)}, step=step)
+        self._send("image", (key, Path(path), caption), step)
 
     def summary(self, values: dict) -> None:
         shown = values if self.log_private_data else public_part(values, prefixes=PUBLIC_SUMMARY_PREFIXES)
-        for k, v in shown.items():
-            self.run.summary[k] = v
+        self._send("summary", dict(shown), None)
 
     def finish(self) -> None:
-        self.run.finish()
+        pending, self._pending = self._pending, []
+        try:
+            for entry in pending:
+                self._write(entry)
+        finally:
+            self.run.finish()
 
 
 class MultiTracker:

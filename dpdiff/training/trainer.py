@@ -17,7 +17,8 @@ import torch
 
 from dpdiff.io import write_json_atomic
 from dpdiff.privacy.plan import PrivacyPlan
-from dpdiff.training.checkpoint import generator_state, save_checkpoint
+from dpdiff.runtime import gather_objects
+from dpdiff.training.checkpoint import save_checkpoint
 from dpdiff.training.loss import DiffusionObjective, RowBatch
 
 log = logging.getLogger("dpdiff")
@@ -68,7 +69,7 @@ class Trainer:
         units = self.sampler.sample()
         self.engine.start_step()
         if units:
-            rows = self.row_builder.build(units)
+            rows = self.row_builder.build(units, step=self.step)
             for micro in split_units(rows, self.micro_batch_size):
                 self._micro_step(micro)
         stats = self.engine.finalize()
@@ -134,19 +135,17 @@ class Trainer:
     def state(self) -> dict:
         """The resumable state; per-rank parts are gathered from every rank (collective).
 
-        The privacy plan's part is its ledger and lineage. The noise generator and the Poisson sampler's
-        RNG are never saved (a resume draws fresh entropy), except the sampler of a non-private run and,
-        under ``privacy.reproducible_noise`` (debugging), both, for a bit-exact resume.
+        The privacy plan's part is its ledger and lineage. The noise and the Poisson sampler's RNG are never saved
+        (a resume draws fresh entropy), except the sampler of a non-private run and, under
+        ``privacy.reproducible_noise`` (debugging), both, for a bit-exact resume. The augmentation draws need no
+        state: they are keyed by (run key, step, unit).
         """
         reproducible = self.privacy.mechanism is not None and self.privacy.reproducible_noise
-        local = {
-            "sampler": self.sampler.state_dict() if (self.privacy.mechanism is None or reproducible) else None,
-            "row_generator": generator_state(self.row_builder.generator),
-        }
+        local = {"sampler": self.sampler.state_dict() if (self.privacy.mechanism is None or reproducible) else None}
         per_rank = gather_objects(local)
-        noise = getattr(self.engine, "noise_generator", None)
+        noise = getattr(self.engine, "noise", None)
         return {**self.privacy.state_dict(), "world_size": len(per_rank), "ranks": per_rank,
-                "noise_generator": generator_state(noise) if reproducible and noise is not None else None}
+                "noise": noise.state_dict() if reproducible and noise is not None else None}
 
     def checkpoint(self) -> Path | None:
         """Save a checkpoint (call on every rank: the RNG states are gathered; rank 0 writes)."""
@@ -160,14 +159,3 @@ class Trainer:
                                keep=self.checkpoints_total_limit)
         write_json_atomic(self.run_dir / "last_checkpoint.json", {"path": str(path), "step": self.step})
         return path
-
-
-def gather_objects(obj) -> list:
-    """``[obj of rank 0, obj of rank 1, ...]`` (just ``[obj]`` without a process group)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out

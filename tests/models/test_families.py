@@ -15,6 +15,7 @@ from helpers import clip_sum, engine_clipped_sum
 from dpdiff.errors import UserError
 from dpdiff.models import adapters, tiny
 from dpdiff.models.families import FAMILIES, detect_family, latent_ids, pack_latents, unpack_latents
+from dpdiff.privacy.randomness import GaussianNoise
 from dpdiff.training.loss import DiffusionObjective, FlowMatchingObjective, RowBatch
 
 
@@ -135,10 +136,10 @@ def test_a_layer_without_a_per_unit_rule_is_refused_in_one_line():
     model.requires_grad_(True)
     with pytest.raises(ValueError, match="not supported for trainable layers of type RMSNorm"):
         DPSGDEngine(model, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=1.0,
-                    noise_generator=torch.Generator())
+                    noise=GaussianNoise.seeded(0))
     adapters.attach(model, kind="lora", rank=2, target_modules=list(FAMILIES["sd3"].lora_targets))
     DPSGDEngine(model, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=1.0,
-                noise_generator=torch.Generator()).close()
+                noise=GaussianNoise.seeded(0)).close()
 
 
 def _pipeline(family: str, denoiser):
@@ -193,7 +194,7 @@ def test_saved_lora_loads_into_the_family_pipeline_and_changes_its_output(tmp_pa
     rows = rows_for(family, [1, 1, 1, 1])
     opt = torch.optim.SGD(params, lr=10.0)
     eng = DPSGDEngine(model, noise_multiplier=0.5, max_grad_norm=1.0, expected_batch_size=4.0,
-                      noise_generator=torch.Generator().manual_seed(0), params=params)
+                      noise=GaussianNoise.seeded(0), params=params)
     for _ in range(2):
         eng.start_step()
         eng.backward(obj.row_losses(model, rows), unit_pos=rows.unit_pos, row_weight=rows.row_weight,

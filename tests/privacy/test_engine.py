@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from dpdiff.privacy.engine import DPSGDEngine, NonPrivateEngine, expected_noise_std
+from dpdiff.privacy.randomness import GaussianNoise
 from dpdiff.training.loss import DiffusionObjective, RowBatch
 
 
@@ -50,7 +51,7 @@ def naive_unit_gradients(model, objective, rows: RowBatch) -> torch.Tensor:
 def engine_gradient(model, objective, rows, *, C, sigma=0.0, expected=1.0, micro_units=None, seed=0):
     params = [p for p in model.parameters() if p.requires_grad]
     eng = DPSGDEngine(model, noise_multiplier=sigma, max_grad_norm=C, expected_batch_size=expected,
-                      noise_generator=torch.Generator().manual_seed(seed), params=params)
+                      noise=GaussianNoise.seeded(seed), params=params)
     eng.start_step()
     from dpdiff.training.trainer import split_units
 
@@ -134,7 +135,7 @@ def test_norms_of_long_gradients_are_exact_and_no_clipped_unit_exceeds_C(engine)
     model = _Linear(d_in, d_out)
     for u in range(3):
         eng = make_engine(engine, model, noise_multiplier=0.0, max_grad_norm=C, expected_batch_size=1.0,
-                          noise_generator=torch.Generator())
+                          noise=GaussianNoise.seeded(0))
         eng.start_step()
         eng.backward((model(x[u : u + 1]) * t[u : u + 1]).sum(1), unit_pos=torch.zeros(1, dtype=torch.long),
                      row_weight=torch.ones(1), num_units=1)
@@ -147,7 +148,7 @@ def test_norms_of_long_gradients_are_exact_and_no_clipped_unit_exceeds_C(engine)
 def _linear_step(x, targets, unit_pos, num_units, *, C, sigma=0.0, expected=1.0, seed=0):
     model = _Linear(x.shape[1], targets.shape[1])
     eng = DPSGDEngine(model, noise_multiplier=sigma, max_grad_norm=C, expected_batch_size=expected,
-                      noise_generator=torch.Generator().manual_seed(seed))
+                      noise=GaussianNoise.seeded(seed))
     counts = torch.bincount(unit_pos, minlength=num_units).float()
     eng.start_step()
     loss = (model(x) * targets).sum(1)  # per-row gradient = outer(targets_r, x_r)
@@ -200,7 +201,7 @@ def test_noise_drawn_in_parallel_chunks_is_iid_with_the_right_std_and_reproducib
 
     def noise(seed: int) -> list[torch.Tensor]:
         eng = DPSGDEngine(model, noise_multiplier=sigma, max_grad_norm=C, expected_batch_size=expected,
-                          noise_generator=torch.Generator().manual_seed(seed))
+                          noise=GaussianNoise.seeded(seed))
         assert len(eng._noise_chunks()) == 5
         eng.start_step()  # no micro-batch: the step is noise only
         stats = eng.finalize()
@@ -234,7 +235,7 @@ def test_zero_noise_gives_the_exact_clipped_mean():
 def test_empty_logical_batch_is_a_noise_only_step():
     model = _Linear(30, 20)
     eng = DPSGDEngine(model, noise_multiplier=2.0, max_grad_norm=1.0, expected_batch_size=4.0,
-                      noise_generator=torch.Generator().manual_seed(0))
+                      noise=GaussianNoise.seeded(0))
     eng.start_step()
     eng.backward(torch.zeros(0), unit_pos=torch.zeros(0, dtype=torch.long), row_weight=torch.zeros(0), num_units=0)
     stats = eng.finalize()
@@ -274,13 +275,13 @@ def test_unsupported_trainable_layer_is_refused():
 
     with pytest.raises(ValueError, match="not supported"):
         DPSGDEngine(Odd(), noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=1.0,
-                    noise_generator=torch.Generator())
+                    noise=GaussianNoise.seeded(0))
 
 
-@pytest.mark.parametrize("engine", [e for e in ENGINES if e != "hooks"] + ["two_pass_auto"])
+@pytest.mark.parametrize("engine", [e for e in ENGINES if e != "hooks"])
 @pytest.mark.parametrize("kind", ["lora", "full"])
 def test_fast_engines_match_naive_loop(kind, engine):
-    """Two-pass and book-keeping clipping, instantiated and ghost norms (Linear and Conv2d): the same clipped sum
+    """Book-keeping clipping, instantiated and ghost norms (Linear and Conv2d): the same clipped sum
     and the same per-unit norms as the per-unit loop, with K draws and a variable number of images per unit."""
 
     model = _unet(kind)
@@ -293,14 +294,12 @@ def test_fast_engines_match_naive_loop(kind, engine):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
     torch.testing.assert_close(torch.tensor(sorted(eng.stats.norms)), ref.double().norm(dim=1).float().sort().values,
                                rtol=1e-4, atol=1e-8)
-    if engine == "two_pass_always":
-        assert eng.ghost_layers > 0
     if engine == "bookkeeping_always":  # every Linear and Conv2d by ghost norms, the norms' weights instantiated
         assert eng.layer_choice["ghost"] > 0 and (kind == "lora" or eng.layer_choice["units"] > 0)
     eng.close()
 
 
-@pytest.mark.parametrize("engine", ["two_pass_always", "bookkeeping_always"])
+@pytest.mark.parametrize("engine", ["bookkeeping_always"])
 @pytest.mark.parametrize("kind", ["lora", "full"])
 def test_ghost_norms_of_regular_units_match_naive_loop(kind, engine):
     """Equal rows per unit (K = 2) takes the batched ghost-norm path."""
@@ -312,7 +311,7 @@ def test_ghost_norms_of_regular_units_match_naive_loop(kind, engine):
     got, eng = engine_clipped_sum(engine, model, objective, rows, C=C, expected=1.0, micro_units=3)
     want = clip_sum(ref, C)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
-    assert (eng.ghost_layers if engine.startswith("two_pass") else eng.layer_choice["ghost"]) > 0
+    assert eng.layer_choice["ghost"] > 0
 
 
 # --- the clip factor, non-finite unit gradients, shared layers ------------------------------------------------------
@@ -347,12 +346,12 @@ def _spy_clip_factors(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("engine", ["hooks", "two_pass_auto", "bookkeeping_auto"])
+@pytest.mark.parametrize("engine", ["hooks", "bookkeeping_auto"])
 def test_every_engine_clips_with_the_named_clip_function(monkeypatch, engine):
     calls = _spy_clip_factors(monkeypatch)
     model = _Linear(6, 4)
     eng = make_engine(engine, model, noise_multiplier=0.0, max_grad_norm=0.5, expected_batch_size=1.0,
-                      noise_generator=torch.Generator())
+                      noise=GaussianNoise.seeded(0))
     x, t = torch.randn(3, 6), torch.randn(3, 4)
     eng.start_step()
     eng.backward((model(x) * t).sum(1), unit_pos=torch.arange(3), row_weight=torch.ones(3), num_units=3)
@@ -399,7 +398,7 @@ def test_a_nonfinite_unit_contributes_zero_and_leaves_the_others_exact(kind, eng
     C = float(ref.norm(dim=1).median())
     params = [p for p in model.parameters() if p.requires_grad]
     kw = dict(noise_multiplier=0.0, max_grad_norm=C, expected_batch_size=2.0,
-              noise_generator=torch.Generator().manual_seed(0), params=params)
+              noise=GaussianNoise.seeded(0), params=params)
     eng = make_engine(engine, model, **kw)
     eng.start_step()
     for micro in split_units(rows, 2):  # the bad unit shares its micro-batch with a good one
@@ -424,7 +423,7 @@ def test_an_infinite_unit_gradient_with_finite_activations_contributes_zero(engi
     x, t = torch.randn(4, 10, generator=g), torch.randn(4, 6, generator=g)
     t[2, 3] = float("inf")
     model = _Linear(10, 6)
-    kw = dict(noise_multiplier=0.0, max_grad_norm=0.5, expected_batch_size=1.0, noise_generator=torch.Generator())
+    kw = dict(noise_multiplier=0.0, max_grad_norm=0.5, expected_batch_size=1.0, noise=GaussianNoise.seeded(0))
     eng = make_engine(engine, model, **kw)
     eng.start_step()
     eng.backward((model(x) * t).sum(1), unit_pos=torch.arange(4), row_weight=torch.ones(4), num_units=4)
@@ -467,7 +466,7 @@ def test_a_layer_used_twice_in_one_forward_is_refused(engine, model_cls):
 
     torch.manual_seed(0)
     model = model_cls()
-    kw = dict(noise_multiplier=0.0, max_grad_norm=1e-3, expected_batch_size=1.0, noise_generator=torch.Generator())
+    kw = dict(noise_multiplier=0.0, max_grad_norm=1e-3, expected_batch_size=1.0, noise=GaussianNoise.seeded(0))
     eng = make_engine(engine, model, **kw)
     x, t = torch.randn(3, 5), torch.randn(3, 5)
     eng.start_step()
@@ -477,8 +476,7 @@ def test_a_layer_used_twice_in_one_forward_is_refused(engine, model_cls):
 
 # --- book-keeping: one backward pass, the per-layer rule, the engine choice ----------------------------------------
 
-@pytest.mark.parametrize("engine,passes", [("hooks", 1), ("bookkeeping_auto", 1), ("bookkeeping_always", 1),
-                                           ("two_pass_auto", 2)])
+@pytest.mark.parametrize("engine,passes", [("hooks", 1), ("bookkeeping_auto", 1), ("bookkeeping_always", 1)])
 def test_bookkeeping_runs_one_backward_pass(monkeypatch, engine, passes):
     """Book-keeping forms the clipped sum from what it kept: one autograd backward per micro-batch, as hooks."""
     model = _unet("full")
@@ -488,7 +486,7 @@ def test_bookkeeping_runs_one_backward_pass(monkeypatch, engine, passes):
     original = torch.autograd.backward
     monkeypatch.setattr(torch.autograd, "backward", lambda *a, **k: calls.append(1) or original(*a, **k))
     eng = make_engine(engine, model, noise_multiplier=0.0, max_grad_norm=1.0, expected_batch_size=1.0,
-                      noise_generator=torch.Generator())
+                      noise=GaussianNoise.seeded(0))
     eng.start_step()
     eng.backward(objective.row_losses(model, rows), unit_pos=rows.unit_pos, row_weight=rows.row_weight,
                  num_units=rows.num_units)
@@ -516,6 +514,113 @@ def test_auto_picks_hooks_when_per_unit_gradients_fit_else_bookkeeping():
     lora, unet = 800_000, 860_000_000
     assert choose_engine("auto", trainable_numel=lora, micro_batch_size=64, memory_gb=2.0) == "hooks"
     assert choose_engine("auto", trainable_numel=unet, micro_batch_size=4, memory_gb=2.0) == "bookkeeping"
-    assert choose_engine("two_pass", trainable_numel=lora, micro_batch_size=4, memory_gb=2.0) == "two_pass"
+    with pytest.raises(UserError, match="two_pass was retired"):
+        choose_engine("two_pass", trainable_numel=lora, micro_batch_size=4, memory_gb=2.0)
     with pytest.raises(UserError, match="per_sample=ghost"):
         choose_engine("ghost", trainable_numel=lora, micro_batch_size=4, memory_gb=2.0)
+
+
+# --- one unit's presence changes the released sum by its own clipped contribution only ------------------------------
+
+@pytest.mark.parametrize("engine", ["hooks", "bookkeeping_auto", "bookkeeping_always"])
+@pytest.mark.parametrize("kind", ["lora", "full"])
+def test_removing_a_unit_changes_the_sum_by_its_own_clipped_contribution_only(kind, engine):
+    """Rows built by the trainer's RowBuilder (augmentation draws keyed per unit): the clipped sum over units
+    {0..5} minus the sum over {0..5} without unit 2 is unit 2's clipped contribution alone (norm <= C), as the
+    noise calibration assumes, on every engine. With one augmentation stream over the whole batch, removing unit 2
+    shifted the draws of units 3-5 and the difference reached several C."""
+    from dpdiff.data.records import PrivacyUnits
+    from dpdiff.training.encode import EncodedData
+    from dpdiff.training.rows import RowBuilder
+
+    g = torch.Generator().manual_seed(0)
+    data = EncodedData(latent_mean=torch.randn(6, 1, 4, 8, 8, generator=g),
+                       latent_std=torch.rand(6, 1, 4, 8, 8, generator=g) * 0.1,
+                       text_emb=torch.randn(3, 32, 64, generator=g), text_index=torch.arange(6) % 3,
+                       captions=["a", "b", "c"], scaling_factor=1.0, shift_factor=0.0)
+    units = PrivacyUnits("example", tuple((i,) for i in range(6)), tuple(f"img_{i}.png" for i in range(6)))
+    rb = RowBuilder(data, units, augmult=2, random_flip=False, num_train_timesteps=1000, key=bytes(range(32)))
+    model, objective = _unet(kind), _objective()
+    sums = {}
+    for name, batch in (("all", [0, 1, 2, 3, 4, 5]), ("without", [0, 1, 3, 4, 5]), ("alone", [2])):
+        rows = rb.build(batch, step=3)
+        if name == "all":
+            C = 0.5 * float(naive_unit_gradients(copy.deepcopy(model), objective, rows).norm(dim=1).min())
+        sums[name], _ = engine_clipped_sum(engine, model, objective, rows, C=C, expected=1.0, micro_units=2)
+    diff = (sums["all"] - sums["without"]).double()
+    assert float(diff.norm()) <= C * (1 + 1e-4)  # every unit is clipped to exactly C here
+    torch.testing.assert_close(diff, sums["alone"].double(), rtol=0, atol=1e-5 * C)
+
+
+def test_the_hooks_buffer_is_checked_for_every_weight_written(monkeypatch):
+    """The per-unit buffer is ``torch.empty``: a layer whose callback writes nothing (here: dropped) must stop the
+    step instead of clipping uninitialised memory."""
+    model = make_tiny_lora_unet(rank=2)
+    objective, rows = _objective(), _rows([1, 1])
+    eng = DPSGDEngine(model, noise_multiplier=0.0, max_grad_norm=1.0, expected_batch_size=1.0,
+                      noise=GaussianNoise.seeded(0))
+    original = eng.hooks.per_row_grads
+    skipped = []
+
+    def lossy(module, acts, backprops):
+        out = original(module, acts, backprops)
+        if not skipped:  # drop the first layer's gradients
+            skipped.append(module)
+            return {}
+        return out
+
+    monkeypatch.setattr(eng.hooks, "per_row_grads", lossy)
+    eng.start_step()
+    with pytest.raises(RuntimeError, match="received no per-unit gradient"):
+        eng.backward(objective.row_losses(model, rows), unit_pos=rows.unit_pos, row_weight=rows.row_weight,
+                     num_units=rows.num_units)
+    eng.close()
+
+
+def test_the_engines_clip_in_full_fp32_whatever_the_user_set(monkeypatch):
+    """``torch.set_float32_matmul_precision("high")`` (TF32 on CUDA, bf16 modes of oneDNN on a CPU) is switched off
+    inside the engine's per-layer callbacks and clip phase, and restored after."""
+    from dpdiff.privacy.precision import fp32_settings
+
+    model = make_tiny_lora_unet(rank=2)
+    objective, rows = _objective(), _rows([1, 2])
+    seen = []
+    eng = DPSGDEngine(model, noise_multiplier=0.0, max_grad_norm=1.0, expected_batch_size=1.0,
+                      noise=GaussianNoise.seeded(0))
+    original = eng.hooks.per_row_grads
+    monkeypatch.setattr(eng.hooks, "per_row_grads", lambda *a: seen.append(fp32_settings()) or original(*a))
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        user = fp32_settings()
+        assert "tf32" in user.values()
+        eng.start_step()
+        eng.backward(objective.row_losses(model, rows), unit_pos=rows.unit_pos, row_weight=rows.row_weight,
+                     num_units=rows.num_units)
+        eng.finalize()
+        assert seen and all(set(s.values()) == {"ieee"} for s in seen)
+        assert fp32_settings() == user  # restored
+    finally:
+        torch.set_float32_matmul_precision(before)
+        eng.close()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (runs in benchmarks/gpu_check.sh)")
+@pytest.mark.parametrize("engine", ["hooks", "bookkeeping_always"])
+def test_on_cuda_with_tf32_on_no_clipped_unit_exceeds_C(engine):
+    """On a GPU with TF32 allowed everywhere, every engine's clipped units stay within C (fp32 rounding), as
+    their float64 reference: the contribution of each unit alone, its norm at most C (1 + 1e-5)."""
+    model = _unet("full").cuda()
+    objective = _objective()
+    rows = _rows([1, 2, 1]).to("cuda")
+    torch.set_float32_matmul_precision("high")
+    try:
+        ref = naive_unit_gradients(copy.deepcopy(model), objective, rows)
+        C = 0.25 * float(ref.norm(dim=1).min())
+        for u in range(rows.num_units):
+            sel = (rows.unit_pos == u).nonzero().flatten()
+            one = rows.select(sel, unit_pos=torch.zeros(len(sel), dtype=torch.long, device="cuda"), num_units=1)
+            got, _ = engine_clipped_sum(engine, model, objective, one, C=C, expected=1.0, micro_units=1)
+            assert float(got.double().norm()) <= C * (1 + 1e-5)
+    finally:
+        torch.set_float32_matmul_precision("highest")

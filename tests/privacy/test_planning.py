@@ -10,6 +10,7 @@ from helpers import run_cli
 
 from dpdiff.models.adapters import count_trainable
 from dpdiff.privacy.planning import assess, noise_to_signal, plan_grid
+from dpdiff.privacy.randomness import GaussianNoise
 
 
 def test_noise_norm_matches_the_engine():
@@ -20,7 +21,7 @@ def test_noise_norm_matches_the_engine():
     d = sum(p.numel() for p in lin.parameters())
     sigma, c, b = 1.3, 0.5, 40.0
     eng = DPSGDEngine(lin, noise_multiplier=sigma, max_grad_norm=c, expected_batch_size=b,
-                      noise_generator=torch.Generator().manual_seed(0))
+                      noise=GaussianNoise.seeded(0))
     eng.start_step()
     eng.finalize()
     measured = math.sqrt(sum(float(p.grad.pow(2).sum()) for p in lin.parameters()))

@@ -9,11 +9,12 @@ import pytest
 import torch
 
 from dpdiff.privacy.engine import DPSGDEngine
+from dpdiff.privacy.randomness import GaussianNoise
 
 
 def _step(model, x, *, sigma, c, b, groups=None, seed=0):
     eng = DPSGDEngine(model, noise_multiplier=sigma, max_grad_norm=c, expected_batch_size=b,
-                      noise_generator=torch.Generator().manual_seed(seed))
+                      noise=GaussianNoise.seeded(seed))
     if groups:
         eng.param_groups = groups
     eng.start_step()
@@ -51,20 +52,20 @@ def test_signal_norm_is_the_clipped_mean_and_noise_norm_the_noise():
 
 
 def test_gradient_canary_hook_equals_the_flat_canaries():
-    """Injecting/observing through the per-tensor hook is the flat GradientCanaries on the concatenation."""
+    """Scoring through the per-tensor hook is the flat GradientCanaries on the concatenation, and neither writes
+    into the released sum."""
     from dpdiff.probes.canaries import GradientCanaries, GradientCanaryHook
 
     shapes = [(3, 4), (5,), (2, 2, 2)]
     n = sum(int(np.prod(s)) for s in shapes)
     a, b = GradientCanaries(count=10, num_params=n, seed=3), GradientCanaries(count=10, num_params=n, seed=3)
-    hook = GradientCanaryHook(a, shapes=shapes, noise_multiplier=1.0, sample_rate=1.0, clip_norm=0.5)
-    tensors = [torch.zeros(s) for s in shapes]
-    joined = hook.inject(tensors, generator=torch.Generator().manual_seed(0))
-    flat = torch.zeros(n)
-    b.inject(flat, sample_rate=1.0, clip_norm=0.5, generator=torch.Generator().manual_seed(0))
-    assert joined == int(a.included.sum())
-    assert torch.equal(torch.cat([t.flatten() for t in tensors]), flat)
-    noisy = [t + torch.randn(t.shape, generator=torch.Generator().manual_seed(1)) for t in tensors]
-    hook.observe(noisy)
-    b.observe(torch.cat([t.flatten() for t in noisy]), noise_multiplier=1.0, sample_rate=1.0, clip_norm=0.5)
+    hook = GradientCanaryHook(a, shapes=shapes, noise_multiplier=1.0, sample_rate=1.0, clip_norm=0.5,
+                              rng=np.random.default_rng(0))
+    noisy = [torch.randn(s, generator=torch.Generator().manual_seed(1)) for s in shapes]
+    before = [t.clone() for t in noisy]
+    joined = hook.observe(noisy)
+    flat = torch.cat([t.flatten() for t in noisy])
+    b.observe(flat, noise_multiplier=1.0, sample_rate=1.0, clip_norm=0.5, rng=np.random.default_rng(0))
+    assert joined == int(a.included.sum()) > 0
     np.testing.assert_allclose(a.scores, b.scores)
+    assert all(torch.equal(x, y) for x, y in zip(noisy, before))  # the released sum is untouched

@@ -79,12 +79,12 @@ def test_gradient_canaries_on_a_simulated_dp_sgd_run(q, steps, count):
 
     sigma, clip, delta = 1.0, 0.5, 1e-5
     can = GradientCanaries(count=count, num_params=count, seed=3)
-    g = torch.Generator().manual_seed(4)
+    g, coins = torch.Generator().manual_seed(4), np.random.default_rng(5)
     for _ in range(steps):
-        summed = torch.zeros(count)  # the other units' clipped sum: orthogonal to the canaries here
-        can.inject(summed, sample_rate=q, clip_norm=clip, generator=g)
-        noisy = summed + sigma * clip * torch.randn(count, generator=g)
-        can.observe(noisy, noise_multiplier=sigma, sample_rate=q, clip_norm=clip)
+        # the released sum: the other units' clipped sum (orthogonal to the canaries here) plus the noise; the
+        # canaries are scored beside it
+        noisy = sigma * clip * torch.randn(count, generator=g)
+        can.observe(noisy, noise_multiplier=sigma, sample_rate=q, clip_norm=clip, rng=coins)
     data = can.to_json()
     assert data["steps"] == steps and len(set(data["coordinates"])) == count
     res = one_run_audit(scores=np.array(data["scores"]), included=np.array(data["included"]), delta=delta,

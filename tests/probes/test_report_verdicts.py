@@ -61,8 +61,8 @@ def test_sweep_report_has_verdict_and_ceiling_columns(tmp_path):
 
     run = tmp_path / "0"
     run.mkdir()
-    (run / "privacy.json").write_text(json.dumps({"dp": True, "epsilon": 8.0, "delta": 1e-5,
-                                                  "dataset_fingerprint": "f" * 64}))
+    (run / "privacy.json").write_text(json.dumps({"dp": True, "epsilon": 8.0, "delta": 1e-5}))
+    (run / "data_owner.json").write_text(json.dumps({"dataset_fingerprint": "f" * 64}))
     (run / "probes.json").write_text(json.dumps(_probes(8.0)))
     row = collect(tmp_path)[0]
     assert (row["audit_verdict"], row["mia_verdict"], row["extraction_verdict"]) == ("FAIL", "INCONCLUSIVE",

@@ -39,9 +39,7 @@ def test_every_probe_writes_a_three_way_verdict(tmp_path):
     write_json_atomic(run / "canaries.json", {"count": 24, "canaries": meta})
     grad = GradientCanaries(count=200, num_params=1000, seed=0)
     for _ in range(3):
-        summed = torch.zeros(1000)
-        grad.inject(summed, sample_rate=0.5, clip_norm=1.0)
-        grad.observe(summed + torch.randn(1000), noise_multiplier=1.0, sample_rate=0.5, clip_norm=1.0)
+        grad.observe(torch.randn(1000), noise_multiplier=1.0, sample_rate=0.5, clip_norm=1.0, rng=rng)
     grad.save(run)
 
     cfg = OmegaConf.merge(OmegaConf.load(config_dir() / "probes" / "default.yaml"), OmegaConf.from_dotlist([

@@ -104,8 +104,8 @@ def test_probes_and_eval_run_after_training_and_on_an_existing_run(tmp_path):
     assert {"eps_lower", "verdict"} <= set(probes["audit"])
     assert probes["audit"]["verdict"] in ("PASS", "FAIL", "INCONCLUSIVE")
     canaries = json.loads((run_dir / "canaries.json").read_text())
-    priv = json.loads((run_dir / "privacy.json").read_text())
-    assert priv["canaries"]["included"] == sum(c["included"] for c in canaries["canaries"])
+    owner = json.loads((run_dir / "data_owner.json").read_text())  # the canaries' draw is the data owner's
+    assert owner["canaries"]["included"] == sum(c["included"] for c in canaries["canaries"])
     util = json.loads((run_dir / "utility.json").read_text())
     assert {"accuracy_in_style", "retention_accuracy"} <= set(util["digit_accuracy"]["finetuned"])
     assert "Probes" in (run_dir / "report.html").read_text()

@@ -117,12 +117,18 @@ def test_two_run_sweep_report_and_dataset_ledger(tmp_path):
     eps = [json.loads((sweep / str(i) / "privacy.json").read_text())["epsilon"] for i in (0, 1)]
     total = float(re.search(r"epsilon ([0-9.]+)", md.split("Total privacy spent")[1]).group(1))
     assert total > max(eps)
-    # the dataset ledger composes both runs to more than either alone
+    # the dataset ledger composes both runs, for the records both trained on, to more than either alone
     r = run_cli("budget", str(data))
     assert r.returncode == 0, r.stderr
-    ledger_total = float(re.search(r"total: epsilon ([0-9.]+)", r.stdout).group(1))
+    ledger_total = float(re.search(r"worst-charged record: epsilon ([0-9.]+)", r.stdout).group(1))
     assert ledger_total > max(eps)
     assert r.stdout.count("finished") == 2
+    hist = re.findall(r"epsilon +([0-9.]+) +(\d+) records? +\((.*?)\)", r.stdout)
+    assert hist[0][2] == "2 attempts" and float(hist[0][0]) == ledger_total, r.stdout
+    assert sum(int(n) for _, n, _ in hist) == 16  # every record of the folder, each with its charge
+    # held-out records were never trained on: they carry no charge
+    held_out = json.loads((sweep / "0" / "data_owner.json").read_text())["holdout_units"]
+    assert sum(int(n) for e, n, what in hist if what.startswith("new")) == held_out, r.stdout
     # and a run past the dataset budget is refused before training
     run = tmp_path / "over"
     r = run_cli("finetune", *FAST, f"data.path={data}", "privacy.target_epsilon=2",

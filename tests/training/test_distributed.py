@@ -53,3 +53,17 @@ def test_process_context_forms_one_group_on_cpu(tmp_path):
     mp.spawn(dist_workers.context_world, args=(2, _port(), str(tmp_path)), nprocs=2, join=True)
     got = sorted((tmp_path / f"ctx{r}.txt").read_text() for r in range(2))
     assert got == ["0 2 2 cpu", "1 2 2 cpu"], got
+
+
+@pytest.mark.parametrize("differ", [False, True])
+def test_ranks_that_read_different_data_refuse_together(tmp_path, differ):
+    """Rank 1 sees one more unit than rank 0 (a node-local copy that differs): both refuse, naming num_units; with
+    the same data both go on."""
+    import dist_workers
+
+    mp.spawn(dist_workers.plans_agree, args=(2, _port(), str(tmp_path), differ), nprocs=2, join=True)
+    got = [(tmp_path / f"plan{r}.txt").read_text() for r in range(2)]
+    if differ:
+        assert all(g.startswith("refused: process 1 disagrees with process 0 on") and "num_units" in g for g in got)
+    else:
+        assert got == ["agree", "agree"]

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from helpers import make_tiny_lora_unet
 
 from dpdiff.privacy.engine import DPSGDEngine
+from dpdiff.privacy.randomness import GaussianNoise
 from dpdiff.training.loss import DiffusionObjective, RowBatch
 
 
@@ -30,7 +32,7 @@ def _rows(n=4, seed=0):
 def _norms(model, rows, autocast):
     params = [p for p in model.parameters() if p.requires_grad]
     eng = DPSGDEngine(model, noise_multiplier=0.0, max_grad_norm=1e6, expected_batch_size=1.0,
-                      noise_generator=torch.Generator(), params=params)
+                      noise=GaussianNoise.seeded(0), params=params)
     eng.start_step()
     obj = _objective()
     if autocast:
@@ -71,15 +73,14 @@ def test_cached_posterior_gives_the_on_the_fly_loss():
     enc = encode_dataset(recs, base=base,
                          resolution=32, center_crop=True, flips=False, device="cpu", progress=False)
     units = PrivacyUnits("example", tuple((i,) for i in range(6)), tuple(r.key for r in recs))
-    gen = torch.Generator().manual_seed(5)
-    builder = RowBuilder(enc, units, augmult=1, random_flip=False, num_train_timesteps=1000, generator=gen)
-    rows = builder.build([0, 1, 2, 3, 4, 5])
-    # replay the same draws on the fly: latent eps first, then timesteps, then noise (RowBuilder's order)
-    gen2 = torch.Generator().manual_seed(5)
+    builder = RowBuilder(enc, units, augmult=1, random_flip=False, num_train_timesteps=1000, key=bytes(32))
+    rows = builder.build([0, 1, 2, 3, 4, 5], step=0)
+    # replay the same draws on the fly: each unit's stream gives its latent eps first (RowBuilder's order)
     px = torch.stack([to_pixels(r.open(), resolution=32) for r in recs])
     with torch.no_grad():
         post = base.vae.encode(px).latent_dist
-    eps = torch.randn(post.mean.shape, generator=gen2)
+    eps = torch.stack([torch.from_numpy(builder.stream(u, 0).standard_normal(tuple(post.mean.shape[1:]),
+                                                                             dtype=np.float32)) for u in range(6)])
     lat = (post.mean + post.std * eps) * base.vae.config.scaling_factor
     torch.testing.assert_close(rows.latents, lat, rtol=1e-5, atol=1e-5)
     obj = DiffusionObjective(base.noise_scheduler)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from dpdiff.data.records import PrivacyUnits
 from dpdiff.training.encode import EncodedData
 from dpdiff.training.loss import DiffusionObjective
 from dpdiff.training.rows import PUBLIC_CAPTIONS, CaptionMitigation, RowBuilder, insert_random_word
+
+KEY = bytes(range(32))
 
 
 def _data(n_images=10, captions=3):
@@ -22,8 +25,8 @@ def _data(n_images=10, captions=3):
 def test_augmult_and_user_units_weights():
     units = PrivacyUnits("user", ((0, 1, 2), (3,), (4, 5, 6, 7, 8, 9)), ("a", "b", "c"))
     rb = RowBuilder(_data(), units, augmult=3, random_flip=True, num_train_timesteps=1000,
-                    generator=torch.Generator().manual_seed(1), max_images_per_unit=4)
-    rows = rb.build([0, 1, 2])
+                    key=KEY, max_images_per_unit=4)
+    rows = rb.build([0, 1, 2], step=0)
     counts = torch.bincount(rows.unit_pos, minlength=3).tolist()
     assert counts == [9, 3, 12]  # 3 images x K, 1 x K, min(6, 4) x K
     for u in range(3):  # the rows of a unit weigh 1 in total: the unit gradient is their mean
@@ -34,10 +37,10 @@ def test_augmult_and_user_units_weights():
 def test_max_images_per_user_draws_a_random_subset():
     units = PrivacyUnits("user", (tuple(range(10)),), ("a",))
     rb = RowBuilder(_data(), units, augmult=1, random_flip=False, num_train_timesteps=1000,
-                    generator=torch.Generator().manual_seed(2), max_images_per_unit=3)
+                    key=KEY, max_images_per_unit=3)
     seen = set()
-    for _ in range(30):
-        imgs = rb.images_of(0)
+    for step in range(30):  # a fresh subset per step (30 steps miss one of 10 images with p < 10 * 0.7^30 = 2e-4;
+        imgs = rb.images_of(0, rb.stream(0, step))  # the key is fixed: deterministic)
         assert len(imgs) == 3 and len(set(imgs)) == 3
         seen |= set(imgs)
     assert len(seen) == 10
@@ -46,17 +49,17 @@ def test_max_images_per_user_draws_a_random_subset():
 def test_timestep_range_bounds_the_draws():
     units = PrivacyUnits("example", tuple((i,) for i in range(10)), tuple(str(i) for i in range(10)))
     rb = RowBuilder(_data(), units, augmult=50, random_flip=False, num_train_timesteps=1000,
-                    generator=torch.Generator().manual_seed(3), timestep_range=(300, 1000))
-    t = rb.build(list(range(10))).timesteps
+                    key=KEY, timestep_range=(300, 1000))
+    t = rb.build(list(range(10)), step=0).timesteps
     assert int(t.min()) >= 300 and int(t.max()) <= 999 and int(t.max()) > 900  # 500 draws cover the range
     full = RowBuilder(_data(), units, augmult=50, random_flip=False, num_train_timesteps=1000,
-                      generator=torch.Generator().manual_seed(3)).build(list(range(10))).timesteps
+                      key=KEY).build(list(range(10)), step=0).timesteps
     assert int(full.min()) < 300
     import pytest
 
     with pytest.raises(ValueError):
         RowBuilder(_data(), units, augmult=1, random_flip=False, num_train_timesteps=1000,
-                   generator=torch.Generator(), timestep_range=(500, 1001))
+                   key=KEY, timestep_range=(500, 1001))
 
 
 def test_caption_mitigation_uses_public_material_only():
@@ -68,7 +71,7 @@ def test_caption_mitigation_uses_public_material_only():
     pool = {"encoder_hidden_states": torch.randn(p, 5, 8), "pooled": torch.randn(p, 6)}
     mit = CaptionMitigation(caption_variants=variants, pool=pool, replace_prob=0.4, insert_prob=0.4)
     text = {"encoder_hidden_states": data.text_emb[data.text_index], "pooled": torch.randn(3, 6)[data.text_index]}
-    out = mit.apply(text, data.text_index, torch.Generator().manual_seed(0))
+    out = mit.apply(text, data.text_index, mit.draw(np.random.default_rng(0), len(data.text_index)))
     n_pool = n_var = n_same = 0
     emb, pooled = out["encoder_hidden_states"], out["pooled"]
     for i in range(len(emb)):
@@ -85,8 +88,6 @@ def test_caption_mitigation_uses_public_material_only():
             assert torch.equal(emb[i], text["encoder_hidden_states"][i]) and torch.equal(pooled[i], text["pooled"][i])
             n_same += 1
     assert n_pool + n_var + n_same == len(emb) and n_pool > 0 and n_var > 0
-    import numpy as np
-
     s = insert_random_word("a photo of a dog", np.random.default_rng(0))
     assert len(s.split()) == 6
 
@@ -106,3 +107,34 @@ def test_v_prediction_target_follows_the_scheduler():
     a = sched.alphas_cumprod[t].sqrt().view(-1, 1, 1, 1)
     s = (1 - sched.alphas_cumprod[t]).sqrt().view(-1, 1, 1, 1)
     torch.testing.assert_close(v_obj.target(lat, noise, t), a * noise - s * lat)
+
+
+def test_removing_a_unit_leaves_every_other_units_rows_bit_identical():
+    """Each unit's draws (images of a large user, flips, latent samples, timesteps, noise, caption mitigation and
+    dropout) come from its own stream: the rows of units 0, 2, 3 are the same whether unit 1 is in the batch or not,
+    and wherever they sit in it. A single stream over the batch (the old design) fails this."""
+    data = _data()
+    units = PrivacyUnits("user", ((0, 1, 2), (3,), (4, 5, 6, 7), (8, 9)), ("u0", "u1", "u2", "u3"))
+    p = len(PUBLIC_CAPTIONS)
+    mit = CaptionMitigation(caption_variants={"encoder_hidden_states": torch.randn(3, 4, 5, 8)},
+                            pool={"encoder_hidden_states": torch.randn(p, 5, 8)}, replace_prob=0.3, insert_prob=0.3)
+    rb = RowBuilder(data, units, augmult=3, random_flip=True, num_train_timesteps=1000, key=KEY,
+                    max_images_per_unit=2, mitigation=mit, caption_dropout=0.2,
+                    empty_text={"encoder_hidden_states": torch.zeros(1, 5, 8)})
+
+    def rows_of(batch, unit):
+        rows = rb.build(batch, step=7)
+        sel = rows.unit_pos == batch.index(unit)
+        return [rows.latents[sel], rows.noise[sel], rows.timesteps[sel], rows.encoder_hidden_states[sel],
+                rows.row_weight[sel]]
+
+    for unit in (0, 2, 3):
+        with_1, without_1 = rows_of([0, 1, 2, 3], unit), rows_of([0, 2, 3], unit)
+        reordered = rows_of([3, 2, 0], unit)
+        assert all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(with_1, without_1, reordered))
+    # and the draws do change with the step and the key (so they are draws, not constants)
+    other_step = rb.build([0], step=8)
+    assert not torch.equal(other_step.noise, rb.build([0], step=7).noise)
+    other_key = RowBuilder(data, units, augmult=3, random_flip=True, num_train_timesteps=1000, key=bytes(32),
+                           max_images_per_unit=2)
+    assert not torch.equal(other_key.build([0], step=7).noise, rb.build([0], step=7).noise)
