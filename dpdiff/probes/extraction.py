@@ -151,9 +151,9 @@ def _balanced(ids_mem: list[int], ids_hold: list[int], seed: int) -> tuple[list[
 
 def run_extraction(ctx: ProbeContext, cfg, *, budget_images: int | None = None, confidence: float = 0.95) -> dict:
     from dpdiff.models.pipeline import generate
-    from dpdiff.probes.audit import one_run_audit, units_needed
+    from dpdiff.probes.audit import detectable_epsilon, one_run_audit
     from dpdiff.probes.stats import clopper_pearson
-    from dpdiff.probes.verdict import three_way_verdict, verdict_fields
+    from dpdiff.probes.verdict import three_way_verdict, to_detect_twice_the_claim, verdict_fields
 
     t0 = time.time()
     n_caps = int(cfg.get("captions", 16))
@@ -267,22 +267,28 @@ def run_extraction(ctx: ProbeContext, cfg, *, budget_images: int | None = None, 
     if heldout_nearest is None:
         blockers.append("no held-out images: the threshold cannot be checked against unseen images")
     balanced_n = min(len(mem_idx), len(ctl_idx))
-    if claimed is not None:
-        need = units_needed(claimed_epsilon=float(claimed), delta=delta, confidence=confidence, fixed_count=True,
-                            choices_tried=6 * (2 if item_feat is not None else 1))
-        to_conclude = (f"about {need // 2} probed training images and as many held-out ones (now {balanced_n} each), "
-                       "i.e. more captions or items_per_caption" if need else
-                       f"no number of items (up to 2^18) lets this test reject epsilon {claimed:.3g} at "
-                       f"delta {delta:g}")
-    else:
+    power = None
+    if split and claimed is not None:  # the optimal detector is one of the detectors, at their level
+        power = detectable_epsilon(claimed_epsilon=float(claimed), m=len(mem_idx) + len(ctl_idx),
+                                   included=len(mem_idx), delta=delta, confidence=per_det, fixed_count=True,
+                                   seed=ctx.seed)
+    if claimed is None:
         to_conclude = "the run has no DP guarantee: only a FAIL (leak shown) is possible"
+    elif power is None or power["detectable_epsilon"] is None or power["detectable_epsilon"] > 2 * float(claimed):
+        to_conclude = to_detect_twice_the_claim(
+            claimed_epsilon=float(claimed), delta=delta, confidence=per_det if split else 1.0 - alpha / 2,
+            fixed_count=True, now=balanced_n, seed=ctx.seed,
+            what="probed training images and as many held-out ones (more captions or items_per_caption)")
+    else:
+        to_conclude = ""
     if floor_median is not None and floor_median > thr:
         to_conclude += "; a base whose VAE reconstructs these images (or a larger threshold that held-out images " \
                        "still do not reach)"
     not_estimable = None if split else ("no held-out items among the probed captions: nothing to compare the "
                                         "training images against")
     v = three_way_verdict(claimed_epsilon=claimed, eps_lower=eps_lower, ceiling=ceiling, confidence=confidence,
-                          blockers=blockers, to_conclude=to_conclude, not_estimable=not_estimable)
+                          blockers=blockers, to_conclude=to_conclude or None, not_estimable=not_estimable,
+                          detectable_epsilon=power["detectable_epsilon"] if power else None)
     if balanced_n and ceiling is not None and claimed is not None and ceiling <= claimed:
         warnings.append(f"{len(captions)} captions x {per} generations probe {balanced_n} training and {balanced_n} "
                         f"held-out images: the most this can certify is epsilon {ceiling:.3g}")

@@ -94,9 +94,9 @@ def run_mia(ctx: ProbeContext, cfg, *, confidence: float | None = None) -> dict:
     are under ``attacks``. The DP verdict is the one-run analysis of the random split
     (``split_dp_check``), Bonferroni-corrected over the attacks.
     """
-    from dpdiff.probes.audit import units_needed
+    from dpdiff.probes.audit import detectable_epsilon
     from dpdiff.probes.stats import DEFAULT_MIN_NONMEMBERS, split_dp_check
-    from dpdiff.probes.verdict import three_way_verdict, verdict_fields
+    from dpdiff.probes.verdict import POWER_FACTOR, three_way_verdict, to_detect_twice_the_claim, verdict_fields
 
     confidence = float(confidence if confidence is not None else cfg.get("confidence", 0.95))
     claimed = ctx.privacy.get("epsilon") if ctx.privacy.get("dp") else None
@@ -134,20 +134,24 @@ def run_mia(ctx: ProbeContext, cfg, *, confidence: float | None = None) -> dict:
     primary = str(cfg.get("primary_attack", "calibrated"))
     if primary not in attacks:
         primary = "loss"
-    to_conclude = None
-    if claimed is not None:
-        need = units_needed(claimed_epsilon=float(claimed), delta=delta, confidence=confidence, fixed_count=True,
-                            choices_tried=check["choices_tried"] * len(attacks))
-        to_conclude = (f"about {need // 2} held-out units and as many members (now {n} each) would let a perfect "
-                       f"attack reject epsilon {claimed:.3g}" if need else
-                       f"no number of held-out units (up to 2^18) lets this test reject epsilon {claimed:.3g} at delta "
-                       f"{delta:g}: the claim is beyond what a random split can test")
+    to_conclude, power = None, None
+    if claimed is not None:  # the optimal attacker is one of the attacks, at the level each attack ran at
+        power = detectable_epsilon(claimed_epsilon=float(claimed), m=check["units"], included=n, delta=delta,
+                                   confidence=check["confidence_per_attack"], fixed_count=True, seed=ctx.seed)
+        if power["detectable_epsilon"] is None or power["detectable_epsilon"] > POWER_FACTOR * float(claimed):
+            to_conclude = to_detect_twice_the_claim(
+                claimed_epsilon=float(claimed), delta=delta, confidence=check["confidence_per_attack"],
+                fixed_count=True, now=n, what="held-out units and as many members", seed=ctx.seed)
+        else:
+            to_conclude = ""
         if n < min_n:
-            to_conclude += f"; at least {min_n} held-out units for an AUC"
+            to_conclude = "; ".join(filter(None, [to_conclude, f"at least {min_n} held-out units for an AUC"]))
+        to_conclude = to_conclude or None
     else:
         to_conclude = "the run has no DP guarantee: only a FAIL (leak shown) is possible"
     v = three_way_verdict(claimed_epsilon=claimed, eps_lower=check["eps_lower"], ceiling=check["ceiling"],
-                          confidence=confidence, to_conclude=to_conclude)
+                          confidence=confidence, to_conclude=to_conclude,
+                          detectable_epsilon=power["detectable_epsilon"] if power else None)
     prim = attacks[primary]
     return {
         "auc": prim["auc"],

@@ -45,26 +45,31 @@ def canary_loss_scores(ctx: ProbeContext, cfg) -> tuple[np.ndarray, np.ndarray]:
 
 
 def audit_verdict(*, scores, included, claimed_epsilon, delta: float, confidence: float, choices=None,
-                  kind: str) -> dict:
-    """One-run audit of canary scores (coins drawn independently with probability 1/2) and its verdict."""
-    from dpdiff.probes.audit import one_run_audit, units_needed
-    from dpdiff.probes.verdict import three_way_verdict, verdict_fields
+                  kind: str, choices_for=None) -> dict:
+    """One-run audit of canary scores (coins drawn independently with probability 1/2), its power against the
+    optimal attacker and its verdict. ``choices_for(m)``: the guess families the probe would use with m canaries
+    (for the advice on how many would be enough)."""
+    from dpdiff.probes.audit import detectable_epsilon, one_run_audit
+    from dpdiff.probes.verdict import POWER_FACTOR, three_way_verdict, to_detect_twice_the_claim, verdict_fields
 
     res = one_run_audit(scores=scores, included=included, delta=delta, confidence=confidence, choices=choices)
     m = res["m"]
+    power = None
     if claimed_epsilon is not None:
-        need = units_needed(claimed_epsilon=float(claimed_epsilon), delta=delta, confidence=confidence,
-                            choices_tried=res["choices_tried"])
-        to_conclude = (f"about {need} {kind} (now {m}) would let a perfect attack reject epsilon "
-                       f"{claimed_epsilon:.3g}; more with a real one" if need else
-                       f"no number of canaries (up to 2^18) lets this test reject epsilon {claimed_epsilon:.3g} at "
-                       f"delta {delta:g}")
+        power = detectable_epsilon(claimed_epsilon=float(claimed_epsilon), m=m, included=None, delta=delta,
+                                   confidence=confidence, fixed_count=False, choices=choices)
+        to_conclude = None
+        if power["detectable_epsilon"] is None or power["detectable_epsilon"] > POWER_FACTOR * claimed_epsilon:
+            to_conclude = to_detect_twice_the_claim(
+                claimed_epsilon=float(claimed_epsilon), delta=delta, confidence=confidence, fixed_count=False,
+                now=m, what=kind, choices_for=choices_for)
     else:
         to_conclude = "the run has no DP guarantee: only a FAIL (leak shown) is possible"
     v = three_way_verdict(claimed_epsilon=claimed_epsilon, eps_lower=res["eps_lower"], ceiling=res["ceiling"],
-                          confidence=confidence, to_conclude=to_conclude)
+                          confidence=confidence, to_conclude=to_conclude,
+                          detectable_epsilon=power["detectable_epsilon"] if power else None)
     res.pop("per_choice", None)
-    return {**res, **verdict_fields(v),
+    return {**res, **verdict_fields(v), "power_at_2x": power["power_at_2x"] if power else None,
             "score_mean_included": float(np.mean(scores[included])) if included.any() else None,
             "score_mean_excluded": float(np.mean(scores[~included])) if (~included).any() else None}
 
@@ -110,14 +115,17 @@ def run_audit(ctx: ProbeContext, cfg) -> dict:
                                                  included=np.asarray(grad["included"], dtype=bool),
                                                  claimed_epsilon=claimed, delta=delta, confidence=per_set,
                                                  choices=gradient_canary_k_choices(len(grad["scores"])),
-                                                 kind="gradient canaries")
+                                                 kind="gradient canaries", choices_for=gradient_canary_k_choices)
     parts = list(out.values())
     best = max(parts, key=lambda r: r["eps_lower"])
     ceiling = max(r["ceiling"] for r in parts)
     # each set ran at confidence 1 - (1 - conf) / sets: the best of them is a bound at conf (Bonferroni)
     tos = [r["to_conclude"] for r in parts if r.get("to_conclude")]
+    # each set's power was measured at its own (Bonferroni) level: the audit detects what its best set detects
+    detectable = min((r["detectable_epsilon"] for r in parts if r.get("detectable_epsilon") is not None), default=None)
     v = verdict_fields(three_way_verdict(claimed_epsilon=claimed, eps_lower=best["eps_lower"], ceiling=ceiling,
-                                         confidence=conf, to_conclude="; ".join(tos) or None))
+                                         confidence=conf, to_conclude="; ".join(tos) or None,
+                                         detectable_epsilon=detectable))
     head = out.get("data_canaries") or out["gradient_canaries"]
     return {
         **{k: head[k] for k in ("m", "included", "num_guesses", "num_correct", "k_plus", "k_minus",
@@ -131,8 +139,8 @@ def run_audit(ctx: ProbeContext, cfg) -> dict:
         "eps_lower_gdp": max(r["eps_lower_gdp"] for r in parts),
         "epsilon": ctx.privacy.get("epsilon"),
         "delta": delta,
-        **{k: v[k] for k in ("verdict", "colour", "claimed_epsilon", "confidence", "verdict_reason", "to_conclude",
-                             "blockers")},
+        **{k: v[k] for k in ("verdict", "colour", "claimed_epsilon", "detectable_epsilon", "confidence",
+                             "verdict_reason", "to_conclude", "blockers")},
         **out,
         "note": "eps_lower: the largest rigorous one-run lower bound (Steinke et al. 2023; f-DP analysis of "
                 "Mahloujifar et al. 2025 with the (eps, delta) curve), Bonferroni-corrected over the guesses, "

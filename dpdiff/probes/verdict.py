@@ -11,8 +11,13 @@ probability at least ``confidence`` the mechanism's true epsilon is at least ``e
 * INCONCLUSIVE (amber): no rejection, and the test could not have rejected: its ceiling is at or
   below the claim, or a blocker says the probe could not see a leak (e.g. the base VAE cannot
   reconstruct the images within the extraction threshold). ``to_conclude`` says what would help.
-* PASS (green): no rejection although the test could have rejected (ceiling above the claim,
-  no blocker): a leak beyond the claimed epsilon would have shown with the probe's power.
+* PASS (green): no rejection, no blocker, and the test has *power*: its ``detectable_epsilon``, the
+  smallest true epsilon that the optimal attacker (a Gaussian-DP mechanism scored by its likelihood ratio,
+  ``dpdiff.probes.audit.detectable_epsilon``) refutes with at least 80% probability at the test's sizes,
+  corrections and confidence, is at most twice the claim. A leak at twice the claim would have shown most of
+  the time; real attacks are weaker, so a PASS is a statement about the test's reach, never a certificate.
+  A test whose ceiling merely exceeds the claim is not enough (256 + 256 units at claim 1: ceiling 3.9, yet a
+  true epsilon of 4 is refuted in no simulated trial): INCONCLUSIVE, with the epsilon it does detect.
 
 Without a DP claim (a non-private run) the question is whether anything leaks at all: FAIL when
 ``eps_lower > 0`` (leakage demonstrated), otherwise INCONCLUSIVE; never PASS, because no
@@ -56,9 +61,32 @@ def _fmt(v) -> str:
     return f"{v:.3g}" if isinstance(v, float) else str(v)
 
 
+#: a PASS needs the test to detect (80% power, optimal attacker) a true epsilon of at most this multiple of the claim
+POWER_FACTOR = 2.0
+
+
+def to_detect_twice_the_claim(*, claimed_epsilon: float, delta: float, confidence: float, fixed_count: bool,
+                              now: int, what: str, choices_for=None, seed: int = 0) -> str:
+    """The ``to_conclude`` advice of an underpowered test: how many ``what`` (canaries, or held-out units and as
+    many members) would let the optimal attacker refute ``claimed_epsilon`` with 80% power when the truth is
+    twice it (``dpdiff.probes.audit.units_for_power``, at the level each test ran at)."""
+    from dpdiff.probes.audit import default_k_choices, units_for_power
+
+    claim = float(claimed_epsilon)
+    need = units_for_power(claimed_epsilon=claim, delta=delta, confidence=confidence, fixed_count=fixed_count,
+                           choices_for=choices_for or default_k_choices, seed=seed)
+    if need is None:
+        return (f"no number of {what} up to 131072 lets this test detect epsilon {2 * claim:.3g} (twice the claim) "
+                f"at delta {delta:g}: one-run analyses are too weak there; audit with more canaries per run or a "
+                "larger claim")
+    count = need // 2 if fixed_count else need
+    return (f"about {count} {what} (now {now}) would let this test detect epsilon {2 * claim:.3g} (twice the claim) "
+            f"with 80% power against the optimal attacker; more with a real one")
+
+
 def three_way_verdict(*, claimed_epsilon: float | None, eps_lower: float | None, ceiling: float | None,
                       confidence: float, blockers: Iterable[str] = (), to_conclude: str | None = None,
-                      not_estimable: str | None = None) -> dict:
+                      not_estimable: str | None = None, detectable_epsilon: float | None = None) -> dict:
     """The verdict of one probe (module docstring), as a dict for probes.json.
 
     ``claimed_epsilon``: the accountant's epsilon, None for a run without DP. ``eps_lower`` and
@@ -66,10 +94,13 @@ def three_way_verdict(*, claimed_epsilon: float | None, eps_lower: float | None,
     ``confidence``; None when the probe could not compute one (then ``not_estimable`` says why).
     ``blockers``: reasons the probe could not have seen a leak (each prevents a PASS).
     ``to_conclude``: what would make an INCONCLUSIVE conclusive (more canaries, more held-out units).
-    Returns ``verdict, colour, claimed_epsilon, eps_lower, ceiling, confidence, reason, to_conclude,
-    blockers``.
+    ``detectable_epsilon``: the smallest true epsilon the test refutes with 80% power (None: not shown, or
+    beyond 16x the claim); a PASS needs it at most ``POWER_FACTOR`` x the claim.
+    Returns ``verdict, colour, claimed_epsilon, eps_lower, ceiling, detectable_epsilon, confidence, reason,
+    to_conclude, blockers``.
     """
     claimed = _num(claimed_epsilon, "claimed_epsilon")
+    detectable = _num(detectable_epsilon, "detectable_epsilon")
     low = _num(eps_lower, "eps_lower")
     ceil = _num(ceiling, "ceiling")
     conf = float(confidence)
@@ -101,10 +132,17 @@ def three_way_verdict(*, claimed_epsilon: float | None, eps_lower: float | None,
     elif blockers:
         verdict = INCONCLUSIVE
         reason = "; ".join(blockers)
+    elif detectable is None or detectable > POWER_FACTOR * claimed:
+        verdict = INCONCLUSIVE
+        reach = (f"detects only epsilon >= {_fmt(detectable)}" if detectable is not None else
+                 f"detects no epsilon up to 16x the claim ({_fmt(16 * claimed)})")
+        reason = (f"no leak shown (lower bound {_fmt(low)} <= claimed {_fmt(claimed)}), but this test {reach} "
+                  f"(the optimal attacker, 80% power): a leak at {POWER_FACTOR:g}x the claim could have gone unseen")
     else:
         verdict = PASS
-        reason = (f"lower bound {_fmt(low)} <= claimed {_fmt(claimed)}, and the test could have shown up to "
-                  f"{_fmt(ceil)} ({pct} confidence)")
+        reason = (f"lower bound {_fmt(low)} <= claimed {_fmt(claimed)}, and the optimal attacker would have "
+                  f"refuted a true epsilon of {_fmt(detectable)} (<= {POWER_FACTOR:g}x the claim) in at least 80% "
+                  f"of runs of this test ({pct} confidence)")
     if verdict == INCONCLUSIVE and blockers and reason not in blockers:
         reason = reason + "; also: " + "; ".join(blockers)
     return {
@@ -113,6 +151,7 @@ def three_way_verdict(*, claimed_epsilon: float | None, eps_lower: float | None,
         "claimed_epsilon": claimed,
         "eps_lower": low,
         "ceiling": ceil,
+        "detectable_epsilon": detectable,
         "confidence": conf,
         "reason": reason,
         "to_conclude": to_conclude if verdict == INCONCLUSIVE else None,
@@ -140,11 +179,18 @@ def verdict_sentence(v: dict | None) -> str:
 
 
 def verdict_line(name: str, v: dict | None) -> str:
-    """A terminal summary line: ``name VERDICT (eps_lower a / ceiling b vs claimed c)``."""
+    """A terminal summary line: ``name VERDICT (eps_lower a, ceiling b, detects d, claimed c)``; ``detects``: the
+    smallest epsilon the test refutes with 80% power against the optimal attacker (shown only with a claim)."""
     if not v or not v.get("verdict"):
         return f"{name} not run"
+    claimed = v.get("claimed_epsilon")
+    if claimed is None:
+        return (f"{name} {v['verdict']} (eps_lower {_fmt(v.get('eps_lower'))}, ceiling {_fmt(v.get('ceiling'))}, "
+                "claimed none (no DP))")
+    det = v.get("detectable_epsilon")
+    detects = f">= {_fmt(det)}" if det is not None else f"nothing up to {_fmt(16 * float(claimed))}"
     return (f"{name} {v['verdict']} (eps_lower {_fmt(v.get('eps_lower'))}, ceiling {_fmt(v.get('ceiling'))}, "
-            f"claimed {_fmt(v.get('claimed_epsilon')) if v.get('claimed_epsilon') is not None else 'none (no DP)'})")
+            f"detects {detects}, claimed {_fmt(claimed)})")
 
 
 def summary_lines(probes: dict) -> list[str]:

@@ -35,6 +35,11 @@ def _bounds(sec: dict, priv: dict) -> str:
     claim = f"claimed epsilon {_f(claimed)}" if claimed is not None else "no DP claim"
     parts = [f"lower bound {_f(sec.get('eps_lower'))} vs {claim}; ceiling {_f(sec.get('ceiling'))} "
              f"(the most this test could certify); {_pct(sec.get('confidence'))} confidence"]
+    if claimed is not None and "detectable_epsilon" in sec:
+        det = sec.get("detectable_epsilon")
+        parts.append("detects " + (f"epsilon >= {_f(det)}" if det is not None else
+                                   f"no epsilon up to {_f(16 * float(claimed))}")
+                     + " (80% power against the optimal attacker; a PASS needs at most twice the claim)")
     extra = []
     if sec.get("eps_lower_steinke") is not None:
         extra.append(f"Steinke et al. {_f(sec['eps_lower_steinke'])}")

@@ -70,6 +70,7 @@ def collect(root: Path) -> list[dict]:
             "mia_auc": (probes.get("mia") or {}).get("auc"),
             "audit_eps_lower": (probes.get("audit") or {}).get("eps_lower"),
             "audit_ceiling": (probes.get("audit") or {}).get("ceiling"),
+            "audit_detectable": (probes.get("audit") or {}).get("detectable_epsilon"),
             "audit_verdict": (probes.get("audit") or {}).get("verdict"),
             "mia_verdict": (probes.get("mia") or {}).get("verdict"),
             "extraction_verdict": (probes.get("extraction") or {}).get("verdict"),
@@ -140,7 +141,8 @@ def write_sweep_report(root: Path) -> tuple[Path, Path]:
     front = frontier(rows)
     plot = _frontier_plot(root, rows, front)
     cols = ["run", "overrides", "epsilon", "target_epsilon", "steps", "utility", "extraction_rate",
-            "extraction_verdict", "mia_auc", "mia_verdict", "audit_eps_lower", "audit_ceiling", "audit_verdict"]
+            "extraction_verdict", "mia_auc", "mia_verdict", "audit_eps_lower", "audit_ceiling", "audit_detectable",
+            "audit_verdict"]
     uname = next((r["utility_name"] for r in rows if r["utility_name"]), "utility")
     head = [c if c != "utility" else uname for c in cols]
     md = ["# dpdiff sweep report", "", f"{len(rows)} runs under `{root}`.", ""]

@@ -119,18 +119,20 @@ def test_one_record_per_privacy_unit():
     assert ctx.one_record_per_unit([0, 1, 2, 3, 4]) == [0, 2, 3]
 
 
-@pytest.mark.parametrize("shift,claimed,expected", [(0.0, 1.0, "PASS"), (0.0, 8.0, "INCONCLUSIVE"),
-                                                     (6.0, 1.0, "FAIL"), (6.0, None, "FAIL"),
-                                                     (0.0, None, "INCONCLUSIVE")])
-def test_run_audit_verdicts_from_recorded_gradient_canaries(tmp_path, shift, claimed, expected):
+@pytest.mark.parametrize("count,shift,claimed,expected", [
+    (30000, 0.0, 1.0, "PASS"),  # enough canaries to detect twice the claim with 80% power
+    (4000, 0.0, 1.0, "INCONCLUSIVE"),  # ceiling above 1, but only epsilon 3 is detected: not green
+    (4000, 0.0, 8.0, "INCONCLUSIVE"), (4000, 6.0, 1.0, "FAIL"), (4000, 6.0, None, "FAIL"),
+    (4000, 0.0, None, "INCONCLUSIVE")])
+def test_run_audit_verdicts_from_recorded_gradient_canaries(tmp_path, count, shift, claimed, expected):
     from dpdiff.io import write_json_atomic
     from dpdiff.probes.context import ProbeContext
     from dpdiff.probes.run import run_audit
 
     rng = np.random.default_rng(0)
-    included = rng.random(4000) < 0.5
-    scores = rng.standard_normal(4000) + shift * included
-    write_json_atomic(tmp_path / "gradient_canaries.json", {"count": 4000, "steps": 1, "coordinates": [],
+    included = rng.random(count) < 0.5
+    scores = rng.standard_normal(count) + shift * included
+    write_json_atomic(tmp_path / "gradient_canaries.json", {"count": count, "steps": 1, "coordinates": [],
                                                              "included": included.tolist(), "scores": scores.tolist()})
     privacy = {"dp": claimed is not None, "epsilon": claimed, "delta": 1e-5}
     ctx = ProbeContext(run_dir=tmp_path, base=None, denoiser=None, adapter_kind="lora", records=[], member_records=[],
@@ -138,9 +140,13 @@ def test_run_audit_verdicts_from_recorded_gradient_canaries(tmp_path, shift, cla
     out = run_audit(ctx, {"confidence": 0.9})
     assert out["verdict"] == expected, out["verdict_reason"]
     assert out["claimed_epsilon"] == claimed and out["confidence"] == 0.9
-    assert out["gradient_canaries"]["m"] == 4000 and out["ceiling"] >= out["eps_lower"]
+    assert out["gradient_canaries"]["m"] == count and out["ceiling"] >= out["eps_lower"]
+    if claimed is not None:
+        assert out["detectable_epsilon"] is None or out["detectable_epsilon"] >= claimed
+        assert (out["detectable_epsilon"] is not None and out["detectable_epsilon"] <= 2 * claimed) == (
+            expected == "PASS")
     if expected == "INCONCLUSIVE" and claimed is not None:
-        assert "gradient canaries" in out["to_conclude"]
+        assert "gradient canaries" in out["to_conclude"] and "twice the claim" in out["to_conclude"]
 
 
 def _mia_ctx(n_members, n_held, claimed):
@@ -154,7 +160,7 @@ def _mia_ctx(n_members, n_held, claimed):
 
 @pytest.mark.parametrize("n_members,n_held,leak,claimed,expected", [
     (14, 2, 5.0, 1.0, "INCONCLUSIVE"),  # the 16-image folder: AUC 1.0 means nothing with 2 held out
-    (300, 200, 0.0, 1.0, "PASS"),
+    (300, 200, 0.0, 1.0, "INCONCLUSIVE"),  # 200 + 200 units detect only epsilon 8 at claim 1
     (300, 200, 6.0, 1.0, "FAIL"),
     (300, 90, 0.0, 7.97, "INCONCLUSIVE"),  # the demo: 90 held out cannot test epsilon 8
 ])
@@ -180,6 +186,11 @@ def test_run_mia_verdicts_from_synthetic_scores(monkeypatch, n_members, n_held, 
         assert out["auc"] is not None and out["auc_ci"] is not None
     if expected == "INCONCLUSIVE":
         assert out["to_conclude"]
+    if n_held >= 20 and leak == 0.0:
+        assert out["detectable_epsilon"] is None or out["detectable_epsilon"] > 2 * claimed
+        assert "twice the claim" in out["to_conclude"]
+        if out["ceiling"] > claimed:  # reachable, yet underpowered: the reason says what it detects
+            assert "detects" in out["verdict_reason"]
 
 
 def _extraction_setup(monkeypatch, *, memorise: bool, floor: float, heldout_near_training: bool = False):
@@ -227,7 +238,7 @@ def _extraction_setup(monkeypatch, *, memorise: bool, floor: float, heldout_near
 @pytest.mark.parametrize("memorise,floor,claimed,expected", [
     (True, 0.01, None, "FAIL"),           # a memorising model without DP: leak shown
     (True, 0.01, 0.5, "FAIL"),            # ... and beyond a claimed epsilon of 0.5
-    (False, 0.01, 0.5, "PASS"),           # nothing extracted, and the test could have shown it
+    (False, 0.01, 0.5, "INCONCLUSIVE"),   # nothing extracted, but 20 + 20 images detect no epsilon near 1
     (False, 0.3, 0.5, "INCONCLUSIVE"),    # the VAE cannot get within the threshold: could never fire
     (False, 0.01, 8.0, "INCONCLUSIVE"),   # 20 + 20 images cannot test epsilon 8
 ])
@@ -242,6 +253,9 @@ def test_run_extraction_verdicts(monkeypatch, memorise, floor, claimed, expected
     assert 0 < out["rate_upper"] <= 1 and out["generation_resolution"] == 16
     if floor > 0.15:
         assert any("VAE" in b for b in out["blockers"])
+    if claimed is not None and expected == "INCONCLUSIVE":
+        assert out["detectable_epsilon"] is None or out["detectable_epsilon"] > 2 * claimed
+        assert "twice the claim" in out["to_conclude"]
     assert any("Carlini" in w for w in out["warnings"])  # 2 generations per caption: a weak probe, said so
 
 
