@@ -1,43 +1,47 @@
 """Training-data extraction, Carlini et al. 2023 ("Extracting Training Data from Diffusion Models",
 USENIX Security), with held-out controls so that its answer means something.
 
-Design. Captions are chosen without looking at the member / held-out split (the most repeated
-captions of the whole dataset first, then a seeded sample), and ``per_caption`` images are
-generated for each, *at the training resolution*. Every dataset image whose caption was probed
-(up to ``items_per_caption`` of each, seeded) is an *item*: members are training images, held-out
-items are the controls, generated for in exactly the same way. An item's score is how close the
-generations of its caption come to it: minus the smallest RMS pixel distance (Carlini's L2, the
-minimum over a horizontal flip). Then:
+Design. *Units* are probed, not captions: ``units`` member units and as many held-out units, one record
+each, drawn uniformly at random within each side (a stratified draw; ``draw_units``). The member /
+held-out split is itself uniformly random with a fixed count, so the draw is exchangeable: given the
+probed set, every balanced assignment of it is equally likely, which is what the one-run analysis of a
+fixed-count split needs. (Ranking some units first, e.g. duplicates, by walking a list until each side is
+full would break this: the minority side would be drawn from a longer prefix.) ``per_caption`` images are
+generated for each distinct caption of the probed units, at the training resolution, and an item's scores
+say how close the generations of its own caption come to it:
 
-* ``extracted``: member items within the threshold; the held-out ``control_false_match_rate`` is
-  the same count on the controls, and ``heldout_false_match_rate`` the share of held-out images
-  that lie within the threshold of *some* training image (when that is high the threshold does not
-  separate: a generation "matching" a training image says nothing).
-* The threshold in use is ``min(l2_threshold, q-quantile of the held-out images' nearest-training
-  distance)`` with ``q = max_heldout_false_match_rate``: calibrated so held-out images rarely match.
-* VAE floor: the base VAE's own reconstruction distance of the probed training images. A
-  generation is decoded by that VAE, so it cannot come closer than the floor; a floor above the
-  threshold means extraction could never fire (INCONCLUSIVE, not a clean bill).
-* Verdict: the member and held-out items form a random split (balanced by subsampling), so the
-  one-run analysis of ``dpdiff.probes.audit`` applied to their scores (``fixed_count=True``) gives an
-  epsilon lower bound and its ceiling; ``dpdiff.probes.verdict`` turns them into PASS / FAIL /
-  INCONCLUSIVE against the claimed epsilon. A red needs this test, never a bare count.
-* ``rate_upper``: the one-sided Clopper-Pearson upper bound on the extraction rate, instead of a
-  bare "0 extracted"; ``warnings`` say when the generation budget makes the probe weak.
-* Carlini's clique rule (Sec. 4.2.1): per caption, the largest clique of generations within the
-  tiled-L2 ``clique_threshold``; a caption is flagged when its clique reaches the size that held-out
-  (control) captions never reach (``clique_size_threshold``), not a fixed size.
-* Optional independent detector: a local torchscript copy-detection model (SSCD, Pizzi et al. 2022),
-  batched; its cosine similarity is a second item score in the one-run analysis (Bonferroni over
-  the detectors) and counts as a match at ``feature_threshold``.
+* ``l2``: minus the smallest RMS pixel distance (Carlini's L2, the minimum over a horizontal flip);
+* ``tiled_l2``: minus the smallest tiled L2 (Carlini's distance for large images: every tile must match);
+* ``clique``: the largest clique of the caption's generations (tiled L2 within ``clique_threshold`` of each
+  other) all within ``clique_threshold`` of the item: Carlini et al.'s memorisation signal, tied to an item;
+* ``feature`` (optional): cosine similarity from a local copy-detection model (SSCD, Pizzi et al. 2022).
+
+Verdict. Every detector's scores go through the one-run analysis (``dpdiff.probes.audit.one_run_audit``,
+``fixed_count=True``), Bonferroni over the detectors; ``dpdiff.probes.verdict`` turns the largest bound, its
+ceiling and the test's power into PASS / FAIL / INCONCLUSIVE. Without controls the ceiling is 0, not
+None. For a run without DP the question is whether anything leaks at all, and the one-run analysis,
+built for epsilon > 0, pays a large correction for the fixed count; there the exact test of "no leak" is
+the permutation (hypergeometric) test of the matches (``leak_p_value``): under no leak, which of the
+probed units were training units is independent of the model, so every assignment of the matches is
+equally likely. 8 training images extracted and no held-out match among 16 + 16 units is p = 0.0012.
+
+Calibration and blockers, as before: the threshold in use is ``min(l2_threshold, q-quantile of held-out
+images' nearest-training distance)``; the base VAE's reconstruction distance of probed training images is
+the floor no generation can go below (floor above threshold: INCONCLUSIVE).
+
+Memory. Distances are computed at ``match_resolution`` (default 64 px, area-downsampled; at most the
+training resolution), and the nearest-training-image searches (the threshold's calibration on up to
+``calibration_heldout`` held-out images, and every generation's nearest training image) stream the training
+images in batches of ``batch_images``: memory is bounded by the batch and the queries, not by N (today's
+design held every training image at training resolution: 31 GB for 10k images at 512 px).
 
 Followed: LeakPro's carlini extraction (tiled L2, cliques); Somepalli et al. 2023 for SSCD.
 """
 
 from __future__ import annotations
 
+import math
 import time
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -45,39 +49,95 @@ import torch
 
 from dpdiff.probes.cliques import largest_clique
 from dpdiff.probes.context import ProbeContext, pil_to_float
-from dpdiff.probes.metrics import cross_l2, pairwise_tiled_l2, phash_distance, ssim, tiled_l2
+from dpdiff.probes.metrics import cross_l2, cross_tiled_l2, pairwise_tiled_l2, phash_distance, ssim, tiled_l2
 
 
-def choose_captions(records: list, candidate_ids: list[int], *, count: int, seed: int) -> list[str]:
-    """Up to ``count`` captions of ``candidate_ids``, label-blind: the most repeated first (half of
-    ``count`` when there are more captions than that), then a seeded sample of the rest. Ties are
-    broken by the caption text, so the choice depends on the captions alone."""
-    counts = Counter(records[i].text for i in candidate_ids)
-    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
-    dup = [c for c, n in ranked if n > 1]
-    chosen = dup[: count // 2 if len(counts) > count else count]
-    rest = sorted(c for c in counts if c not in set(chosen))
-    k = min(count - len(chosen), len(rest))
-    if k > 0:
-        picks = np.random.default_rng(seed).choice(len(rest), size=k, replace=False)
-        chosen += [rest[i] for i in sorted(picks)]
-    return chosen
+def expected_distinct_captions(captions: list[str], draws: int) -> float:
+    """Expected number of distinct captions among ``draws`` units drawn uniformly without replacement from
+    units with these ``captions``: ``sum_c 1 - C(N - n_c, draws) / C(N, draws)``. Label-blind (every unit)."""
+    from collections import Counter
+
+    n = len(captions)
+    draws = min(int(draws), n)
+    if draws <= 0:
+        return 0.0
+    lg = math.lgamma
+
+    def log_comb(a: int, b: int) -> float:
+        return lg(a + 1) - lg(b + 1) - lg(a - b + 1)
+
+    total = 0.0
+    for n_c in Counter(captions).values():
+        total += 1.0 if n - n_c < draws else 1.0 - math.exp(log_comb(n - n_c, draws) - log_comb(n, draws))
+    return total
 
 
-def _load_images(ctx: ProbeContext, ids: list[int]) -> np.ndarray:
+def draw_units(members: list[int], held: list[int], *, units: int, seed: int) -> tuple[list[int], list[int]]:
+    """``min(units, len(members), len(held))`` of each side, uniformly at random (seeded), sorted. Exchangeable
+    (module docstring): the one-run analysis of the probed split stays valid."""
+    n = min(int(units), len(members), len(held))
+    rng = np.random.default_rng([int(seed), 0xE7])
+    mem = sorted(rng.choice(members, size=n, replace=False).tolist()) if n else []
+    hold = sorted(rng.choice(held, size=n, replace=False).tolist()) if n else []
+    return mem, hold
+
+
+def units_for_budget(ctx: ProbeContext, pool: list[int], *, units: int, max_captions: int | None) -> int:
+    """The largest number of units per side (at most ``units``) whose expected distinct captions fit
+    ``max_captions`` (generation budget / per_caption), computed over every probed-eligible unit (label-blind)."""
+    if not max_captions:
+        return int(units)
+    caps = [ctx.records[i].text for i in pool]
+    k = int(units)
+    while k > 1 and expected_distinct_captions(caps, 2 * k) > max_captions:
+        k -= 1
+    return k
+
+
+def _area_resize(arr: np.ndarray, size: int) -> np.ndarray:
+    if arr.shape[1] == size and arr.shape[2] == size:
+        return arr
+    t = torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2).float()
+    return torch.nn.functional.interpolate(t, size=(size, size), mode="area").permute(0, 2, 3, 1).numpy()
+
+
+def _load_images(ctx: ProbeContext, ids: list[int], size: int | None = None) -> np.ndarray:
+    """Images of ``ids`` as float [0, 1] at the training resolution, area-downsampled to ``size``."""
     from dpdiff.data.preprocess import from_pixels, to_pixels
 
-    return pil_to_float([from_pixels(to_pixels(ctx.records[i].open(), resolution=ctx.resolution)) for i in ids])
+    arr = pil_to_float([from_pixels(to_pixels(ctx.records[i].open(), resolution=ctx.resolution)) for i in ids])
+    return _area_resize(arr, size) if size else arr
 
 
 def _min_over_flips(fn, gen: np.ndarray, ref: np.ndarray) -> np.ndarray:
     return np.minimum(fn(gen, ref), fn(gen, ref[:, :, ::-1]))
 
 
+def nearest_training(ctx: ProbeContext, queries: np.ndarray, train_ids: list[int], *, size: int,
+                     batch: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """For every query image (already at ``size``): the smallest RMS distance (min over a flip) to a training
+    image and that image's record id, streaming the training images in batches of ``batch`` (memory bounded by
+    the batch, not by N)."""
+    best = np.full(len(queries), np.inf)
+    arg = np.full(len(queries), -1, dtype=np.int64)
+    if len(queries) == 0:
+        return best, arg
+    for s in range(0, len(train_ids), batch):
+        ids = train_ids[s : s + batch]
+        d = _min_over_flips(cross_l2, queries, _load_images(ctx, ids, size))
+        j = d.argmin(1)
+        dj = d[np.arange(len(queries)), j]
+        better = dj < best
+        best[better] = dj[better]
+        arg[better] = np.asarray(ids)[j[better]]
+    return best, arg
+
+
 @torch.no_grad()
-def vae_floor(ctx: ProbeContext, ids: list[int], *, batch_size: int = 16) -> np.ndarray:
+def vae_floor(ctx: ProbeContext, ids: list[int], *, size: int | None = None, batch_size: int = 16) -> np.ndarray:
     """RMS pixel distance between each image and the base VAE's reconstruction of it (posterior mean),
-    on [0, 1] pixels at the training resolution: the closest any generation can come to it."""
+    on [0, 1] pixels at the training resolution, area-downsampled to ``size`` (the matching resolution): the
+    closest any generation can come to it."""
     from dpdiff.data.preprocess import to_pixels
 
     vae = ctx.base.vae
@@ -88,6 +148,9 @@ def vae_floor(ctx: ProbeContext, ids: list[int], *, batch_size: int = 16) -> np.
         rec = vae.decode(vae.encode(px).latent_dist.mean, return_dict=False)[0]
         a = (px.float().clamp(-1, 1) + 1) / 2
         b = (rec.float().clamp(-1, 1) + 1) / 2
+        if size and size != a.shape[-1]:
+            a = torch.nn.functional.interpolate(a, size=(size, size), mode="area")
+            b = torch.nn.functional.interpolate(b, size=(size, size), mode="area")
         # the 8-bit rounding of a real generation is below 1/510 per pixel: negligible here
         out.append((a - b).pow(2).flatten(1).mean(1).sqrt().cpu())
     return torch.cat(out).numpy() if out else np.zeros(0)
@@ -142,11 +205,30 @@ def clique_size_threshold(control_cliques: list[int], *, minimum: int) -> int | 
     return max(int(minimum), max(control_cliques) + 1)
 
 
-def _balanced(ids_mem: list[int], ids_hold: list[int], seed: int) -> tuple[list[int], list[int]]:
-    n = min(len(ids_mem), len(ids_hold))
-    rng = np.random.default_rng(seed)
-    pick = lambda ids: sorted(rng.choice(ids, size=n, replace=False).tolist()) if len(ids) > n else list(ids)  # noqa: E731
-    return pick(ids_mem), pick(ids_hold)
+def leak_p_value(matched: np.ndarray, is_member: np.ndarray) -> float:
+    """Exact one-sided permutation p-value of "no leak" from the matches of a random member / held-out split:
+    P[at least this many of the matches fall on members] when membership is independent of the model
+    (hypergeometric; Fisher's exact test). 1.0 when nothing matched."""
+    from scipy import stats
+
+    matched, is_member = np.asarray(matched, bool), np.asarray(is_member, bool)
+    k = int(matched.sum())
+    if k == 0:
+        return 1.0
+    return float(stats.hypergeom.sf(int((matched & is_member).sum()) - 1, len(matched), int(is_member.sum()), k))
+
+
+def _item_cliques(gen_c: np.ndarray, items_c: np.ndarray, *, threshold: float, grid: int) -> np.ndarray:
+    """Per item: the size of the largest clique of these generations (pairwise tiled L2 <= threshold) whose
+    members all lie within ``threshold`` (tiled L2) of the item."""
+    near = _min_over_flips(lambda a, b: cross_tiled_l2(a, b, grid=grid), gen_c, items_c) <= threshold  # [g, i]
+    pair = pairwise_tiled_l2(gen_c, grid=grid)
+    out = np.zeros(items_c.shape[0], dtype=np.int64)
+    for k in range(items_c.shape[0]):
+        idx = np.flatnonzero(near[:, k])
+        if idx.size:
+            out[k] = len(largest_clique(pair[np.ix_(idx, idx)], threshold=threshold))
+    return out
 
 
 def run_extraction(ctx: ProbeContext, cfg, *, budget_images: int | None = None, confidence: float = 0.95) -> dict:
@@ -156,71 +238,77 @@ def run_extraction(ctx: ProbeContext, cfg, *, budget_images: int | None = None, 
     from dpdiff.probes.verdict import three_way_verdict, to_detect_twice_the_claim, verdict_fields
 
     t0 = time.time()
-    n_caps = int(cfg.get("captions", 16))
     per = int(cfg.get("per_caption", 16))
     warnings: list[str] = []
+    max_caps = int(cfg.get("captions", 0) or 0) or None
     if budget_images:
         allowed = max(1, int(budget_images) // max(per, 1))
-        if allowed < n_caps:
-            warnings.append(f"budget_images={budget_images} allowed {allowed} of the {n_caps} captions configured")
-            n_caps = allowed
+        max_caps = allowed if max_caps is None else min(max_caps, allowed)
     thr_cfg = float(cfg.get("l2_threshold", 0.15))
     clique_thr = float(cfg.get("clique_threshold", thr_cfg))
     grid = int(cfg.get("tile_grid", 4))
     max_fmr = float(cfg.get("max_heldout_false_match_rate", 0.05))
-    items_per = int(cfg.get("items_per_caption", 16))
+    size = min(int(ctx.resolution), int(cfg.get("match_resolution", 64) or ctx.resolution))
+    batch = int(cfg.get("batch_images", 256))
     dp = bool(ctx.privacy.get("dp"))
     claimed = ctx.privacy.get("epsilon") if dp else None
     delta = float(ctx.privacy["delta"]) if dp else float(cfg.get("delta_if_no_dp", 1e-5))
+    alpha = 1.0 - confidence
 
-    members, held = list(ctx.member_records), list(ctx.nonmember_records)
-    member_set = set(members)
-    captions = choose_captions(ctx.records, members + held, count=n_caps, seed=ctx.seed)
-    by_caption: dict[str, list[int]] = {c: [] for c in captions}
-    for i in ctx.one_record_per_unit(members + held):  # one item per privacy unit: one coin each
-        if ctx.records[i].text in by_caption:
-            by_caption[ctx.records[i].text].append(i)
-    rng = np.random.default_rng(ctx.seed + 7)
-    for c, ids in by_caption.items():  # label-blind cap on the items of one caption
-        if len(ids) > items_per:
-            by_caption[c] = sorted(rng.choice(ids, size=items_per, replace=False).tolist())
+    # one record per privacy unit (one coin each), a stratified uniform draw of each side
+    members = ctx.one_record_per_unit(list(ctx.member_records))
+    held = ctx.one_record_per_unit(list(ctx.nonmember_records))
+    want = int(cfg.get("units", 32))
+    fit = units_for_budget(ctx, members + held, units=want, max_captions=max_caps)
+    if fit < want:
+        warnings.append(f"the generation budget ({max_caps} captions x {per} generations) allows about {fit} of the "
+                        f"{want} units per side configured")
+    mem_ids, hold_ids = draw_units(members, held, units=fit, seed=ctx.seed)
+    item_ids = mem_ids + hold_ids
+    is_member = np.r_[np.ones(len(mem_ids), bool), np.zeros(len(hold_ids), bool)]
+    captions = sorted({ctx.records[i].text for i in item_ids})
+    cap_index = {c: k for k, c in enumerate(captions)}
 
-    pipe = ctx.pipeline()
-    prompts = [c for c in captions for _ in range(per)]
-    seeds = [ctx.seed * 100003 + j for _ in captions for j in range(per)]
-    images = generate(pipe, prompts, seeds=seeds, steps=int(cfg.get("steps", 20)),
-                      guidance_scale=float(cfg.get("guidance_scale", 3.0)), batch_size=int(cfg.get("batch_size", 64)),
-                      progress=True)
-    gen = pil_to_float(images)
+    gen = np.zeros((0, size, size, 3), np.float32)
+    if captions:
+        pipe = ctx.pipeline()
+        prompts = [c for c in captions for _ in range(per)]
+        seeds = [ctx.seed * 100003 + j for _ in captions for j in range(per)]
+        images = generate(pipe, prompts, seeds=seeds, steps=int(cfg.get("steps", 20)),
+                          guidance_scale=float(cfg.get("guidance_scale", 3.0)),
+                          batch_size=int(cfg.get("batch_size", 64)), progress=True)
+        gen = _area_resize(pil_to_float(images), size)
     gen_seconds = time.time() - t0
 
-    # item scores: how close the generations of an item's own caption come to it
-    item_ids = [i for c in captions for i in by_caption[c]]
-    item_imgs = _load_images(ctx, item_ids) if item_ids else np.zeros((0, *gen.shape[1:]), np.float32)
-    item_l2 = np.empty(len(item_ids))
-    item_gen = np.empty(len(item_ids), dtype=np.int64)
-    pos = 0
-    for ci, c in enumerate(captions):
-        ids = by_caption[c]
-        if not ids:
-            continue
-        d = _min_over_flips(cross_l2, item_imgs[pos : pos + len(ids)], gen[ci * per : (ci + 1) * per])
-        item_l2[pos : pos + len(ids)] = d.min(1)
-        item_gen[pos : pos + len(ids)] = ci * per + d.argmin(1)
-        pos += len(ids)
-    is_member = np.array([i in member_set for i in item_ids], dtype=bool)
+    # item scores against the generations of the item's own caption
+    item_imgs = _load_images(ctx, item_ids, size) if item_ids else np.zeros((0, size, size, 3), np.float32)
+    item_l2 = np.full(len(item_ids), np.inf)
+    item_tiled = np.full(len(item_ids), np.inf)
+    item_clique = np.zeros(len(item_ids), dtype=np.int64)
+    item_gen = np.zeros(len(item_ids), dtype=np.int64)
+    for c, ci in cap_index.items():
+        ks = np.array([k for k, i in enumerate(item_ids) if ctx.records[i].text == c])
+        g = gen[ci * per : (ci + 1) * per]
+        d = _min_over_flips(cross_l2, item_imgs[ks], g)
+        item_l2[ks] = d.min(1)
+        item_gen[ks] = ci * per + d.argmin(1)
+        item_tiled[ks] = _min_over_flips(lambda a, b: cross_tiled_l2(a, b, grid=grid), item_imgs[ks], g).min(1)
+        item_clique[ks] = _item_cliques(g, item_imgs[ks], threshold=clique_thr, grid=grid)
 
-    # does the threshold separate? held-out images against the whole training set
-    train = _load_images(ctx, members)
-    heldout_nearest = _min_over_flips(cross_l2, _load_images(ctx, held), train).min(1) if held else None
+    # does the threshold separate? up to calibration_heldout held-out images against every training image
+    rng = np.random.default_rng([int(ctx.seed), 0xCA1])
+    calib = held if len(held) <= int(cfg.get("calibration_heldout", 512)) else sorted(
+        rng.choice(held, size=int(cfg.get("calibration_heldout", 512)), replace=False).tolist())
+    all_train = list(ctx.member_records)
+    heldout_nearest = (nearest_training(ctx, _load_images(ctx, calib, size), all_train, size=size, batch=batch)[0]
+                       if calib and all_train else None)
     thr = calibrated_threshold(l2_threshold=thr_cfg, heldout_nearest=heldout_nearest, max_false_match_rate=max_fmr)
-    gen_nearest_l2 = _min_over_flips(cross_l2, gen, train)
-    nearest = gen_nearest_l2.argmin(1)
-    nearest_l2 = gen_nearest_l2[np.arange(len(gen)), nearest]
+    nearest_l2 = (nearest_training(ctx, gen, all_train, size=size, batch=batch)[0] if len(gen) and all_train
+                  else np.zeros(0))
 
-    # the base VAE's floor on the probed training images
-    floor_ids = [i for i in item_ids if i in member_set][: int(cfg.get("vae_floor_images", 32))]
-    floor = vae_floor(ctx, floor_ids) if floor_ids and cfg.get("vae_floor", True) else np.zeros(0)
+    # the base VAE's floor on the probed training images (at the matching resolution)
+    floor_ids = mem_ids[: int(cfg.get("vae_floor_images", 32))]
+    floor = vae_floor(ctx, floor_ids, size=size) if floor_ids and cfg.get("vae_floor", True) else np.zeros(0)
     floor_median = float(np.median(floor)) if floor.size else None
 
     # optional independent detector
@@ -229,33 +317,36 @@ def run_extraction(ctx: ProbeContext, cfg, *, budget_images: int | None = None, 
     feat_thr = float(cfg.get("feature_threshold", 0.5))
     if feat_path and item_ids:
         sim = feature_similarity(feat_path, gen, item_imgs, ctx.device)
-        item_feat = np.array([sim[ci * per : (ci + 1) * per, k].max()
-                              for k, ci in enumerate(captions.index(ctx.records[i].text) for i in item_ids)])
+        item_feat = np.array([sim[cap_index[ctx.records[i].text] * per : (cap_index[ctx.records[i].text] + 1) * per,
+                                  k].max() for k, i in enumerate(item_ids)])
 
     extracted = is_member & (item_l2 <= thr)
     control_match = ~is_member & (item_l2 <= thr)
     n_mem_items, n_ctl_items = int(is_member.sum()), int((~is_member).sum())
-    alpha = 1.0 - confidence
 
-    # the verdict: one-run analysis of the balanced member / held-out items
-    mem_idx, ctl_idx = _balanced(list(np.flatnonzero(is_member)), list(np.flatnonzero(~is_member)), ctx.seed + 11)
-    split = None
+    # the verdict: every detector through the one-run analysis of the probed split (Bonferroni)
+    detectors = {"l2": -item_l2, "tiled_l2": -item_tiled, "clique": item_clique.astype(np.float64)}
+    if item_feat is not None:
+        detectors["feature"] = item_feat
+    per_det = 1.0 - alpha / len(detectors)
+    split, eps_lower, ceiling = None, None, None
     blockers: list[str] = []
-    if mem_idx and ctl_idx:
-        sel = np.array(mem_idx + ctl_idx)
-        inc = np.r_[np.ones(len(mem_idx), bool), np.zeros(len(ctl_idx), bool)]
-        order = np.random.default_rng(ctx.seed + 13).permutation(len(sel))  # label-blind tie order
-        sel, inc = sel[order], inc[order]
-        detectors = {"l2": -item_l2[sel]}
-        if item_feat is not None:
-            detectors["feature"] = item_feat[sel]
-        per_det = 1.0 - alpha / len(detectors)
-        split = {name: one_run_audit(scores=sc, included=inc, delta=delta, confidence=per_det, fixed_count=True)
-                 for name, sc in detectors.items()}
-        for res in split.values():
+    if n_mem_items and n_ctl_items:
+        order = np.random.default_rng([int(ctx.seed), 13]).permutation(len(item_ids))  # label-blind tie order
+        split = {}
+        for name, sc in detectors.items():
+            res = one_run_audit(scores=sc[order], included=is_member[order], delta=delta, confidence=per_det,
+                                fixed_count=True)
             res.pop("per_choice", None)
-    eps_lower = max((r["eps_lower"] for r in split.values()), default=None) if split else None
-    ceiling = max((r["ceiling"] for r in split.values()), default=None) if split else None
+            split[name] = res
+        eps_lower = max(r["eps_lower"] for r in split.values())
+        ceiling = max(r["ceiling"] for r in split.values())
+    elif claimed is not None or not dp:
+        eps_lower, ceiling = 0.0, 0.0  # no controls: nothing can be certified either way
+    # "is there any leak?" (runs without DP): exact permutation tests of the matches, Bonferroni over detectors
+    matches = {"l2": item_l2 <= thr, "tiled_l2": item_tiled <= clique_thr}
+    leak_p = min(1.0, len(matches) * min(leak_p_value(m, is_member) for m in matches.values())) \
+        if n_mem_items and n_ctl_items else None
     if floor_median is not None and floor_median > thr:
         blockers.append(f"the base VAE reconstructs the probed training images at L2 {floor_median:.3g} (median), "
                         f"above the threshold {thr:.3g}: no generation can come that close, extraction could "
@@ -266,48 +357,40 @@ def run_extraction(ctx: ProbeContext, cfg, *, budget_images: int | None = None, 
                         f"threshold does not separate; the calibrated threshold {thr:.3g} is used")
     if heldout_nearest is None:
         blockers.append("no held-out images: the threshold cannot be checked against unseen images")
-    balanced_n = min(len(mem_idx), len(ctl_idx))
+    balanced_n = min(n_mem_items, n_ctl_items)
     power = None
-    if split and claimed is not None:  # the optimal detector is one of the detectors, at their level
-        power = detectable_epsilon(claimed_epsilon=float(claimed), m=len(mem_idx) + len(ctl_idx),
-                                   included=len(mem_idx), delta=delta, confidence=per_det, fixed_count=True,
-                                   seed=ctx.seed)
+    if split and claimed is not None:  # the optimal attacker is one of the detectors, at their level
+        power = detectable_epsilon(claimed_epsilon=float(claimed), m=2 * balanced_n, included=balanced_n,
+                                   delta=delta, confidence=per_det, fixed_count=True, seed=ctx.seed)
     if claimed is None:
         to_conclude = "the run has no DP guarantee: only a FAIL (leak shown) is possible"
     elif power is None or power["detectable_epsilon"] is None or power["detectable_epsilon"] > 2 * float(claimed):
         to_conclude = to_detect_twice_the_claim(
-            claimed_epsilon=float(claimed), delta=delta, confidence=per_det if split else 1.0 - alpha / 2,
-            fixed_count=True, now=balanced_n, seed=ctx.seed,
-            what="probed training images and as many held-out ones (more captions or items_per_caption)")
+            claimed_epsilon=float(claimed), delta=delta, confidence=per_det, fixed_count=True, now=balanced_n,
+            seed=ctx.seed, what="probed training units and as many held-out ones (probes.extraction.units)")
     else:
         to_conclude = ""
     if floor_median is not None and floor_median > thr:
         to_conclude += "; a base whose VAE reconstructs these images (or a larger threshold that held-out images " \
                        "still do not reach)"
-    not_estimable = None if split else ("no held-out items among the probed captions: nothing to compare the "
-                                        "training images against")
     v = three_way_verdict(claimed_epsilon=claimed, eps_lower=eps_lower, ceiling=ceiling, confidence=confidence,
-                          blockers=blockers, to_conclude=to_conclude or None, not_estimable=not_estimable,
-                          detectable_epsilon=power["detectable_epsilon"] if power else None)
-    if balanced_n and ceiling is not None and claimed is not None and ceiling <= claimed:
-        warnings.append(f"{len(captions)} captions x {per} generations probe {balanced_n} training and {balanced_n} "
-                        f"held-out images: the most this can certify is epsilon {ceiling:.3g}")
+                          blockers=blockers, to_conclude=to_conclude or None,
+                          not_estimable=None if split else "no held-out units to compare the training images with",
+                          detectable_epsilon=power["detectable_epsilon"] if power else None,
+                          leak_p_value=leak_p)
 
-    # cliques, calibrated on captions whose probed items are all held out
+    # cliques per caption, calibrated on captions whose probed items are all held out
     per_caption, control_cliques = [], []
-    for ci, c in enumerate(captions):
-        sl = slice(ci * per, (ci + 1) * per)
-        clique = largest_clique(pairwise_tiled_l2(gen[sl], grid=grid), threshold=clique_thr)
-        ids = by_caption[c]
-        n_m = sum(1 for i in ids if i in member_set)
-        kind = "member" if n_m == len(ids) and ids else ("control" if n_m == 0 and ids else "mixed")
+    for c, ci in cap_index.items():
+        ks = [k for k, i in enumerate(item_ids) if ctx.records[i].text == c]
+        clique = largest_clique(pairwise_tiled_l2(gen[ci * per : (ci + 1) * per], grid=grid), threshold=clique_thr)
+        n_m = int(is_member[ks].sum())
+        kind = "member" if n_m == len(ks) else ("control" if n_m == 0 else "mixed")
         if kind == "control":
             control_cliques.append(len(clique))
-        k0 = item_ids.index(ids[0]) if ids else 0
-        sel = slice(k0, k0 + len(ids))
         per_caption.append({"caption_index": ci, "caption": c, "kind": kind, "training_items": n_m,
-                            "heldout_items": len(ids) - n_m, "largest_clique": len(clique),
-                            "extracted": int(extracted[sel].sum()), "control_matches": int(control_match[sel].sum())})
+                            "heldout_items": len(ks) - n_m, "largest_clique": len(clique),
+                            "extracted": int(extracted[ks].sum()), "control_matches": int(control_match[ks].sum())})
     size_thr = clique_size_threshold(control_cliques, minimum=int(cfg.get("clique_min_size", 3)))
     for pc in per_caption:
         pc["clique_flagged"] = bool(size_thr is not None and pc["kind"] != "control"
@@ -318,9 +401,10 @@ def run_extraction(ctx: ProbeContext, cfg, *, budget_images: int | None = None, 
     for k in flagged[: int(cfg.get("max_flagged", 32))]:
         g = int(item_gen[k])
         d = {"item": ctx.records[item_ids[k]].key, "member": bool(is_member[k]), "generation": g,
-             "caption_index": g // per, "l2": float(item_l2[k]),
-             "tiled_l2": float(tiled_l2(gen[g], item_imgs[k], grid=grid)),
-             "ssim": float(ssim(gen[g], item_imgs[k])), "phash_distance": int(phash_distance(gen[g], item_imgs[k]))}
+             "caption_index": g // per, "l2": float(item_l2[k]), "tiled_l2": float(tiled_l2(gen[g], item_imgs[k],
+                                                                                            grid=grid)),
+             "clique": int(item_clique[k]), "ssim": float(ssim(gen[g], item_imgs[k])),
+             "phash_distance": int(phash_distance(gen[g], item_imgs[k]))}
         if item_feat is not None:
             d["feature_cosine"] = float(item_feat[k])
         details.append(d)
@@ -330,8 +414,8 @@ def run_extraction(ctx: ProbeContext, cfg, *, budget_images: int | None = None, 
     if n_mem_items and per < 64:
         warnings.append(f"{per} generations per caption (Carlini et al. used 500): memorisation that shows in fewer "
                         f"than 1 of {per} generations is not seen")
-    grid_path = _flagged_grid(ctx.run_dir, gen, item_imgs, flagged, item_gen, is_member)
-    out = {
+    grid_path = _flagged_grid(ctx.run_dir, gen, item_imgs, flagged, item_gen, is_member) if ctx.run_dir else None
+    return {
         "extracted_count": n_ext,
         "near_copy_count": n_ext,  # older readers' name for the matches at the calibrated threshold
         "rate": n_ext / n_mem_items if n_mem_items else None,
@@ -340,28 +424,34 @@ def run_extraction(ctx: ProbeContext, cfg, *, budget_images: int | None = None, 
         "heldout_items_probed": n_ctl_items,
         "control_matches": int(control_match.sum()),
         "control_false_match_rate": float(control_match.sum() / n_ctl_items) if n_ctl_items else None,
+        "tiled_matches": int((is_member & (item_tiled <= clique_thr)).sum()),
+        "tiled_control_matches": int((~is_member & (item_tiled <= clique_thr)).sum()),
+        "leak_p_value": leak_p,
         "heldout_false_match_rate": fmr_cfg,
         "heldout_false_match_rate_calibrated": (float(np.mean(heldout_nearest <= thr))
                                                 if heldout_nearest is not None else None),
+        "calibration_heldout_images": len(calib),
         "l2_threshold_configured": thr_cfg,
         "l2_threshold": thr,
+        "match_resolution": size,
         "vae_floor_median": floor_median,
         "vae_floor_p90": float(np.quantile(floor, 0.9)) if floor.size else None,
         "feature_matches": (int((is_member & (item_feat >= feat_thr)).sum()) if item_feat is not None else None),
         "feature_control_matches": (int((~is_member & (item_feat >= feat_thr)).sum())
                                     if item_feat is not None else None),
         "generations": len(gen),
-        "generation_resolution": int(gen.shape[1]),
+        "generation_resolution": int(ctx.resolution),
         "captions_probed": len(captions),
         "per_caption_generations": per,
         "tile_grid": grid,
+        "detectors": list(detectors),
         "max_clique": max((c["largest_clique"] for c in per_caption), default=0),
         "clique_size_threshold": size_thr,
         "clique_flagged_captions": sum(c["clique_flagged"] for c in per_caption),
         "per_caption": per_caption,
         "generations_matching_any_training_image": int((nearest_l2 <= thr).sum()),
-        "nearest_l2_p5_generations": float(np.quantile(nearest_l2, 0.05)),
-        "nearest_l2_median_generations": float(np.median(nearest_l2)),
+        "nearest_l2_p5_generations": float(np.quantile(nearest_l2, 0.05)) if nearest_l2.size else None,
+        "nearest_l2_median_generations": float(np.median(nearest_l2)) if nearest_l2.size else None,
         "heldout_nearest_l2_p5": float(np.quantile(heldout_nearest, 0.05)) if heldout_nearest is not None else None,
         "heldout_nearest_l2_median": float(np.median(heldout_nearest)) if heldout_nearest is not None else None,
         "balanced_items": balanced_n,
@@ -374,11 +464,12 @@ def run_extraction(ctx: ProbeContext, cfg, *, budget_images: int | None = None, 
         "flagged_grid": grid_path.name if grid_path else None,
         "generation_seconds": round(gen_seconds, 2),
         "seconds": round(time.time() - t0, 2),
-        "note": "rate = probed training images within the threshold of a generation of their caption; "
-                "control_false_match_rate = the same for held-out images (never trained on); the verdict "
-                "compares the two with the one-run analysis of the random split",
+        "note": "units drawn at random from the training and the held-out units (as many of each); rate = probed "
+                "training images within the threshold of a generation of their caption; control_false_match_rate "
+                "= the same for held-out images (never trained on); the verdict compares the two with the one-run "
+                "analysis of the random split (l2, tiled L2 and clique detectors, Bonferroni) and, without DP, "
+                "an exact permutation test",
     }
-    return out
 
 
 def _flagged_grid(run_dir: Path, gen, items, flagged, item_gen, is_member, limit: int = 16) -> Path | None:

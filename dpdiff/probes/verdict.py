@@ -86,7 +86,8 @@ def to_detect_twice_the_claim(*, claimed_epsilon: float, delta: float, confidenc
 
 def three_way_verdict(*, claimed_epsilon: float | None, eps_lower: float | None, ceiling: float | None,
                       confidence: float, blockers: Iterable[str] = (), to_conclude: str | None = None,
-                      not_estimable: str | None = None, detectable_epsilon: float | None = None) -> dict:
+                      not_estimable: str | None = None, detectable_epsilon: float | None = None,
+                      leak_p_value: float | None = None) -> dict:
     """The verdict of one probe (module docstring), as a dict for probes.json.
 
     ``claimed_epsilon``: the accountant's epsilon, None for a run without DP. ``eps_lower`` and
@@ -96,6 +97,9 @@ def three_way_verdict(*, claimed_epsilon: float | None, eps_lower: float | None,
     ``to_conclude``: what would make an INCONCLUSIVE conclusive (more canaries, more held-out units).
     ``detectable_epsilon``: the smallest true epsilon the test refutes with 80% power (None: not shown, or
     beyond 16x the claim); a PASS needs it at most ``POWER_FACTOR`` x the claim.
+    ``leak_p_value``: for a run without DP, the p-value of an exact test of "no leak at all" (e.g. a
+    permutation test of matches on a random split), already corrected for its family: FAIL below ``1 -
+    confidence``. Ignored with a claim (refuting epsilon 0 does not refute a positive claim).
     Returns ``verdict, colour, claimed_epsilon, eps_lower, ceiling, detectable_epsilon, confidence, reason,
     to_conclude, blockers``.
     """
@@ -121,6 +125,11 @@ def three_way_verdict(*, claimed_epsilon: float | None, eps_lower: float | None,
         else:
             reason = (f"measured epsilon >= {_fmt(low)} at {pct} confidence exceeds the claimed epsilon "
                       f"{_fmt(claimed)}: the run leaks more than its guarantee allows (a privacy bug)")
+    elif claimed is None and leak_p_value is not None and float(leak_p_value) < 1.0 - conf:
+        verdict = FAIL
+        reason = (f"leakage demonstrated: training images were matched more often than held-out ones (exact "
+                  f"permutation test, p = {float(leak_p_value):.2g} < {1.0 - conf:.2g}), and the run has no DP "
+                  "guarantee")
     elif claimed is None:
         verdict = INCONCLUSIVE
         reason = ("no leakage detected, but the run has no DP guarantee: nothing is certified "

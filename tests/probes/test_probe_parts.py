@@ -9,7 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from dpdiff.probes.extraction import calibrated_threshold, choose_captions, clique_size_threshold
+from dpdiff.probes.extraction import (
+    calibrated_threshold,
+    clique_size_threshold,
+    draw_units,
+    expected_distinct_captions,
+    leak_p_value,
+)
 from dpdiff.training.loss import epsilon_from_prediction
 
 
@@ -48,13 +54,76 @@ def test_clique_rule_is_calibrated_on_held_out_captions():
     assert clique_size_threshold([], minimum=3) is None
 
 
-def test_captions_are_chosen_without_looking_at_the_split():
-    texts = ["a"] * 5 + ["b"] * 3 + ["c"] * 3 + [f"u{i}" for i in range(10)]
-    recs = [SimpleNamespace(text=t) for t in texts]
-    ids = list(range(len(recs)))
-    first = choose_captions(recs, ids, count=6, seed=1)
-    again = choose_captions(recs, list(reversed(ids)), count=6, seed=1)  # another member/held-out order
-    assert first == again and first[:3] == ["a", "b", "c"] and len(first) == 6
+def test_units_are_drawn_uniformly_within_each_side():
+    """A stratified uniform draw: the probed split is exchangeable. Inclusion frequencies over 5000 seeds are
+    checked at 6 standard deviations (false failure < 1e-7 over the 30 units)."""
+    members, held = list(range(10)), list(range(100, 120))
+    mem, hold = draw_units(members, held, units=3, seed=7)
+    assert (mem, hold) == draw_units(members, held, units=3, seed=7)  # seeded
+    assert mem == sorted(mem) and len(mem) == len(hold) == 3 and set(mem) <= set(members)
+    assert len(draw_units(members, held[:2], units=3, seed=7)[0]) == 2  # as many of each side
+    # the member draw is blind to what the held-out units are (content-blind), only to how many are drawn
+    assert draw_units(members, list(range(500, 520)), units=3, seed=7)[0] == mem
+    seeds = 5000
+    counts_m, counts_h = np.zeros(10), np.zeros(20)
+    for s in range(seeds):
+        m, h = draw_units(members, held, units=3, seed=s)
+        counts_m[m] += 1
+        counts_h[np.asarray(h) - 100] += 1
+    for counts, p in ((counts_m, 0.3), (counts_h, 0.15)):
+        sd = np.sqrt(p * (1 - p) / seeds)
+        assert np.all(np.abs(counts / seeds - p) < 6 * sd)
+    assert draw_units([], held, units=3, seed=0) == ([], [])
+
+
+def test_expected_distinct_captions_is_exact():
+    # pairs of ["a", "a", "b"]: {a, a} has 1 caption, {a, b} twice has 2: (1 + 2 + 2) / 3
+    assert expected_distinct_captions(["a", "a", "b"], 2) == pytest.approx(5 / 3)
+    assert expected_distinct_captions(["a", "b", "c"], 3) == 3 and expected_distinct_captions(["a"], 0) == 0
+    from itertools import combinations
+
+    caps = ["a"] * 4 + ["b"] * 2 + ["c", "d", "e"]
+    exact = np.mean([len({caps[i] for i in c}) for c in combinations(range(len(caps)), 4)])
+    assert expected_distinct_captions(caps, 4) == pytest.approx(exact)
+
+
+def test_leak_p_value_is_the_exact_permutation_test():
+    is_member = np.r_[np.ones(16, bool), np.zeros(16, bool)]
+    eight = np.r_[np.ones(8, bool), np.zeros(24, bool)]  # 8 training images extracted, no held-out match
+    assert leak_p_value(eight, is_member) == pytest.approx(12870 / 10518300)  # C(16,8) / C(32,8) = 0.0012
+    assert leak_p_value(np.zeros(32, bool), is_member) == 1.0
+    even = np.r_[np.ones(4, bool), np.zeros(12, bool), np.ones(4, bool), np.zeros(12, bool)]
+    assert leak_p_value(even, is_member) > 0.5  # as many held-out as training matches: no evidence
+    # the p-value is exact: under random labels P[p <= 0.05] <= 0.05 (checked over every labelling of 10)
+    from itertools import combinations
+
+    matched = np.r_[np.ones(4, bool), np.zeros(6, bool)]
+    ps = []
+    for c in combinations(range(10), 5):
+        lab = np.zeros(10, bool)
+        lab[list(c)] = True
+        ps.append(leak_p_value(matched, lab))
+    assert np.mean(np.asarray(ps) <= 0.05) <= 0.05
+
+
+def test_nearest_training_in_batches_equals_the_full_search(monkeypatch):
+    import dpdiff.probes.extraction as extraction
+    from dpdiff.probes.metrics import cross_l2
+
+    rng = np.random.default_rng(3)
+    train = rng.random((23, 8, 8, 3)).astype(np.float32)
+    queries = rng.random((5, 8, 8, 3)).astype(np.float32)
+    calls = []
+
+    def load(ctx, ids, size=None):
+        calls.append(len(ids))
+        return train[list(ids)]
+
+    monkeypatch.setattr(extraction, "_load_images", load)
+    best, arg = extraction.nearest_training(None, queries, list(range(23)), size=8, batch=4)
+    full = np.minimum(cross_l2(queries, train), cross_l2(queries, train[:, :, ::-1]))
+    assert np.allclose(best, full.min(1)) and np.array_equal(arg, full.argmin(1))
+    assert max(calls) == 4 and sum(calls) == 23  # never more than one batch of training images in memory
 
 
 def _accounted_epsilon(q, sigma, steps, delta):
@@ -193,7 +262,8 @@ def test_run_mia_verdicts_from_synthetic_scores(monkeypatch, n_members, n_held, 
             assert "detects" in out["verdict_reason"]
 
 
-def _extraction_setup(monkeypatch, *, memorise: bool, floor: float, heldout_near_training: bool = False):
+def _extraction_setup(monkeypatch, *, memorise: bool | int, floor: float, heldout_near_training: bool = False,
+                      held_out: bool = True):
     from PIL import Image
 
     import dpdiff.models.pipeline as pipeline
@@ -212,7 +282,7 @@ def _extraction_setup(monkeypatch, *, memorise: bool, floor: float, heldout_near
         out = []
         for p, s in zip(prompts, seeds):
             i = by_text[p]
-            if memorise and i < n:
+            if i < (n if memorise is True else int(memorise)):
                 out.append(Image.fromarray(imgs[i]))
             else:
                 noise = np.random.default_rng([1000 + i, s]).random((16, 16, 3))
@@ -220,18 +290,20 @@ def _extraction_setup(monkeypatch, *, memorise: bool, floor: float, heldout_near
         return out
 
     monkeypatch.setattr(pipeline, "generate", fake_generate)
-    monkeypatch.setattr(extraction, "_load_images", lambda ctx, ids: imgs[list(ids)].astype(np.float32) / 255)
-    monkeypatch.setattr(extraction, "vae_floor", lambda ctx, ids: np.full(len(ids), floor))
+    monkeypatch.setattr(extraction, "_load_images",
+                        lambda ctx, ids, size=None: imgs[list(ids)].astype(np.float32) / 255)
+    monkeypatch.setattr(extraction, "vae_floor", lambda ctx, ids, **kw: np.full(len(ids), floor))
     monkeypatch.setattr(extraction, "_flagged_grid", lambda *a, **k: None)
 
     def ctx_for(claimed):
         ctx = ProbeContext(run_dir=None, base=None, denoiser=None, adapter_kind="lora", records=recs,
-                           member_records=list(range(n)), nonmember_records=list(range(n, 2 * n)), resolution=16,
+                           member_records=list(range(n)),
+                           nonmember_records=list(range(n, 2 * n)) if held_out else [], resolution=16,
                            device="cpu", privacy={"dp": claimed is not None, "epsilon": claimed, "delta": 1e-5})
         ctx.pipeline = lambda: None
         return ctx
 
-    cfg = {"captions": 40, "per_caption": 2, "items_per_caption": 4, "vae_floor_images": 8}
+    cfg = {"units": 20, "captions": 40, "per_caption": 2, "vae_floor_images": 8, "match_resolution": 16}
     return ctx_for, cfg
 
 
@@ -268,3 +340,35 @@ def test_run_extraction_calibrates_a_threshold_that_held_out_images_reach(monkey
     assert out["l2_threshold"] < 0.02 and out["heldout_false_match_rate_calibrated"] <= 0.05
     assert any("does not separate" in w for w in out["warnings"])
     assert out["verdict"] != "FAIL"
+
+
+def test_a_non_private_run_with_some_extracted_images_is_fail(monkeypatch):
+    """8 of 20 training images extracted, no held-out match: the exact permutation test says leak (p ~ 1e-3)."""
+    from dpdiff.probes.extraction import run_extraction
+
+    ctx_for, cfg = _extraction_setup(monkeypatch, memorise=8, floor=0.01)
+    out = run_extraction(ctx_for(None), cfg, confidence=0.95)
+    assert out["extracted_count"] == 8 and out["control_matches"] == 0
+    assert out["leak_p_value"] < 0.01 and out["verdict"] == "FAIL", out["verdict_reason"]
+    assert set(out["detectors"]) == {"l2", "tiled_l2", "clique"} and set(out["split_audit"]) == set(out["detectors"])
+    _, cfg0 = _extraction_setup(monkeypatch, memorise=0, floor=0.01)
+    out0 = run_extraction(ctx_for(None), cfg0, confidence=0.95)
+    assert out0["leak_p_value"] == 1.0 and out0["verdict"] == "INCONCLUSIVE"
+
+
+def test_extraction_without_held_out_units_has_ceiling_zero(monkeypatch):
+    from dpdiff.probes.extraction import run_extraction
+
+    ctx_for, cfg = _extraction_setup(monkeypatch, memorise=True, floor=0.01, held_out=False)
+    out = run_extraction(ctx_for(1.0), cfg, confidence=0.95)
+    assert out["ceiling"] == 0.0 and out["eps_lower"] == 0.0 and out["verdict"] == "INCONCLUSIVE"
+    assert out["heldout_items_probed"] == 0 and out["training_items_probed"] == 0
+
+
+def test_extraction_probes_fewer_units_when_the_generation_budget_is_short(monkeypatch):
+    from dpdiff.probes.extraction import run_extraction
+
+    ctx_for, cfg = _extraction_setup(monkeypatch, memorise=False, floor=0.01)
+    out = run_extraction(ctx_for(1.0), {**cfg, "captions": 10}, confidence=0.95)
+    assert out["training_items_probed"] == out["heldout_items_probed"] == 5  # 10 unique captions: 5 + 5
+    assert out["captions_probed"] == 10 and any("generation budget" in w for w in out["warnings"])

@@ -44,7 +44,7 @@ def test_every_probe_writes_a_three_way_verdict(tmp_path):
 
     cfg = OmegaConf.merge(OmegaConf.load(config_dir() / "probes" / "default.yaml"), OmegaConf.from_dotlist([
         "confidence=0.9", "budget_images=null", "extraction.captions=4", "extraction.per_caption=2",
-        "extraction.steps=2", "extraction.items_per_caption=3", "extraction.vae_floor_images=4", "mia.members=8",
+        "extraction.steps=2", "extraction.units=3", "extraction.vae_floor_images=4", "mia.members=8",
         "mia.timesteps=[200]", "mia.noise_draws=1", "mia.bootstrap=20", "audit.canaries=24",
         "audit.timesteps=[200]", "audit.noise_draws=1"]))
     ctx = ProbeContext(run_dir=run, base=base, denoiser=base.denoiser, adapter_kind="full", records=records,

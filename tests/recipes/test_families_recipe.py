@@ -22,7 +22,7 @@ FAST = ["train.max_steps=2", "train.batch_size=8", "train.micro_batch_size=8", "
         "train.sample.steps=2", "train.log_every=1", "train.lr_warmup_steps=0", "train.progress=false",
         "data.resolution=32", "data.holdout_fraction=0.5", "privacy.target_epsilon=4"]
 LIGHT_PROBES = ["probes.budget_images=null", "probes.extraction.captions=2", "probes.extraction.per_caption=2",
-                "probes.extraction.steps=2", "probes.extraction.items_per_caption=2",
+                "probes.extraction.steps=2", "probes.extraction.units=2",
                 "probes.extraction.vae_floor_images=4", "probes.mia.members=8", "probes.mia.timesteps=[200]",
                 "probes.mia.noise_draws=1", "probes.mia.bootstrap=20", "eval.metrics=[heldout_loss]"]
 
