@@ -55,6 +55,7 @@ class ProbeRecipe:
         from dpdiff.settings import DataSettings
 
         data = prepare(DataSettings.from_config(cfg.data), unit=cfg.privacy.get("unit", "example"))
+        self._check_same_data(data.fingerprint)
         self.ctx = ProbeContext(
             run_dir=self.run_dir, base=base, denoiser=denoiser, adapter_kind=cfg.adapter.kind, records=data.records,
             member_records=data.member_records(), nonmember_records=data.holdout_records(),
@@ -62,6 +63,21 @@ class ProbeRecipe:
             canaries=load_canaries(self.run_dir), seed=int(probes.get("seed", 0) or 0),
             demo=data.demo, unit_of_record=data.unit_of_record(),
             max_sequence_length=(cfg.get("model") or {}).get("max_sequence_length"))
+
+    def _check_same_data(self, fp: str) -> None:
+        """The probes' members are the units the run trained on only if the data folder still holds exactly that
+        data: refuse a folder whose fingerprint (after skipped files and deduplication) is not the run's."""
+        owner_path = self.run_dir / "data_owner.json"
+        owner = json.loads(owner_path.read_text()) if owner_path.exists() else {}
+        trained = owner.get("dataset_fingerprint")
+        if trained is None:
+            log.warning("%s records no dataset fingerprint: cannot check that the data folder is the one trained on",
+                        self.run_dir)
+        elif trained != fp:
+            raise UserError(f"the data folder {self.cfg.data.get('path') or '(built-in demo)'} is not the data this "
+                            "run trained on (its fingerprint differs from data_owner.json's: files were added, "
+                            "removed or edited since); the probes' members would not be the trained units. "
+                            "Restore that data, or probe a run trained on this folder")
 
     def _trained_denoiser(self, base, kind: str, device):
         """The run's fine-tuned denoiser: its LoRA loaded by the family's pipeline, or its saved folder."""
@@ -101,9 +117,19 @@ def main(argv: list[str] | None = None) -> None:
     if bad:
         raise UserError(f"unexpected argument {bad[0]!r}: dpdiff probe takes run_dir=DIR and probes.KEY=VALUE")
     recipe = ProbeRecipe(Path(run_dirs[0]).expanduser(), rest)
-    recipe.setup()
-    out = recipe.run()
-    recipe.report()
+    from dpdiff.runtime import RunDirLock
+
+    lock = RunDirLock(recipe.run_dir)
+    if not recipe.run_dir.is_dir():
+        raise UserError(f"{recipe.run_dir} is not a directory")
+    if not lock.acquire():  # a training or another probe process holds it: attempts would interleave
+        raise UserError(f"another dpdiff process is training into or probing {recipe.run_dir}; wait for it")
+    try:
+        recipe.setup()
+        out = recipe.run()
+        recipe.report()
+    finally:
+        lock.release()
     from dpdiff.report.summary import probe_clauses
 
     print("probes:\n  " + "\n  ".join(probe_clauses(out)))

@@ -58,12 +58,15 @@ def loss_scores(ctx: ProbeContext, record_ids: list[int], *, timesteps: list[int
 
 @torch.no_grad()
 def pia_scores(ctx: ProbeContext, record_ids: list[int], *, timestep: int = 200, lp: float = 4.0,
-               batch_size: int = 64) -> np.ndarray:
+               batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """PIA, the Proximal Initialization Attack (Kong et al., ICLR 2024), as in their code
     (``components.PIA``): ``eps0 = eps_theta(x0, t=0)``, ``x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps0``,
     distance ``sum |eps_theta(x_t, t) - eps0|^lp`` with their ``lp = 4`` at their attack step
     ``t = 200`` (of 1000 training timesteps; scaled to the scheduler's count). Members are denoised
     back to their own initial noise more exactly: score = minus the distance (higher = member).
+    Returns the scores and, per image, the RMS of the proxy noise ``eps0``: PIA assumes ``eps0`` is a plausible
+    standard Gaussian draw (RMS near 1); far from 1 the re-noised ``x_t`` is off the training distribution and
+    PIA's direction is not to be trusted (``pia_diagnostic``).
     The noise estimates are the objective's (``noise_estimate``): the output itself for epsilon prediction,
     turned into noise for v prediction, and ``x_t + (1 - sigma) v`` for flow models (SD3, Flux), whose
     ``x_t = (1 - sigma) x0 + sigma eps0`` takes the place of the DDPM mix (the same deterministic re-noising).
@@ -73,7 +76,7 @@ def pia_scores(ctx: ProbeContext, record_ids: list[int], *, timestep: int = 200,
     cond = encode_captions(ctx, [r.text for r in recs], recs)
     obj = ctx.objective()
     t_attack = int(round(timestep * obj.num_train_timesteps / 1000))
-    scores = []
+    scores, rms = [], []
     for s in range(0, len(recs), batch_size):
         x0 = latents[s : s + batch_size].to(ctx.device)
         c = {k: v[s : s + batch_size].to(ctx.device) for k, v in cond.items()}
@@ -83,7 +86,32 @@ def pia_scores(ctx: ProbeContext, record_ids: list[int], *, timestep: int = 200,
         xt = obj.noisy(x0, eps0, tt)
         eps_t = obj.noise_estimate(ctx.denoiser, xt, tt, c)
         scores.append(-(eps_t - eps0).abs().pow(lp).flatten(1).sum(1).cpu())
-    return torch.cat(scores).numpy()
+        rms.append(eps0.float().pow(2).flatten(1).mean(1).sqrt().cpu())
+    return torch.cat(scores).numpy(), torch.cat(rms).numpy()
+
+
+#: PIA's proxy noise counts as on-distribution when its median RMS lies in this range (a standard Gaussian: 1)
+PIA_PROXY_RMS_RANGE = (0.7, 1.3)
+
+
+def pia_diagnostic(rms_members: np.ndarray, rms_nonmembers: np.ndarray) -> dict:
+    """The scale of PIA's proxy noise ``eps_theta(x0, 0)``: median and 10th / 90th percentiles of its per-image
+    RMS (a standard Gaussian draw has RMS near 1, within a few percent at latent sizes). Outside
+    ``PIA_PROXY_RMS_RANGE`` the proxy is off-distribution (measured on an over-trained tiny model: PIA's AUC
+    inverted there, 0.16, while the loss attacks' exceeded 0.8), and PIA's scores say little either way."""
+    both = np.concatenate([np.asarray(rms_members, float), np.asarray(rms_nonmembers, float)])
+    med = float(np.median(both))
+    lo, hi = PIA_PROXY_RMS_RANGE
+    ok = lo <= med <= hi
+    return {"proxy_noise_rms_median": med, "proxy_noise_rms_p10": float(np.quantile(both, 0.1)),
+            "proxy_noise_rms_p90": float(np.quantile(both, 0.9)),
+            "proxy_noise_rms_members": float(np.median(rms_members)),
+            "proxy_noise_rms_nonmembers": float(np.median(rms_nonmembers)),
+            "expected": 1.0, "on_distribution": ok,
+            "note": ("the proxy noise looks like a standard Gaussian draw: PIA's premise holds" if ok else
+                     f"the proxy noise's RMS {med:.3g} is outside [{lo:g}, {hi:g}] (a Gaussian draw: 1): PIA's "
+                     "re-noised input is off the training distribution on this model, so its scores (and their "
+                     "direction) say little")}
 
 
 def run_mia(ctx: ProbeContext, cfg, *, confidence: float | None = None) -> dict:
@@ -113,13 +141,15 @@ def run_mia(ctx: ProbeContext, cfg, *, confidence: float | None = None) -> dict:
     timesteps = [int(t) for t in cfg.get("timesteps", [50, 100, 200, 300, 500])]
     draws = int(cfg.get("noise_draws", 4))
     calibrated = bool(cfg.get("calibrated", True))
+    pia_diag = None
     sm = loss_scores(ctx, members, timesteps=timesteps, draws=draws, calibrated=calibrated)
     sn = loss_scores(ctx, nonmembers, timesteps=timesteps, draws=draws, calibrated=calibrated)
     if cfg.get("pia", True):
         t_pia = int(cfg.get("pia_timestep", 200))
         lp = float(cfg.get("pia_lp", 4))
-        sm["pia"] = pia_scores(ctx, members, timestep=t_pia, lp=lp)
-        sn["pia"] = pia_scores(ctx, nonmembers, timestep=t_pia, lp=lp)
+        sm["pia"], rms_m = pia_scores(ctx, members, timestep=t_pia, lp=lp)
+        sn["pia"], rms_n = pia_scores(ctx, nonmembers, timestep=t_pia, lp=lp)
+        pia_diag = pia_diagnostic(rms_m, rms_n)
     dp = bool(ctx.privacy.get("dp"))
     delta = float(ctx.privacy["delta"]) if dp else float(cfg.get("delta_if_no_dp", 1e-5))
     min_n = int(cfg.get("min_nonmembers", DEFAULT_MIN_NONMEMBERS))
@@ -165,6 +195,7 @@ def run_mia(ctx: ProbeContext, cfg, *, confidence: float | None = None) -> dict:
         "timesteps": timesteps,
         "noise_draws": draws,
         "attacks": attacks,
+        "pia_diagnostic": pia_diag,
         "split_audit": check,
         "eps_lower_steinke": check["eps_lower_steinke"],
         "eps_lower_fdp": check["eps_lower_fdp"],

@@ -74,7 +74,7 @@ def audit_verdict(*, scores, included, claimed_epsilon, delta: float, confidence
             "score_mean_excluded": float(np.mean(scores[~included])) if (~included).any() else None}
 
 
-def run_audit(ctx: ProbeContext, cfg) -> dict:
+def run_audit(ctx: ProbeContext, cfg, *, confidence: float | None = None) -> dict:
     """The one-run audit: data canaries scored by their base-calibrated loss and, when the run recorded
     them, white-box gradient canaries scored by their likelihood ratio over all noisy gradients
     (``gradient_canaries.json``, ``dpdiff.probes.canaries.GradientCanaries``). Both bounds of each
@@ -90,7 +90,7 @@ def run_audit(ctx: ProbeContext, cfg) -> dict:
     dp = bool(ctx.privacy.get("dp"))
     claimed = ctx.privacy.get("epsilon") if dp else None
     delta = float(ctx.privacy["delta"]) if dp else float(cfg.get("delta_if_no_dp", 1e-5))
-    conf = float(cfg.get("confidence", 0.95))  # probes.audit.confidence
+    conf = float(confidence if confidence is not None else cfg.get("confidence", 0.95))
     sets = int(bool(ctx.canaries)) + int(bool(grad))
     per_set = 1.0 - (1.0 - conf) / sets
     k_plus, k_minus = cfg.get("k_plus"), cfg.get("k_minus")
@@ -150,33 +150,93 @@ def run_audit(ctx: ProbeContext, cfg) -> dict:
     }
 
 
+HISTORY = "probes_history.jsonl"
+
+
+def probe_history(run_dir: Path) -> list[dict]:
+    """The attempts recorded in ``probes_history.jsonl`` (owner only): one ``started`` line per attempt, and a
+    ``finished`` line with its verdicts when it completed. A torn last line (a crash mid-write) is skipped."""
+    import json
+
+    path = Path(run_dir) / HISTORY
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out
+
+
+def _probes_that_run(ctx: ProbeContext, cfg) -> list[str]:
+    names = []
+    if (cfg.get("extraction") or {}).get("enabled", True):
+        names.append("extraction")
+    if (cfg.get("mia") or {}).get("enabled", True):
+        names.append("mia")
+    if ctx.canaries or (ctx.run_dir / "gradient_canaries.json").exists():
+        names.append("audit")
+    return names
+
+
 def run_probes(ctx: ProbeContext, cfg) -> dict:
-    """Run the enabled probes, write probes.json (null where a probe did not run) and return it."""
+    """Run the enabled probes, write probes.json (null where a probe did not run) and return it.
+
+    Family-wise error control (``dpdiff.probes.verdict``): this is attempt j on the run dir (counted in
+    ``probes_history.jsonl``, recorded before any probe runs, so an interrupted attempt counts too); it spends
+    ``attempt_alpha(1 - probes.confidence, j)``, split evenly over the probes that run; the overall verdict also
+    carries every earlier attempt's FAILs. Earlier probes.json files are kept in the history, not overwritten
+    unseen."""
+    from datetime import datetime, timezone
+
+    from dpdiff.io import append_jsonl
+    from dpdiff.probes.verdict import attempt_alpha, overall_verdict, summary_lines
+
     t0 = time.time()
     out: dict = {"extraction": None, "mia": None, "audit": None}
     budget = cfg.get("budget_images")
     torch.manual_seed(ctx.seed)
     ctx.denoiser.eval()
-    confidence = float(cfg.get("confidence", 0.95))
-    if (cfg.get("extraction") or {}).get("enabled", True):
+    family_conf = float(cfg.get("confidence", 0.95))
+    if not 0.0 < family_conf < 1.0:
+        from dpdiff.errors import UserError
+
+        raise UserError(f"probes.confidence must be in (0, 1), got {family_conf}")
+    history = probe_history(ctx.run_dir)
+    attempt = 1 + sum(1 for h in history if h.get("event") == "started")
+    names = _probes_that_run(ctx, cfg)
+    alpha = attempt_alpha(1.0 - family_conf, attempt)
+    confidence = 1.0 - alpha / max(len(names), 1)
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    append_jsonl(ctx.run_dir / HISTORY, {"event": "started", "attempt": attempt, "time": now, "probes": names,
+                                         "family_confidence": family_conf, "alpha": alpha,
+                                         "confidence_per_probe": confidence})
+    if "extraction" in names:
         from dpdiff.probes.extraction import run_extraction
 
         log.info("probe: extraction")
-        out["extraction"] = run_extraction(ctx, cfg.extraction, budget_images=budget,
-                                           confidence=float(cfg.extraction.get("confidence", confidence)))
-    if (cfg.get("mia") or {}).get("enabled", True):
+        out["extraction"] = run_extraction(ctx, cfg.extraction, budget_images=budget, confidence=confidence)
+    if "mia" in names:
         from dpdiff.probes.mia import run_mia
 
         log.info("probe: membership inference")
-        out["mia"] = run_mia(ctx, cfg.mia, confidence=float(cfg.mia.get("confidence", confidence)))
-    if (cfg.get("audit") or {}).get("canaries", 0) or (ctx.run_dir / "gradient_canaries.json").exists():
+        out["mia"] = run_mia(ctx, cfg.mia, confidence=confidence)
+    if "audit" in names:
         log.info("probe: one-run audit")
-        out["audit"] = run_audit(ctx, cfg.get("audit") or {})
+        out["audit"] = run_audit(ctx, cfg.get("audit") or {}, confidence=confidence)
     for section, keys in REQUIRED.items():  # the contract: these keys exist, null when not run
         if out[section] is None:
             out[section] = {k: None for k in keys} | {"skipped": "disabled", "verdict": None}
-    from dpdiff.probes.verdict import summary_lines
-
+    earlier = [f"{name} (attempt {h['attempt']})" for h in history if h.get("event") == "finished"
+               for name, v in (h.get("verdicts") or {}).items() if v.get("verdict") == "FAIL"]
+    out["overall"] = overall_verdict({k: out[k] for k in names}, family_confidence=family_conf, attempt=attempt,
+                                     earlier_fails=earlier)
+    out["overall"].update({"alpha_this_attempt": alpha, "confidence_per_probe": confidence,
+                           "earlier_attempts": attempt - 1,
+                           "history": [{k: h.get(k) for k in ("attempt", "time", "overall")} for h in history
+                                       if h.get("event") == "finished"]})
     out["summary"] = summary_lines(out)
     for line in out["summary"]:
         log.info("probe verdict: %s", line)
@@ -184,7 +244,22 @@ def run_probes(ctx: ProbeContext, cfg) -> dict:
     out["for_data_owner_only"] = ("Probe results describe the training data (which images leak); "
                                   "they are for the data owner, not for publication.")
     write_json_atomic(ctx.run_dir / "probes.json", out)
+    keep = ("verdict", "eps_lower", "ceiling", "detectable_epsilon", "claimed_epsilon", "confidence")
+    append_jsonl(ctx.run_dir / HISTORY, {
+        "event": "finished", "attempt": attempt,
+        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "overall": out["overall"]["verdict"],
+        "verdicts": {k: {f: out[k].get(f) for f in keep} for k in names},
+        "settings": _settings_digest(cfg)})
     return out
+
+
+def _settings_digest(cfg) -> dict:
+    """The probe settings of an attempt, for the history (what was tried, so a reader sees re-runs)."""
+    from omegaconf import DictConfig, OmegaConf
+
+    plain = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    return {k: plain.get(k) for k in ("extraction", "mia", "audit") if isinstance(plain.get(k), dict)}
 
 
 def load_run_canaries(run_dir: Path) -> dict | None:

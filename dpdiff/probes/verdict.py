@@ -23,6 +23,11 @@ Without a DP claim (a non-private run) the question is whether anything leaks at
 ``eps_lower > 0`` (leakage demonstrated), otherwise INCONCLUSIVE; never PASS, because no
 guarantee exists that a green could stand for.
 
+One run, many tests. Every probe that runs, and every re-run of the probes on the same run dir (``dpdiff
+probe``), is one more chance of a false FAIL. ``attempt_alpha`` gives attempt j the error rate ``alpha 6 /
+(pi^2 j^2)`` (summing to ``alpha = 1 - probes.confidence`` over any number of attempts), split evenly over
+the probes that run in it; ``overall_verdict`` combines them, earlier attempts' FAILs included.
+
 Every verdict can come out either way: a test whose ceiling is below the claim is INCONCLUSIVE,
 never PASS. This is the hypothesis-testing reading of DP auditing (Jagielski, Ullman, Oprea 2020;
 Nasr et al. 2021; Steinke, Nasr, Jagielski 2023): a lower bound below the claim confirms nothing
@@ -35,7 +40,7 @@ import math
 from collections.abc import Iterable
 
 __all__ = ["PASS", "FAIL", "INCONCLUSIVE", "VERDICTS", "COLOURS", "three_way_verdict", "verdict_fields",
-           "verdict_line", "verdict_sentence", "summary_lines"]
+           "verdict_line", "verdict_sentence", "summary_lines", "attempt_alpha", "overall_verdict", "PROBES"]
 
 PASS, FAIL, INCONCLUSIVE = "PASS", "FAIL", "INCONCLUSIVE"
 VERDICTS = (PASS, FAIL, INCONCLUSIVE)
@@ -59,6 +64,53 @@ def _fmt(v) -> str:
     if isinstance(v, float) and math.isinf(v):
         return "inf"
     return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+#: the probe sections of probes.json, in the order they run
+PROBES = ("extraction", "mia", "audit")
+
+
+def attempt_alpha(family_alpha: float, attempt: int) -> float:
+    """The error rate attempt ``attempt`` (1, 2, ...) of the probes on one run may spend: ``family_alpha * 6 /
+    (pi^2 attempt^2)``. The series sums to ``family_alpha`` over any number of attempts, so every FAIL ever shown
+    on a run, re-runs with other settings included, is wrong with probability at most ``family_alpha`` (alpha
+    spending; a Bonferroni split over a number of attempts fixed in advance would break when a user runs one
+    more). The first attempt gets 61% of it, the second 15%."""
+    if attempt < 1:
+        raise ValueError(f"attempt must be >= 1, got {attempt}")
+    return float(family_alpha) * 6.0 / (math.pi ** 2 * attempt ** 2)
+
+
+def overall_verdict(sections: dict, *, family_confidence: float, attempt: int,
+                    earlier_fails: Iterable[str] = ()) -> dict:
+    """One verdict across the probes of this attempt and the FAILs of earlier attempts on the same run.
+
+    Each probe ran at its share of this attempt's error rate (``attempt_alpha``, Bonferroni over the probes
+    that ran), so: FAIL when any probe of any attempt failed (the family-wise error over every attempt is at most
+    ``1 - family_confidence``); PASS when none failed and at least one probe passed (that probe had the power to
+    see a leak at twice the claim); INCONCLUSIVE otherwise. ``detectable_epsilon``: the smallest over the probes.
+    """
+    ran = {k: v for k, v in sections.items() if (v or {}).get("verdict") in VERDICTS}
+    fails = [f"{k} (attempt {attempt})" for k, v in ran.items() if v["verdict"] == FAIL] + list(earlier_fails)
+    dets = [float(v["detectable_epsilon"]) for v in ran.values() if v.get("detectable_epsilon") is not None]
+    pct = f"{100 * float(family_confidence):.4g}%"
+    if fails:
+        verdict = FAIL
+        reason = (f"failed: {', '.join(fails)}; family-wise {pct} confidence over every probe and attempt on this run")
+    elif any(v["verdict"] == PASS for v in ran.values()):
+        verdict = PASS
+        passed = [k for k, v in ran.items() if v["verdict"] == PASS]
+        reason = (f"no probe refuted the claim, and {', '.join(passed)} had the power to see a leak at "
+                  f"{POWER_FACTOR:g}x it; family-wise {pct} confidence over every probe and attempt on this run")
+    elif ran:
+        verdict = INCONCLUSIVE
+        reason = ("no probe refuted the claim, and none had the power to see a leak at "
+                  f"{POWER_FACTOR:g}x it (each probe's verdict says what would)")
+    else:
+        verdict, reason = None, "no probe ran"
+    return {"verdict": verdict, "colour": COLOURS.get(verdict), "reason": reason, "attempt": int(attempt),
+            "family_confidence": float(family_confidence),
+            "detectable_epsilon": min(dets) if dets else None, "probes": sorted(ran)}
 
 
 #: a PASS needs the test to detect (80% power, optimal attacker) a true epsilon of at most this multiple of the claim
@@ -205,7 +257,11 @@ def verdict_line(name: str, v: dict | None) -> str:
 def summary_lines(probes: dict) -> list[str]:
     """One line per probe section of probes.json that has a verdict (for logs and terminals)."""
     out = []
-    for name in ("extraction", "mia", "audit"):
+    overall = probes.get("overall") or {}
+    if overall.get("verdict") in VERDICTS:
+        out.append(f"overall {overall['verdict']} (attempt {overall.get('attempt')}, family-wise "
+                   f"{100 * float(overall.get('family_confidence') or 0):.4g}%)")
+    for name in PROBES:
         sec = probes.get(name) or {}
         if sec.get("skipped"):
             out.append(f"{name} not run ({sec['skipped']})")

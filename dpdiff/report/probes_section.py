@@ -75,6 +75,11 @@ def _extraction_rows(ex: dict, priv: dict) -> list[tuple[str, str]]:
          f"(no generation can come closer; above {_f(thr)} extraction cannot fire)"),
         ("extraction: generations", f"{ex.get('generations')} at {ex.get('generation_resolution')} px "
                                     f"({ex.get('captions_probed')} captions x {ex.get('per_caption_generations')})"),
+        ("extraction: detectors",
+         f"{', '.join(ex.get('detectors') or ['l2'])} (Bonferroni); tiled L2 matches {_f(ex.get('tiled_matches'))} "
+         f"training vs {_f(ex.get('tiled_control_matches'))} held-out"
+         + (f"; permutation test of no leak p = {_f(ex['leak_p_value'])}" if ex.get("leak_p_value") is not None
+            else "")),
         ("largest clique of near-identical generations",
          f"{ex.get('max_clique')}; captions flagged by the held-out-calibrated rule (size >= "
          f"{_f(ex.get('clique_size_threshold'))}): {ex.get('clique_flagged_captions')}"),
@@ -114,6 +119,11 @@ def _mia_rows(mia: dict, priv: dict) -> list[tuple[str, str]]:
         auc = _f(a.get("auc")) if a.get("auc") is not None else f"{_f(a.get('auc_observed'))} (not estimable)"
         rows.append((f"  attack {name}", f"AUC {auc}, p {_f(a.get('auc_p_value_corrected'))} (corrected for "
                                          f"{len(mia.get('attacks') or {})} attacks); " + "; ".join(pts)))
+    diag = mia.get("pia_diagnostic")
+    if diag:
+        rows.append(("  PIA's proxy noise (RMS of eps(x0, 0); a Gaussian draw: 1)",
+                     f"median {_f(diag.get('proxy_noise_rms_median'))} (10-90%: {_f(diag.get('proxy_noise_rms_p10'))}"
+                     f"-{_f(diag.get('proxy_noise_rms_p90'))}): {diag.get('note')}"))
     return rows
 
 
@@ -136,8 +146,23 @@ def _audit_rows(audit: dict, priv: dict) -> list[tuple[str, str]]:
     return rows
 
 
+def _overall_rows(ov: dict) -> list[tuple[str, str]]:
+    if ov.get("verdict") is None:
+        return []
+    rows = [("overall probe verdict", f"{ov['verdict']}: {ov.get('reason')}"),
+            ("probe attempts on this run",
+             f"this is attempt {ov.get('attempt')}; it spent error rate {_f(ov.get('alpha_this_attempt'))} of the "
+             f"family's {_f(1 - float(ov.get('family_confidence') or 0))} (each later attempt spends less), "
+             f"{_pct(ov.get('confidence_per_probe'))} confidence per probe")]
+    earlier = ov.get("history") or []
+    if earlier:
+        rows.append(("earlier attempts", "; ".join(f"attempt {h.get('attempt')} ({h.get('time')}): {h.get('overall')}"
+                                                   for h in earlier)))
+    return rows
+
+
 def probe_rows(probes: dict, priv: dict) -> list[tuple[str, str]]:
-    rows: list[tuple[str, str]] = []
+    rows: list[tuple[str, str]] = _overall_rows(probes.get("overall") or {})
     for name, title, fn in (("extraction", "extraction", _extraction_rows),
                             ("mia", "membership inference", _mia_rows),
                             ("audit", "one-run audit", _audit_rows)):

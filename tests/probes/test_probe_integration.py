@@ -37,7 +37,7 @@ def run_recipe(run_dir: Path, overrides: list[str], patch=None):
 
 
 COMMON = ["train.sample.per_prompt=1", "train.sample.steps=2", "train.progress=false", "eval=none",
-          "data.holdout_fraction=0.5", "probes.extraction.captions=6", "probes.extraction.per_caption=8",
+          "data.holdout_fraction=0.5", "probes.extraction.units=12", "probes.extraction.per_caption=8",
           "probes.mia.bootstrap=200", "probes.mia.min_nonmembers=10", "probes.audit.canaries=100",
           "train.checkpoint_every=0", "probes.budget_images=null"]
 
@@ -51,7 +51,10 @@ def test_overtrained_non_private_model_is_flagged(tmp_path):
     ex, mia, audit = probes["extraction"], probes["mia"], probes["audit"]
     assert ex["extracted_count"] >= 1, ex
     assert mia["auc"] > 0.8, mia
-    assert mia["attacks"]["pia"]["auc"] > 0.5, mia["attacks"]["pia"]  # PIA points the same way as the loss
+    # PIA points the same way as the loss attacks where its proxy noise is a plausible Gaussian draw; on this
+    # over-trained model it is not, and the diagnostic must say so rather than let an inverted AUC stand
+    diag = mia["pia_diagnostic"]
+    assert not diag["on_distribution"] or mia["attacks"]["pia"]["auc"] > 0.5, diag
     assert audit["eps_lower"] > 0.5, audit
     # no DP claim: a demonstrated leak is a FAIL, and nothing is ever PASS
     assert mia["verdict"] == "FAIL" and audit["verdict"] == "FAIL", (mia, audit)

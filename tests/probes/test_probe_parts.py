@@ -243,11 +243,13 @@ def test_run_mia_verdicts_from_synthetic_scores(monkeypatch, n_members, n_held, 
                 "calibrated": rng.standard_normal(len(ids)) + leak * is_member}
 
     monkeypatch.setattr(mia, "loss_scores", fake_loss_scores)
-    monkeypatch.setattr(mia, "pia_scores", lambda ctx, ids, **kw: -np.arange(len(ids), dtype=float))
+    monkeypatch.setattr(mia, "pia_scores", lambda ctx, ids, **kw: (-np.arange(len(ids), dtype=float),
+                                                                    np.full(len(ids), 1.02)))
     out = mia.run_mia(_mia_ctx(n_members, n_held, claimed), {"bootstrap": 50}, confidence=0.95)
     assert out["verdict"] == expected, out["verdict_reason"]
     assert out["members"] == out["nonmembers"] == min(n_members, n_held, 256)
     assert set(out["attacks"]) == {"loss", "calibrated", "pia"} and out["primary_attack"] == "calibrated"
+    assert out["pia_diagnostic"]["on_distribution"] and out["pia_diagnostic"]["proxy_noise_rms_median"] == 1.02
     if n_held < 20:
         assert out["auc"] is None and out["attacks"]["calibrated"]["auc_observed"] == 1.0
         assert out["auc_p_value"] > 0.05
@@ -372,3 +374,14 @@ def test_extraction_probes_fewer_units_when_the_generation_budget_is_short(monke
     out = run_extraction(ctx_for(1.0), {**cfg, "captions": 10}, confidence=0.95)
     assert out["training_items_probed"] == out["heldout_items_probed"] == 5  # 10 unique captions: 5 + 5
     assert out["captions_probed"] == 10 and any("generation budget" in w for w in out["warnings"])
+
+
+def test_pia_diagnostic_flags_an_off_distribution_proxy_noise():
+    from dpdiff.probes.mia import pia_diagnostic
+
+    rng = np.random.default_rng(0)
+    gauss = np.sqrt((rng.standard_normal((64, 4 * 8 * 8)) ** 2).mean(1))  # RMS of real Gaussian draws
+    ok = pia_diagnostic(gauss[:32], gauss[32:])
+    assert ok["on_distribution"] and abs(ok["proxy_noise_rms_median"] - 1) < 0.1  # 256 coords: sd ~0.045
+    off = pia_diagnostic(gauss[:32] * 0.2, gauss[32:] * 0.2)  # an over-trained model's eps(x0, 0) collapses
+    assert not off["on_distribution"] and "off the training distribution" in off["note"]

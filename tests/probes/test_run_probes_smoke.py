@@ -24,7 +24,7 @@ def test_every_probe_writes_a_three_way_verdict(tmp_path):
     from dpdiff.paths import config_dir
     from dpdiff.probes.canaries import GradientCanaries, canary_caption, canary_image, load_canaries
     from dpdiff.probes.context import ProbeContext
-    from dpdiff.probes.run import REQUIRED, run_probes
+    from dpdiff.probes.run import REQUIRED, probe_history, run_probes
 
     base = load_base(None)
     records = read_dataset(builtin_digits_dir())[:40]
@@ -56,7 +56,9 @@ def test_every_probe_writes_a_three_way_verdict(tmp_path):
     for section, keys in REQUIRED.items():
         assert set(keys) <= set(saved[section])
         assert saved[section]["verdict"] in ("PASS", "FAIL", "INCONCLUSIVE")
-        assert saved[section]["claimed_epsilon"] == 8.0 and saved[section]["confidence"] == 0.9
+        # three probes share attempt 1's error rate 0.1 * 6 / pi^2 (family-wise 90%)
+        assert saved[section]["claimed_epsilon"] == 8.0
+        assert saved[section]["confidence"] == pytest.approx(1 - 0.1 * 6 / np.pi ** 2 / 3)
         assert saved[section]["ceiling"] is not None
     ex = out["extraction"]
     assert ex["generation_resolution"] == 48  # the training resolution, not the base's 32
@@ -65,4 +67,7 @@ def test_every_probe_writes_a_three_way_verdict(tmp_path):
     assert {out[s]["verdict"] for s in REQUIRED} == {"INCONCLUSIVE"}
     assert out["mia"]["auc"] is None and "not estimable" in out["mia"]["auc_reason"]
     assert {"data_canaries", "gradient_canaries"} <= set(out["audit"])
-    assert len(out["summary"]) == 3
+    assert len(out["summary"]) == 4 and out["summary"][0].startswith("overall INCONCLUSIVE (attempt 1")
+    assert out["overall"]["verdict"] == "INCONCLUSIVE" and out["overall"]["probes"] == ["audit", "extraction", "mia"]
+    history = probe_history(run)
+    assert [h["event"] for h in history] == ["started", "finished"] and history[1]["overall"] == "INCONCLUSIVE"

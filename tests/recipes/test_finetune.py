@@ -116,3 +116,4 @@ def test_probes_and_eval_run_after_training_and_on_an_existing_run(tmp_path):
     again = json.loads((run_dir / "probes.json").read_text())
     assert again["extraction"]["extracted_count"] is None and again["mia"]["auc"] is not None
     assert again["audit"]["eps_lower"] is not None
+    assert again["overall"]["attempt"] == 2 and again["overall"]["earlier_attempts"] == 1  # the re-run is counted
