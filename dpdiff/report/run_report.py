@@ -190,7 +190,11 @@ def build_sections(*, priv: dict, run: dict, probes: dict | None, metrics: list[
         ("wall time (s)", _fmt(run.get("wall_seconds"))),
         ("dpdiff / git", f"{run.get('dpdiff_version')} / {run.get('git_commit') or 'n/a'}"),
     ]
-    out = [("What was trained on what", trained), ("Mechanism", mechanism_rows(priv, owner))]
+    from dpdiff.report.officer import officer_rows
+
+    out = [("For the privacy officer: the guarantee and the attacks, in plain words",
+            officer_rows(priv, owner, probes)),
+           ("What was trained on what", trained), ("Mechanism", mechanism_rows(priv, owner))]
     if metrics:
         last = metrics[-1]
         out.append(("Training (non-private statistics)", [
@@ -255,6 +259,11 @@ td:first-child{color:#57606a;width:38%}
 figure{margin:1em 0} figcaption{color:#57606a;font-size:.9em} img{max-width:100%;image-rendering:pixelated}
 .figs{display:flex;flex-wrap:wrap;gap:1.5em;align-items:flex-start} .figs figure{margin:0;flex:1 1 420px}
 .muted{color:#57606a;font-size:.9em}
+@media print{body{max-width:none;margin:0;padding:0;font-size:10pt;color:#000}
+h2{page-break-after:avoid;break-after:avoid} tr,figure{page-break-inside:avoid;break-inside:avoid}
+.banner{border:1px solid #000} .noprint{display:none}
+.fail,.pass,.inconclusive{-webkit-print-color-adjust:exact;print-color-adjust:exact}
+@page{size:A4;margin:15mm}}
 """
 
 
@@ -265,7 +274,8 @@ def render_html(sections, *, run_dir: Path, plots: dict, run: dict, dp: bool) ->
              "<meta name='viewport' content='width=device-width, initial-scale=1'>",
              "<title>dpdiff run report</title>", f"<style>{_CSS}</style></head><body>",
              "<h1>dpdiff run report</h1>", f"<div class='muted'>{esc(str(run_dir))}</div>",
-             f"<div class='banner {'dp' if dp else 'nodp'}'>{esc(guarantee_sentence(priv))}</div>"]
+             f"<div class='banner {'dp' if dp else 'nodp'}'>{esc(guarantee_sentence(priv))}</div>",
+             "<div class='muted noprint'>Printable: the browser's Print (to PDF) lays this page out for A4.</div>"]
     for title, rows in sections:
         parts.append(f"<h2>{esc(title)}</h2><table>")
         for k, v in rows:

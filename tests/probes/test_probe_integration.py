@@ -58,6 +58,9 @@ def test_overtrained_non_private_model_is_flagged(tmp_path):
     assert audit["eps_lower"] > 0.5, audit
     # no DP claim: a demonstrated leak is a FAIL, and nothing is ever PASS
     assert mia["verdict"] == "FAIL" and audit["verdict"] == "FAIL", (mia, audit)
+    # extraction too: 7 of 12 probed training images extracted, no held-out match (permutation p = 0.005)
+    assert ex["verdict"] == "FAIL" and ex["control_matches"] == 0, ex
+    assert probes["overall"]["verdict"] == "FAIL"
     assert "PASS" not in {ex["verdict"], mia["verdict"], audit["verdict"]}
     assert (tmp_path / "run" / "probe_extraction.png").exists()
 

@@ -57,6 +57,7 @@ def test_dp_and_non_dp_reports(tmp_path):
     dp_html = (dp / "report.html").read_text()
     assert "differentially private" in dp_html and "NO PRIVACY GUARANTEE" not in dp_html
     assert "epsilon vs step" in dp_html and "Caveats" in dp_html
+    assert "For the privacy officer" in dp_html and "delta against 1/N" in dp_html and "@media print" in dp_html
     non_html = (non / "report.html").read_text()
     assert "NO PRIVACY GUARANTEE" in non_html and "nodp" in non_html
     assert "NO PRIVACY GUARANTEE" in (non / "report.md").read_text()
