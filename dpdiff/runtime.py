@@ -188,3 +188,41 @@ def gather_objects(obj) -> list:
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+class PhaseClock:
+    """Wall time, resident memory and peak resident memory of this process at the end of each phase of a run
+    (run.json's ``phases``; ``benchmarks/scale.py`` reads them). Peak RSS is the process's lifetime peak
+    (``getrusage``), so a phase that raised it shows by its jump; RSS is the current resident set (Linux's
+    ``/proc/self/statm``; None elsewhere). Page-cache pages of memory-mapped files count in RSS only while
+    mapped and touched."""
+
+    def __init__(self):
+        self.records: list[dict] = []
+
+    @staticmethod
+    def memory_mib() -> tuple[float | None, float]:
+        import resource
+        import sys
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20 if sys.platform == "darwin" else 1 << 10)
+        try:
+            pages = int(Path("/proc/self/statm").read_text().split()[1])
+            rss = pages * os.sysconf("SC_PAGE_SIZE") / (1 << 20)
+        except (OSError, ValueError, IndexError):
+            rss = None
+        return rss, peak
+
+    def phase(self, name: str):
+        import contextlib
+        import time
+
+        @contextlib.contextmanager
+        def timed():
+            t0 = time.time()
+            yield
+            rss, peak = self.memory_mib()
+            self.records.append({"phase": name, "seconds": round(time.time() - t0, 3),
+                                 "rss_mib": None if rss is None else round(rss, 1), "peak_rss_mib": round(peak, 1)})
+
+        return timed()

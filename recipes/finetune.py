@@ -36,6 +36,9 @@ class FinetuneRecipe:
         self.t_start = time.time()
         self.plan = None
         self.trainer = None
+        from dpdiff.runtime import PhaseClock
+
+        self.clock = PhaseClock()  # per-phase wall time and memory of this process (run.json "phases")
 
     # ---------------------------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -54,25 +57,29 @@ class FinetuneRecipe:
         if self.proc.is_main:
             self.run_lock = hold_run_dir(self.run_dir, resuming=s.train.resume_from is not None)
         # 2. the private data: read, check, group into units, split off the holdout
-        self.data = prepare(s.data, unit=s.privacy.unit)
+        with self.clock.phase("read, check, deduplicate, split"):
+            self.data = prepare(s.data, unit=s.privacy.unit)
         user_units = self.data.num_train_units
         if self.canaries.count:
             self.data = self.canaries.insert(self.data, run_dir=self.run_dir, seed=s.train.seed)
         # 3. the privacy plan: resume reconciliation, calibration, refusal past the target, dataset budget
         self.resume = self._load_resume()
-        self.plan = PrivacyPlan.build(
-            settings=s.privacy, num_units=self.data.num_train_units, batch_size=s.train.batch_size,
-            max_steps=s.train.max_steps, seed=s.train.seed, run_dir=self.run_dir, resume=self.resume,
-            rank=self.proc.rank, world_size=self.proc.world_size,
-            rate_units=user_units + self.canaries.count * self.canaries.inclusion_prob if self.canaries.count else None,
-            dataset=DatasetIdentity(root=self.data.root, fingerprint=self.data.fingerprint,
-                                    source_fingerprint=self.data.source_fingerprint,
-                                    record_ids=self.data.train_record_ids))  # hashed once, by the main process
-        self.plan.check_ranks_agree()  # collective: every rank read the same data and resolved one mechanism
-        self.plan.charge_dataset(status="planned")
+        rate_units = user_units + self.canaries.count * self.canaries.inclusion_prob if self.canaries.count else None
+        with self.clock.phase("privacy plan"):
+            self.plan = PrivacyPlan.build(
+                settings=s.privacy, num_units=self.data.num_train_units, batch_size=s.train.batch_size,
+                max_steps=s.train.max_steps, seed=s.train.seed, run_dir=self.run_dir, resume=self.resume,
+                rank=self.proc.rank, world_size=self.proc.world_size,
+                rate_units=rate_units,
+                dataset=DatasetIdentity(root=self.data.root, fingerprint=self.data.fingerprint,
+                                        source_fingerprint=self.data.source_fingerprint,
+                                        record_ids=self.data.train_record_ids))  # hashed once, by the main process
+            self.plan.check_ranks_agree()  # collective: every rank read the same data and resolved one mechanism
+            self.plan.charge_dataset(status="planned")
         # 4. models: base pipeline, trainable part, frozen features (private pixels are read from here on)
         self._setup_model()
-        self._setup_training()
+        with self.clock.phase("training setup"):
+            self._setup_training()
         log.info("setup done: %s", self._describe())
 
     def _load_resume(self):
@@ -122,8 +129,9 @@ class FinetuneRecipe:
                     named[k].copy_(v.to(named[k].device))
         train_recs = [self.data.records[i] for i in self.data.train_records()]
         self.train_index = {rec_idx: j for j, rec_idx in enumerate(self.data.train_records())}
-        self.encoded = self._encode(train_recs)
-        self.empty_text = self._encode_captions([""])
+        with self.clock.phase("encode frozen features"):
+            self.encoded = self._encode(train_recs)
+            self.empty_text = self._encode_captions([""])
 
     def _encode_captions(self, captions: list[str]) -> dict:
         from dpdiff.training.encode import encode_captions
@@ -291,8 +299,12 @@ class FinetuneRecipe:
 
     # ---------------------------------------------------------------------------------- train
     def train(self) -> None:
-        self.trainer.run()
-        self.trainer.checkpoint()
+        from dpdiff.runtime import gather_objects
+
+        with self.clock.phase("train"):
+            self.trainer.run()
+            self.trainer.checkpoint()
+        self.phases = gather_objects(self.clock.records)  # collective: every rank's phases, rank order
         if self.gradient_canaries is not None and self.proc.is_main:
             self.gradient_canaries.save(self.run_dir)
 
@@ -351,7 +363,8 @@ class FinetuneRecipe:
             samples="samples.png", samples_base="samples_base.png" if self.base_samples_path else None,
             sample_prompts=self.data.sample_prompts, wall_seconds=time.time() - self.t_start,
             train_steps=self.trainer.step, resumed_from=str(self.resume.path) if self.resume else None,
-            device=str(self.proc.device), world_size=self.proc.world_size))
+            device=str(self.proc.device), world_size=self.proc.world_size,
+            phases=getattr(self, "phases", None)))
         return self.privacy_record
 
     # ---------------------------------------------------------------------------------- probe

@@ -279,8 +279,9 @@ def write_model_card(weights_dir: Path, record: dict, base_name: str, *, adapter
 
 def run_record(*, version: str, base_model: str, model_family: str, data, adapter: str, resolution: int,
                weights: str, samples: str | None, samples_base: str | None, sample_prompts: list[str],
-               wall_seconds: float, train_steps: int, resumed_from: str | None, device: str, world_size: int) -> dict:
-    """The content of run.json."""
+               wall_seconds: float, train_steps: int, resumed_from: str | None, device: str, world_size: int,
+               phases: list[list[dict]] | None = None) -> dict:
+    """The content of run.json. ``phases``: per rank, each phase's wall time and memory (``runtime.PhaseClock``)."""
     import diffusers
     import opacus
     import peft
@@ -306,6 +307,7 @@ def run_record(*, version: str, base_model: str, model_family: str, data, adapte
         "resumed_from": resumed_from,
         "device": device,
         "world_size": int(world_size),
+        "phases": phases,
         "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__, "peft": peft.__version__,
                      "opacus": opacus.__version__, "python": platform.python_version()},
         "data": data.summary(),
