@@ -191,27 +191,30 @@ def gather_objects(obj) -> list:
 
 
 class PhaseClock:
-    """Wall time, resident memory and peak resident memory of this process at the end of each phase of a run
-    (run.json's ``phases``; ``benchmarks/scale.py`` reads them). Peak RSS is the process's lifetime peak
-    (``getrusage``), so a phase that raised it shows by its jump; RSS is the current resident set (Linux's
-    ``/proc/self/statm``; None elsewhere). Page-cache pages of memory-mapped files count in RSS only while
-    mapped and touched."""
+    """Wall time and memory of this process at the end of each phase of a run (run.json's ``phases``;
+    ``benchmarks/scale.py`` reads them): ``rss_mib`` (resident set), ``private_mib`` (its anonymous part: memory
+    the process owns, without the page-cache pages of memory-mapped files such as the feature store, which the
+    processes of a node share and the kernel can drop), and ``peak_rss_mib`` (the lifetime peak, ``getrusage``;
+    a phase that raised it shows by its jump). Linux reads ``/proc/self/status``; elsewhere only the peak."""
 
     def __init__(self):
         self.records: list[dict] = []
 
     @staticmethod
-    def memory_mib() -> tuple[float | None, float]:
+    def memory_mib() -> dict:
         import resource
         import sys
 
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20 if sys.platform == "darwin" else 1 << 10)
+        out = {"rss_mib": None, "private_mib": None, "peak_rss_mib": round(peak, 1)}
         try:
-            pages = int(Path("/proc/self/statm").read_text().split()[1])
-            rss = pages * os.sysconf("SC_PAGE_SIZE") / (1 << 20)
+            for line in Path("/proc/self/status").read_text().splitlines():
+                key, _, val = line.partition(":")
+                if key in ("VmRSS", "RssAnon"):
+                    out["rss_mib" if key == "VmRSS" else "private_mib"] = round(int(val.split()[0]) / 1024, 1)
         except (OSError, ValueError, IndexError):
-            rss = None
-        return rss, peak
+            pass
+        return out
 
     def phase(self, name: str):
         import contextlib
@@ -221,8 +224,6 @@ class PhaseClock:
         def timed():
             t0 = time.time()
             yield
-            rss, peak = self.memory_mib()
-            self.records.append({"phase": name, "seconds": round(time.time() - t0, 3),
-                                 "rss_mib": None if rss is None else round(rss, 1), "peak_rss_mib": round(peak, 1)})
+            self.records.append({"phase": name, "seconds": round(time.time() - t0, 3), **self.memory_mib()})
 
         return timed()

@@ -202,6 +202,7 @@ class DataSettings:
     caption_insert_prob: float
     cache: bool
     cache_dir: str | None
+    feature_dtype: str = "float16"
 
     @classmethod
     def from_config(cls, d) -> DataSettings:
@@ -247,6 +248,8 @@ class DataSettings:
             caption_insert_prob=ip,
             cache=_bool(g, "cache", _get(d, "cache", True)),
             cache_dir=None if _get(d, "cache_dir") in (None, "") else str(_get(d, "cache_dir")),
+            feature_dtype=_choice(g, "feature_dtype", _get(d, "feature_dtype", "float16"),
+                                  ("float16", "bfloat16", "float32")),
         )
 
 

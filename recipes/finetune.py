@@ -142,7 +142,7 @@ class FinetuneRecipe:
     def _encode(self, records):
         """Frozen-encoder features of the training images, from the user-only disk cache when possible."""
         from dpdiff.paths import home
-        from dpdiff.training.encode import cache_key, encode_dataset, load_encoded, save_encoded
+        from dpdiff.training.encode import cache_key, encode_dataset, encode_to_store, load_encoded
 
         d = self.settings.data
         kw = dict(resolution=self.resolution, center_crop=d.center_crop, flips=d.random_flip)
@@ -153,12 +153,11 @@ class FinetuneRecipe:
             return encode_dataset(records, **enc_kw)
         cache_dir = Path(d.cache_dir).expanduser() if d.cache_dir else home() / "cache"
         key = cache_key(records=records, base_path=self.base.path, parts=self.base.text_parts(),
-                        dtype=self.settings.model.frozen_dtype, max_sequence_length=msl, **kw)
+                        dtype=f"{self.settings.model.frozen_dtype}/{d.feature_dtype}", max_sequence_length=msl, **kw)
         path = cache_dir / f"features-{key}.safetensors"
-        # one process per machine encodes (the cache dir may be node-local); the others wait and read it
-        if self.proc.local_rank == 0 and load_encoded(path) is None:
-            save_encoded(encode_dataset(records, **enc_kw), path)
-        self.proc.barrier()
+        # every process encodes a share of the batches into the store, resumably (training.encode.encode_to_store);
+        # collective: every rank calls it, also when the store exists
+        encode_to_store(records, path, dtype=d.feature_dtype, proc=self.proc, **enc_kw)
         enc = load_encoded(path)
         if enc is None:
             raise RuntimeError(f"feature cache {path} could not be read back")

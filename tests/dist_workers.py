@@ -40,6 +40,7 @@ def engine_step(rank: int, world: int, port: int, out_dir: str, sigma: float, ze
                          num_units=len(mine))
         eng.finalize()
         torch.save(model.weight.grad, os.path.join(out_dir, f"grad{rank}.pt"))
+        dist.barrier()  # no rank tears gloo down while another is still in a collective (SIGABRT)
     finally:
         dist.destroy_process_group()
 
@@ -54,6 +55,7 @@ def context_world(rank: int, world: int, port: int, out_dir: str) -> None:
     got = [ctx.rank, ctx.world_size, int(dist.is_initialized() and dist.get_world_size()), str(ctx.device)]
     with open(os.path.join(out_dir, f"ctx{rank}.txt"), "w") as f:
         f.write(" ".join(map(str, got)))
+    dist.barrier()
     dist.destroy_process_group()
 
 
@@ -84,5 +86,6 @@ def plans_agree(rank: int, world: int, port: int, out_dir: str, differ: bool) ->
             outcome = f"refused: {err}"
         with open(os.path.join(out_dir, f"plan{rank}.txt"), "w") as f:
             f.write(outcome)
+        dist.barrier()  # neither rank tears gloo down while the other is still in a collective (SIGABRT)
     finally:
         dist.destroy_process_group()

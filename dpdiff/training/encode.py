@@ -11,8 +11,11 @@ and Flux condition on; SDXL's per-image size and crop ids are kept per image and
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -72,34 +75,27 @@ def image_added(family, image, *, resolution: int, flip: bool = False) -> dict[s
 def encode_dataset(records: list[ImageRecord], *, base, resolution: int, center_crop: bool, flips: bool, device,
                    batch_size: int = 32, progress: bool = True, max_sequence_length: int | None = None
                    ) -> EncodedData:
-    vae, family = base.vae, base.family
-    scale, shift = latent_factors(vae)
+    """The features of ``records`` in memory, float32 (the feature store, ``encode_to_store``, is what runs with
+    ``data.cache=true`` use: it holds one batch at a time)."""
+    scale, shift = latent_factors(base.vae)
     orientations = (False, True) if flips else (False,)
-    means, stds, per_image = [], [], []
+    means, stds, added = [], [], []
     it = range(0, len(records), batch_size)
     for i in tqdm(it, desc="encoding images", disable=not progress, leave=False):
-        batch = records[i : i + batch_size]
-        images = [r.open() for r in batch]
-        per_flip_mean, per_flip_std = [], []
-        for flip in orientations:
-            px = torch.stack([to_pixels(im, resolution=resolution, center_crop=center_crop, flip=flip)
-                              for im in images])
-            post = vae.encode(px.to(device=device, dtype=vae.dtype)).latent_dist
-            per_flip_mean.append(post.mean.float().cpu())
-            per_flip_std.append(post.std.float().cpu())
-        means.append(torch.stack(per_flip_mean, 1))
-        stds.append(torch.stack(per_flip_std, 1))
-        per_image += [[image_added(family, im, resolution=resolution, flip=flip) for flip in orientations]
-                      for im in images]
+        m, sd, a = _encode_image_batch(records[i : i + batch_size], base=base, resolution=resolution,
+                                       center_crop=center_crop, orientations=orientations, device=device)
+        means.append(m)
+        stds.append(sd)
+        added.append(a)
     captions = sorted({r.text for r in records})
     index = {c: j for j, c in enumerate(captions)}
     text = encode_captions(base, captions, device=device, max_sequence_length=max_sequence_length)
-    keys = per_image[0][0].keys() if per_image else ()
+    keys = added[0].keys() if added else ()
     return EncodedData(
         latent_mean=torch.cat(means), latent_std=torch.cat(stds), text_emb=text.pop("encoder_hidden_states"),
         text_index=torch.tensor([index[r.text] for r in records], dtype=torch.long),
         captions=captions, scaling_factor=scale, shift_factor=shift, text_added=text,
-        image_added={k: torch.stack([torch.stack([f[k] for f in per]) for per in per_image]) for k in keys},
+        image_added={k: torch.cat([a[k] for a in added]) for k in keys},
     )
 
 
@@ -129,29 +125,42 @@ def cache_key(*, records: list[ImageRecord], base_path: str, parts: list[str], r
     return h.hexdigest()[:24]
 
 
-def save_encoded(data: EncodedData, path) -> None:
-    """Write the features as a user-only safetensors file (they are derived from private images)."""
+#: storage dtypes of the feature cache (``data.feature_dtype``)
+FEATURE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def save_encoded(data: EncodedData, path, *, dtype: str = "float32") -> None:
+    """Write the features as a user-only safetensors file (they are derived from private images), the floating
+    features (latent posteriors, text rows) rounded to ``dtype``. Rounding is a fixed function of each image (or
+    caption) alone, applied before training: a unit's clipped gradient is still bounded by C, so the guarantee is
+    untouched; only utility could move (fp16 keeps 11 significant bits, far below the noise DP-SGD adds)."""
     import json
     import os
     from pathlib import Path
 
     from safetensors.torch import save_file
 
+    store = FEATURE_DTYPES[dtype]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(path.parent, 0o700)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tensors = {"latent_mean": data.latent_mean, "latent_std": data.latent_std, "text_emb": data.text_emb,
-               "text_index": data.text_index, **{f"text_added.{k}": v for k, v in data.text_added.items()},
+    tensors = {"latent_mean": data.latent_mean.to(store), "latent_std": data.latent_std.to(store),
+               "text_emb": data.text_emb.to(store), "text_index": data.text_index,
+               **{f"text_added.{k}": v.to(store) for k, v in data.text_added.items()},
                **{f"image_added.{k}": v for k, v in data.image_added.items()}}
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
               metadata={"captions": json.dumps(data.captions), "scaling_factor": repr(data.scaling_factor),
-                        "shift_factor": repr(data.shift_factor)})
+                        "shift_factor": repr(data.shift_factor), "feature_dtype": dtype})
     os.chmod(tmp, 0o600)
     os.replace(tmp, path)
 
 
 def load_encoded(path) -> EncodedData | None:
+    """The cached features. safetensors maps the file (its tensors are views of the page cache, read when a batch
+    indexes them): the processes of a node share one copy, and a process's private memory does not grow with N
+    (``tests/training/test_precision_and_cache.py`` measures it). Floating features keep their storage dtype;
+    ``RowBuilder`` casts the rows it gathers to float32."""
     import json
     from pathlib import Path
 
@@ -169,5 +178,226 @@ def load_encoded(path) -> EncodedData | None:
                            scaling_factor=float(meta["scaling_factor"]), shift_factor=float(meta["shift_factor"]),
                            text_added={k.split(".", 1)[1]: v for k, v in t.items() if k.startswith("text_added.")},
                            image_added={k.split(".", 1)[1]: v for k, v in t.items() if k.startswith("image_added.")})
-    except (OSError, KeyError, ValueError, RuntimeError):
+    except (OSError, KeyError, ValueError, RuntimeError, struct.error):
         return None  # a damaged cache is recomputed
+    except Exception as err:  # safetensors raises its own SafetensorError for a malformed file
+        if type(err).__name__ == "SafetensorError":
+            return None
+        raise
+
+
+# --- writing the store in place, batch by batch, by every process, resumably ---------------------------------
+_ST_NAMES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.int64: "I64"}
+_NP_STORAGE = {torch.float16: np.float16, torch.bfloat16: np.uint16, torch.float32: np.float32, torch.int64: np.int64}
+
+
+class StoreWriter:
+    """A safetensors file written in place: the header (names, dtypes, shapes, offsets, metadata) first, then
+    each tensor's rows through a writable memory map, batch by batch, so the encoder never holds more than one
+    batch. safetensors itself only writes whole in-memory tensors (``save_file``); the format is an 8-byte header
+    length, a JSON header (padded to 8 bytes) and the raw little-endian data, so the layout is written here and
+    read back by safetensors (``load_encoded``). Several processes may fill disjoint rows of one file (``open``)."""
+
+    def __init__(self, path, specs: dict[str, tuple[torch.dtype, tuple[int, ...]]], metadata: dict[str, str]):
+        import json
+        import math
+
+        self.path, self.specs = Path(path), dict(specs)
+        header, offset = {}, 0
+        self.offsets = {}
+        for name, (dt, shape) in self.specs.items():
+            nbytes = math.prod(shape) * torch.tensor([], dtype=dt).element_size()
+            header[name] = {"dtype": _ST_NAMES[dt], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            self.offsets[name] = (offset, nbytes)
+            offset += nbytes
+        header["__metadata__"] = metadata
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self.header = struct.pack("<Q", len(raw)) + raw
+        self.size = len(self.header) + offset
+        self._maps: dict[str, np.memmap] = {}
+
+    def create(self) -> None:
+        """Write the header and size the file (sparse: unwritten rows take no disk)."""
+        import os
+
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.fchmod(fd, 0o600)
+            os.write(fd, self.header)
+            os.ftruncate(fd, self.size)
+        finally:
+            os.close(fd)
+
+    def matches(self) -> bool:
+        """Whether the file on disk has exactly this header and size (a partial store of the same features)."""
+        try:
+            with open(self.path, "rb") as f:
+                return f.read(len(self.header)) == self.header and self.path.stat().st_size == self.size
+        except OSError:
+            return False
+
+    def _map(self, name: str) -> np.memmap:
+        if name not in self._maps:
+            dt, shape = self.specs[name]
+            begin, nbytes = self.offsets[name]
+            if nbytes == 0:
+                return np.zeros(shape, dtype=_NP_STORAGE[dt])
+            self._maps[name] = np.memmap(self.path, dtype=_NP_STORAGE[dt], mode="r+",
+                                         offset=len(self.header) + begin, shape=shape)
+        return self._maps[name]
+
+    def write(self, name: str, start: int, rows: torch.Tensor) -> None:
+        dt, _ = self.specs[name]
+        t = rows.detach().to("cpu", dt).contiguous()
+        arr = t.view(torch.int16).numpy().view(np.uint16) if dt == torch.bfloat16 else t.numpy()
+        self._map(name)[start : start + len(arr)] = arr
+
+    def flush(self) -> None:
+        for m in self._maps.values():
+            m.flush()
+
+
+def store_specs(*, n_images: int, n_captions: int, flips: int, latent: tuple[int, ...], text: dict[str, tuple],
+                image_added: dict[str, tuple], dtype: torch.dtype) -> dict:
+    """The tensors of the feature store: per image the posterior (mean, std) of each orientation and its added
+    conditioning (float32), per distinct caption the text conditioning, and each image's caption row."""
+    specs = {"latent_mean": (dtype, (n_images, flips, *latent)), "latent_std": (dtype, (n_images, flips, *latent)),
+             "text_index": (torch.int64, (n_images,))}
+    for k, shape in text.items():
+        specs["text_emb" if k == "encoder_hidden_states" else f"text_added.{k}"] = (dtype, (n_captions, *shape))
+    for k, shape in image_added.items():
+        specs[f"image_added.{k}"] = (torch.float32, (n_images, flips, *shape))
+    return specs
+
+
+def _encode_image_batch(records, *, base, resolution: int, center_crop: bool, orientations, device):
+    """(mean [B, F, ...], std [B, F, ...], added {key: [B, F, ...]}) of a batch of records, float32 on the CPU."""
+    vae, family = base.vae, base.family
+    images = [r.open() for r in records]
+    means, stds = [], []
+    for flip in orientations:
+        px = torch.stack([to_pixels(im, resolution=resolution, center_crop=center_crop, flip=flip) for im in images])
+        post = vae.encode(px.to(device=device, dtype=vae.dtype)).latent_dist
+        means.append(post.mean.float().cpu())
+        stds.append(post.std.float().cpu())
+    per = [[image_added(family, im, resolution=resolution, flip=flip) for flip in orientations] for im in images]
+    keys = per[0][0].keys() if per else ()
+    added = {k: torch.stack([torch.stack([f[k] for f in p]) for p in per]) for k in keys}
+    return torch.stack(means, 1), torch.stack(stds, 1), added
+
+
+@torch.no_grad()
+def encode_to_store(records: list[ImageRecord], path, *, base, resolution: int, center_crop: bool, flips: bool,
+                    device, dtype: str = "float16", batch_size: int = 32, caption_batch_size: int = 256,
+                    progress: bool = True, max_sequence_length: int | None = None, proc=None) -> None:
+    """Encode ``records`` into the feature store at ``path``, every process a share of the batches, resumably.
+
+    The store is written to ``path + ".partial"`` (``StoreWriter``): its header first, then each batch of images
+    and of distinct captions in place, each finished batch noted in ``path + ".progress/"``, so a crash keeps what
+    was done and a re-run encodes only the rest (also with another number of processes). The processes share the
+    batches round-robin over everyone who sees the same file: on a filesystem shared by all nodes one node's
+    encode serves all; on node-local disks each node encodes its own copy (a token file decides which). Memory:
+    one batch per process, whatever N. ``proc``: the ``ProcessContext`` (None: one process). Collective: every
+    process calls it, also where the store already exists."""
+    import os
+    import secrets
+    import shutil
+
+    from dpdiff.runtime import gather_objects
+
+    path = Path(path)
+    rank = proc.rank if proc is not None else 0
+    barrier = proc.barrier if proc is not None else (lambda: None)
+    have = path.exists()
+    if all(gather_objects(have)):
+        return
+    if not records:
+        raise ValueError("encode_to_store: no records")
+    store = FEATURE_DTYPES[dtype]
+    orientations = (False, True) if flips else (False,)
+    captions = sorted({r.text for r in records})
+    msl = max_sequence_length
+    # the shapes, from one image and one caption (every process computes the same header)
+    m0, _, added0 = _encode_image_batch(records[:1], base=base, resolution=resolution, center_crop=center_crop,
+                                        orientations=orientations, device=device)
+    t0 = encode_captions(base, captions[:1], device=device, max_sequence_length=msl)
+    scale, shift = latent_factors(base.vae)
+    specs = store_specs(n_images=len(records), n_captions=len(captions), flips=len(orientations),
+                        latent=tuple(m0.shape[2:]), text={k: tuple(v.shape[1:]) for k, v in t0.items()},
+                        image_added={k: tuple(v.shape[2:]) for k, v in added0.items()}, dtype=store)
+    import json
+
+    writer = StoreWriter(path.with_name(path.name + ".partial"), specs, {
+        "captions": json.dumps(captions), "scaling_factor": repr(scale), "shift_factor": repr(shift),
+        "feature_dtype": dtype})
+    progress_dir = path.with_name(path.name + ".progress")
+    # who shares the file: if every process sees rank 0's fresh token, the disk is shared by all (one encode
+    # serves every node); otherwise each node's processes fill their node's own copy
+    token = secrets.token_hex(8)
+    if rank == 0 and not have:
+        progress_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        (progress_dir / "token").write_text(token)
+    barrier()
+    first = gather_objects(token)[0]
+    tok = progress_dir / "token"
+    shared = all(gather_objects(have or (tok.exists() and tok.read_text() == first)))
+    node = "" if shared else os.uname().nodename
+    nodes = gather_objects(node)
+    peers = [r for r, n in enumerate(nodes) if n == node]
+    leader = peers[0]
+    if rank == leader and not have:
+        progress_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if not writer.matches():  # no partial store of these features: start one
+            writer.create()
+            for f in progress_dir.glob("done-*"):
+                f.unlink()
+    barrier()
+    jobs = [f"c{i}" for i in range(0, len(captions), caption_batch_size)]
+    jobs += [f"i{i}" for i in range(0, len(records), batch_size)]
+    if not have:
+        done = set()
+        for f in progress_dir.glob("done-*"):
+            done |= {line for line in f.read_text().splitlines() if line}
+        todo = [j for j in jobs if j not in done]
+        mine = todo[peers.index(rank)::len(peers)]
+        log_path = progress_dir / f"done-{rank}-{token}"
+        if rank == leader:
+            index = {c: j for j, c in enumerate(captions)}
+            writer.write("text_index", 0, torch.tensor([index[r.text] for r in records], dtype=torch.long))
+        bar = tqdm(mine, desc=f"encoding ({len(done)} of {len(jobs)} batches already done)", disable=not progress,
+                   leave=False)
+        with open(log_path, "a") as log_file:
+            for job in bar:
+                start = int(job[1:])
+                if job[0] == "c":
+                    text = encode_captions(base, captions[start : start + caption_batch_size], device=device,
+                                           max_sequence_length=msl)
+                    for k, v in text.items():
+                        writer.write("text_emb" if k == "encoder_hidden_states" else f"text_added.{k}", start, v)
+                else:
+                    mean, std, added = _encode_image_batch(records[start : start + batch_size], base=base,
+                                                           resolution=resolution, center_crop=center_crop,
+                                                           orientations=orientations, device=device)
+                    writer.write("latent_mean", start, mean)
+                    writer.write("latent_std", start, std)
+                    for k, v in added.items():
+                        writer.write(f"image_added.{k}", start, v)
+                writer.flush()  # the rows are on disk before the batch is noted as done
+                log_file.write(job + "\n")
+                log_file.flush()
+        writer.flush()
+        writer._maps.clear()
+    barrier()
+    if rank == leader and not have:
+        done = set()
+        for f in progress_dir.glob("done-*"):
+            done |= {line for line in f.read_text().splitlines() if line}
+        missing = [j for j in jobs if j not in done]
+        if missing:
+            raise RuntimeError(f"feature store {path}: {len(missing)} batches were not encoded")
+        os.chmod(writer.path, 0o600)
+        os.replace(writer.path, path)
+        shutil.rmtree(progress_dir, ignore_errors=True)
+    barrier()

@@ -144,14 +144,15 @@ class RowBuilder:
 
         img_t = cat("img", np.int64).long()
         flip = cat("flip", bool).long()
-        mean = self.data.latent_mean[img_t, flip]
-        std = self.data.latent_std[img_t, flip]
+        # the feature store may hold float16 / bfloat16 (memory-mapped): the gathered rows are computed in float32
+        mean = self.data.latent_mean[img_t, flip].float()
+        std = self.data.latent_std[img_t, flip].float()
         eps = cat("eps").view(mean.shape) if n else torch.zeros(mean.shape)
         noise = cat("noise").view(mean.shape) if n else torch.zeros(mean.shape)
         latents = (mean + std * eps.to(mean.dtype) - self.data.shift_factor) * self.data.scaling_factor
         timesteps = cat("timesteps", np.int64).long()
         caption = self.data.text_index[img_t]
-        text = {k: v[caption] for k, v in self.data.text_conditioning().items()}
+        text = {k: v[caption].float() for k, v in self.data.text_conditioning().items()}
         if self.mitigation is not None and n:
             text = self.mitigation.apply(text, caption, {k: np.concatenate([d["mitigation"][k] for d in draws])
                                                           for k in draws[0]["mitigation"]})

@@ -106,3 +106,132 @@ def test_feature_cache_roundtrip_is_user_only(tmp_path):
     e = load_encoded(p)
     assert e.captions == ["a", "b"] and e.scaling_factor == pytest.approx(0.5)
     torch.testing.assert_close(e.latent_mean, d.latent_mean)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_feature_store_is_memory_mapped_and_rounded_once(tmp_path, dtype):
+    """The cache keeps the features at the storage dtype, memory-mapped (no copy until indexed); rows gathered
+    from it are float32 and equal the features rounded to that dtype."""
+    from dpdiff.training.encode import FEATURE_DTYPES, EncodedData, load_encoded, save_encoded
+
+    g = torch.Generator().manual_seed(0)
+    d = EncodedData(torch.randn(50, 2, 4, 3, 3, generator=g), torch.rand(50, 2, 4, 3, 3, generator=g),
+                    torch.randn(7, 5, 8, generator=g), torch.arange(50) % 7, [f"c{i}" for i in range(7)], 0.18, 0.1,
+                    text_added={"pooled": torch.randn(7, 6, generator=g)},
+                    image_added={"time_ids": torch.randn(50, 2, 6, generator=g)})
+    p = tmp_path / "f.safetensors"
+    save_encoded(d, p, dtype=dtype)
+    e = load_encoded(p)
+    store = FEATURE_DTYPES[dtype]
+    assert e.latent_mean.dtype == store and e.text_emb.dtype == store and e.text_added["pooled"].dtype == store
+    assert e.text_index.dtype == torch.long and e.image_added["time_ids"].dtype == torch.float32
+    torch.testing.assert_close(e.latent_mean, d.latent_mean.to(store))
+    torch.testing.assert_close(e.text_added["pooled"], d.text_added["pooled"].to(store))
+    assert e.captions == d.captions and e.shift_factor == pytest.approx(0.1)
+
+    from dpdiff.data.records import PrivacyUnits
+    from dpdiff.training.rows import RowBuilder
+
+    units = PrivacyUnits("example", tuple((i,) for i in range(50)), tuple(str(i) for i in range(50)))
+    rows = RowBuilder(e, units, augmult=2, random_flip=True, num_train_timesteps=1000, key=bytes(32)).build(
+        [3, 17, 41], step=5)
+    ref = RowBuilder(d, units, augmult=2, random_flip=True, num_train_timesteps=1000, key=bytes(32)).build(
+        [3, 17, 41], step=5)
+    assert rows.latents.dtype == torch.float32 and rows.encoder_hidden_states.dtype == torch.float32
+    tol = {"float32": 1e-6, "float16": 2e-3, "bfloat16": 2e-2}[dtype]
+    torch.testing.assert_close(rows.latents, ref.latents, rtol=tol, atol=tol)
+    torch.testing.assert_close(rows.noise, ref.noise)  # the draws do not depend on the storage
+
+
+def test_a_damaged_feature_store_is_recomputed_not_trusted(tmp_path):
+    from dpdiff.training.encode import load_encoded
+
+    p = tmp_path / "f.safetensors"
+    p.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    assert load_encoded(p) is None
+    p.write_bytes(b"\x01")
+    assert load_encoded(p) is None
+
+
+@pytest.mark.skipif(not __import__("pathlib").Path("/proc/self/status").exists(), reason="needs Linux /proc")
+def test_loading_the_feature_store_does_not_copy_it_into_private_memory(tmp_path):
+    """134 MB of cached latents: mapping them and gathering a batch adds almost nothing to the process's private
+    (anonymous) memory; the pages read are the page cache's, shared by a node's processes. Copying the tensor
+    (what reading the file whole would do) adds all of it: the measurement can see the difference."""
+    from dpdiff.runtime import PhaseClock
+    from dpdiff.training.encode import EncodedData, load_encoded, save_encoded
+
+    n = 8192
+    d = EncodedData(torch.ones(n, 1, 4, 32, 32), torch.ones(n, 1, 4, 32, 32), torch.ones(4, 5, 8),
+                    torch.zeros(n, dtype=torch.long), ["a", "b", "c", "d"], 1.0, 0.0)
+    p = tmp_path / "big.safetensors"
+    save_encoded(d, p, dtype="float32")  # 2 x 8192 x 4096 x 4 bytes = 268 MB
+    del d
+    private = lambda: PhaseClock.memory_mib()["private_mib"]  # noqa: E731
+    before = private()
+    e = load_encoded(p)
+    batch = e.latent_mean[torch.arange(0, n, 64)].float()  # 128 rows
+    mapped = private() - before
+    copy = e.latent_mean.clone()
+    copied = private() - before - mapped
+    assert batch.shape[0] == 128 and copy.shape[0] == n
+    assert mapped < 20 and copied > 100, (mapped, copied)
+
+
+def _demo_records(n):
+    from dpdiff.data.demos import builtin_digits_dir
+    from dpdiff.data.formats import read_dataset
+
+    return read_dataset(builtin_digits_dir())[:n]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_the_store_written_batch_by_batch_equals_the_in_memory_encoding(tmp_path, dtype):
+    from dpdiff.models.loading import load_base
+    from dpdiff.training.encode import FEATURE_DTYPES, encode_dataset, encode_to_store, load_encoded
+
+    base, recs = load_base(None), _demo_records(37)
+    kw = dict(base=base, resolution=32, center_crop=True, flips=True, device="cpu", progress=False)
+    ref = encode_dataset(recs, batch_size=8, **kw)  # the same batches: the same convolutions, bit for bit
+    path = tmp_path / "features.safetensors"
+    encode_to_store(recs, path, dtype=dtype, batch_size=8, caption_batch_size=2, **kw)
+    got = load_encoded(path)
+    assert path.exists() and not path.with_name(path.name + ".partial").exists()
+    assert not path.with_name(path.name + ".progress").exists()
+    store = FEATURE_DTYPES[dtype]
+    assert got.captions == ref.captions and torch.equal(got.text_index, ref.text_index)
+    tol = dict(rtol=0, atol=0) if dtype == "float32" else {}
+    torch.testing.assert_close(got.latent_mean, ref.latent_mean.to(store), **tol)
+    torch.testing.assert_close(got.latent_std, ref.latent_std.to(store), **tol)
+    torch.testing.assert_close(got.text_emb, ref.text_emb.to(store), **tol)
+
+
+def test_an_interrupted_encode_resumes_where_it_stopped(tmp_path, monkeypatch):
+    import dpdiff.training.encode as encode
+    from dpdiff.models.loading import load_base
+
+    base, recs = load_base(None), _demo_records(40)
+    kw = dict(base=base, resolution=32, center_crop=True, flips=False, device="cpu", progress=False)
+    path = tmp_path / "features.safetensors"
+    real, calls = encode._encode_image_batch, []
+
+    def crashing(records, **k):
+        calls.append(len(records))
+        if len(calls) == 4:  # the shape probe, then 2 batches, then a crash
+            raise KeyboardInterrupt
+        return real(records, **k)
+
+    monkeypatch.setattr(encode, "_encode_image_batch", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        encode.encode_to_store(recs, path, dtype="float32", batch_size=8, **kw)
+    assert not path.exists() and path.with_name(path.name + ".partial").exists()
+    calls.clear()
+    monkeypatch.setattr(encode, "_encode_image_batch", lambda records, **k: (calls.append(len(records)),
+                                                                            real(records, **k))[1])
+    encode.encode_to_store(recs, path, dtype="float32", batch_size=8, **kw)
+    assert calls == [1, 8, 8, 8]  # the shape probe and the 3 batches not done before the crash
+    whole = encode.encode_dataset(recs, batch_size=8, **kw)
+    torch.testing.assert_close(encode.load_encoded(path).latent_mean, whole.latent_mean, rtol=0, atol=0)
+    calls.clear()
+    encode.encode_to_store(recs, path, dtype="float32", batch_size=8, **kw)  # done: nothing encoded again
+    assert calls == []
