@@ -85,7 +85,7 @@ def run_once(data: Path, *, processes: int, steps: int, work: Path) -> dict:
     out = {"processes": processes, "wall_seconds": round(wall, 1), "phases": phases,
            "peak_rss_mib_per_rank": per_rank_peak, "private_mib_per_rank": per_rank_private,
            "feature_cache_bytes": du(cache) if cache.exists() else 0,
-           "step_seconds_median": (sorted(step_times)[len(step_times) // 2] if step_times else None),
+           "step_seconds_median": (round(sorted(step_times)[len(step_times) // 2], 3) if step_times else None),
            "setup_seconds": round(sum(p["seconds"] for p in phases[0] if p["phase"] != "train"), 2) if phases
            else None}
     shutil.rmtree(run_dir, ignore_errors=True)
