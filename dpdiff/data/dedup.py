@@ -49,32 +49,39 @@ class _UnionFind:
             self.parent[max(ra, rb)] = min(ra, rb)
 
 
-def image_signatures(records: list[ImageRecord]) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """(sha256 of RGB pixels, pHash bits as uint64, 32x32 grayscale thumbnails as uint8)."""
+def image_signatures(records: list[ImageRecord]) -> tuple[list[str], np.ndarray]:
+    """(sha256 of RGB pixels, pHash bits as uint64) of every record, one image open at a time."""
     import imagehash
-    from PIL import Image
 
     from dpdiff.data.preprocess import to_rgb
 
-    shas, hashes, thumbs = [], [], []
+    shas, hashes = [], []
     for r in records:
         im = to_rgb(r.open())
         shas.append(hashlib.sha256(im.tobytes() + repr(im.size).encode()).hexdigest())
         bits = imagehash.phash(im).hash.flatten()
         hashes.append(int("".join("1" if b else "0" for b in bits), 2))
-        thumbs.append(np.asarray(im.convert("L").resize((32, 32), Image.Resampling.BILINEAR), dtype=np.uint8))
-    # thumbnails kept as uint8 (1 KB per image, a quarter of float32: 400 MB at 400k images); the pixel check
-    # converts only the candidate pairs
-    return shas, np.array(hashes, dtype=np.uint64), np.stack(thumbs) if thumbs else np.zeros((0, 32, 32), np.uint8)
+    return shas, np.array(hashes, dtype=np.uint64)
+
+
+def _thumbnail(record: ImageRecord) -> np.ndarray:
+    """32x32 grayscale thumbnail in [0, 1] (the pixel check of a candidate pair)."""
+    from PIL import Image
+
+    from dpdiff.data.preprocess import to_rgb
+
+    im = to_rgb(record.open()).convert("L").resize((32, 32), Image.Resampling.BILINEAR)
+    return np.asarray(im, dtype=np.float32) / 255
 
 
 def find_duplicate_sets(records: list[ImageRecord], *, max_hash_distance: int = 4,
                         max_pixel_rms: float = 0.06) -> list[list[int]]:
-    """Sets (size >= 2) of record indices that are exact or near duplicates of each other."""
+    """Sets (size >= 2) of record indices that are exact or near duplicates of each other. Thumbnails are made
+    only for the images of candidate pairs (memory follows the candidates, not N)."""
     n = len(records)
     if n < 2:
         return []
-    shas, hashes, thumbs = image_signatures(records)
+    shas, hashes = image_signatures(records)
     uf = _UnionFind(n)
     first: dict[str, int] = {}
     for i, s in enumerate(shas):
@@ -82,13 +89,16 @@ def find_duplicate_sets(records: list[ImageRecord], *, max_hash_distance: int = 
             uf.union(first[s], i)
         else:
             first[s] = i
-    flat = thumbs.reshape(n, -1)
     a, b = near_hash_pairs(hashes, max_distance=max_hash_distance)
-    for s in range(0, len(a), 65536):  # the pixel check, vectorised in chunks
-        aa, bb = a[s : s + 65536], b[s : s + 65536]
-        rms = np.sqrt(np.mean((flat[aa].astype(np.float32) / 255 - flat[bb].astype(np.float32) / 255) ** 2, axis=1))
-        for x, y in zip(aa[rms <= max_pixel_rms], bb[rms <= max_pixel_rms]):
-            uf.union(int(x), int(y))
+    thumbs: dict[int, np.ndarray] = {}
+    for x, y in zip(a.tolist(), b.tolist()):
+        if uf.find(x) == uf.find(y):
+            continue  # already in one set (e.g. exact duplicates): no pixel check needed
+        for i in (x, y):
+            if i not in thumbs:
+                thumbs[i] = _thumbnail(records[i])
+        if float(np.sqrt(np.mean((thumbs[x] - thumbs[y]) ** 2))) <= max_pixel_rms:
+            uf.union(x, y)
     groups: dict[int, list[int]] = {}
     for i in range(n):
         groups.setdefault(uf.find(i), []).append(i)
