@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -216,14 +218,8 @@ class PhaseClock:
             pass
         return out
 
+    @contextlib.contextmanager
     def phase(self, name: str):
-        import contextlib
-        import time
-
-        @contextlib.contextmanager
-        def timed():
-            t0 = time.time()
-            yield
-            self.records.append({"phase": name, "seconds": round(time.time() - t0, 3), **self.memory_mib()})
-
-        return timed()
+        t0 = time.time()
+        yield
+        self.records.append({"phase": name, "seconds": round(time.time() - t0, 3), **self.memory_mib()})

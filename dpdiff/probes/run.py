@@ -170,15 +170,18 @@ def probe_history(run_dir: Path) -> list[dict]:
     return out
 
 
-def _probes_that_run(ctx: ProbeContext, cfg) -> list[str]:
+def _probes_that_run(ctx: ProbeContext, cfg) -> tuple[list[str], list[str]]:
+    """(the probes to run, those of them that can reach a verdict: the family the error rate is split over). An
+    audit asked for without canaries in the run runs only to say so."""
     names = []
     if (cfg.get("extraction") or {}).get("enabled", True):
         names.append("extraction")
     if (cfg.get("mia") or {}).get("enabled", True):
         names.append("mia")
-    if ctx.canaries or (ctx.run_dir / "gradient_canaries.json").exists():
+    has_canaries = bool(ctx.canaries) or (ctx.run_dir / "gradient_canaries.json").exists()
+    if has_canaries or (cfg.get("audit") or {}).get("canaries", 0):
         names.append("audit")
-    return names
+    return names, [n for n in names if n != "audit" or has_canaries]
 
 
 def run_probes(ctx: ProbeContext, cfg) -> dict:
@@ -206,9 +209,9 @@ def run_probes(ctx: ProbeContext, cfg) -> dict:
         raise UserError(f"probes.confidence must be in (0, 1), got {family_conf}")
     history = probe_history(ctx.run_dir)
     attempt = 1 + sum(1 for h in history if h.get("event") == "started")
-    names = _probes_that_run(ctx, cfg)
+    names, family = _probes_that_run(ctx, cfg)
     alpha = attempt_alpha(1.0 - family_conf, attempt)
-    confidence = 1.0 - alpha / max(len(names), 1)
+    confidence = 1.0 - alpha / max(len(family), 1)
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     append_jsonl(ctx.run_dir / HISTORY, {"event": "started", "attempt": attempt, "time": now, "probes": names,
                                          "family_confidence": family_conf, "alpha": alpha,

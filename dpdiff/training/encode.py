@@ -11,6 +11,7 @@ and Flux condition on; SDXL's per-image size and crop ids are kept per image and
 
 from __future__ import annotations
 
+import json
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,7 +105,6 @@ def cache_key(*, records: list[ImageRecord], base_path: str, parts: list[str], r
               flips: bool, dtype: str, max_sequence_length: int | None = None) -> str:
     """Names what the cached features depend on: the images and captions, the frozen encoders, the transform."""
     import hashlib
-    import json
     from pathlib import Path
 
     from dpdiff.data.records import fingerprint
@@ -125,6 +125,14 @@ def cache_key(*, records: list[ImageRecord], base_path: str, parts: list[str], r
     return h.hexdigest()[:24]
 
 
+def _private_dir(d: Path) -> None:
+    """The cache folder, user-only (0700): the features are derived from private images."""
+    import os
+
+    d.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(d, 0o700)
+
+
 #: storage dtypes of the feature cache (``data.feature_dtype``)
 FEATURE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -134,7 +142,6 @@ def save_encoded(data: EncodedData, path, *, dtype: str = "float32") -> None:
     features (latent posteriors, text rows) rounded to ``dtype``. Rounding is a fixed function of each image (or
     caption) alone, applied before training: a unit's clipped gradient is still bounded by C, so the guarantee is
     untouched; only utility could move (fp16 keeps 11 significant bits, far below the noise DP-SGD adds)."""
-    import json
     import os
     from pathlib import Path
 
@@ -142,8 +149,7 @@ def save_encoded(data: EncodedData, path, *, dtype: str = "float32") -> None:
 
     store = FEATURE_DTYPES[dtype]
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(path.parent, 0o700)
+    _private_dir(path.parent)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tensors = {"latent_mean": data.latent_mean.to(store), "latent_std": data.latent_std.to(store),
                "text_emb": data.text_emb.to(store), "text_index": data.text_index,
@@ -161,7 +167,6 @@ def load_encoded(path) -> EncodedData | None:
     indexes them): the processes of a node share one copy, and a process's private memory does not grow with N
     (``tests/training/test_precision_and_cache.py`` measures it). Floating features keep their storage dtype;
     ``RowBuilder`` casts the rows it gathers to float32."""
-    import json
     from pathlib import Path
 
     from safetensors import safe_open
@@ -199,7 +204,6 @@ class StoreWriter:
     read back by safetensors (``load_encoded``). Several processes may fill disjoint rows of one file (``open``)."""
 
     def __init__(self, path, specs: dict[str, tuple[torch.dtype, tuple[int, ...]]], metadata: dict[str, str]):
-        import json
         import math
 
         self.path, self.specs = Path(path), dict(specs)
@@ -221,7 +225,7 @@ class StoreWriter:
         """Write the header and size the file (sparse: unwritten rows take no disk)."""
         import os
 
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        _private_dir(self.path.parent)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             os.fchmod(fd, 0o600)
@@ -257,6 +261,11 @@ class StoreWriter:
     def flush(self) -> None:
         for m in self._maps.values():
             m.flush()
+
+    def close(self) -> None:
+        """Flush and drop the maps (the file can then be renamed and read)."""
+        self.flush()
+        self._maps.clear()
 
 
 def store_specs(*, n_images: int, n_captions: int, flips: int, latent: tuple[int, ...], text: dict[str, tuple],
@@ -327,8 +336,6 @@ def encode_to_store(records: list[ImageRecord], path, *, base, resolution: int, 
     specs = store_specs(n_images=len(records), n_captions=len(captions), flips=len(orientations),
                         latent=tuple(m0.shape[2:]), text={k: tuple(v.shape[1:]) for k, v in t0.items()},
                         image_added={k: tuple(v.shape[2:]) for k, v in added0.items()}, dtype=store)
-    import json
-
     writer = StoreWriter(path.with_name(path.name + ".partial"), specs, {
         "captions": json.dumps(captions), "scaling_factor": repr(scale), "shift_factor": repr(shift),
         "feature_dtype": dtype})
@@ -337,6 +344,7 @@ def encode_to_store(records: list[ImageRecord], path, *, base, resolution: int, 
     # serves every node); otherwise each node's processes fill their node's own copy
     token = secrets.token_hex(8)
     if rank == 0 and not have:
+        _private_dir(path.parent)
         progress_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         (progress_dir / "token").write_text(token)
     barrier()
@@ -348,6 +356,7 @@ def encode_to_store(records: list[ImageRecord], path, *, base, resolution: int, 
     peers = [r for r, n in enumerate(nodes) if n == node]
     leader = peers[0]
     if rank == leader and not have:
+        _private_dir(path.parent)
         progress_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         if not writer.matches():  # no partial store of these features: start one
             writer.create()
@@ -387,8 +396,7 @@ def encode_to_store(records: list[ImageRecord], path, *, base, resolution: int, 
                 writer.flush()  # the rows are on disk before the batch is noted as done
                 log_file.write(job + "\n")
                 log_file.flush()
-        writer.flush()
-        writer._maps.clear()
+        writer.close()
     barrier()
     if rank == leader and not have:
         done = set()

@@ -87,6 +87,20 @@ def test_wandb_offline_run_dir(tmp_path):
     assert not list(runs[0].rglob("*.png"))  # the sample prompts here are training captions
 
 
+def _wandb_log(root, timeout: float = 30.0) -> bytes:
+    """The offline run's .wandb file once wandb's writer has put the summary in it: finish() can return before
+    its service process has flushed the file (about 1 run in 8 read it with the header alone)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        found = list(root.rglob("*.wandb"))
+        data = found[0].read_bytes() if found else b""
+        if b"privacy/epsilon" in data or time.monotonic() > deadline:
+            return data
+        time.sleep(0.2)
+
+
 def test_wandb_gets_data_statistics_only_when_allowed(tmp_path, monkeypatch):
     from dpdiff.training.tracking import WandbTracker
 
@@ -97,7 +111,7 @@ def test_wandb_gets_data_statistics_only_when_allowed(tmp_path, monkeypatch):
         t.log({"loss": 0.5, "grad_norm_median": 0.1, "epsilon": 1.0, "lr": 1e-3}, step=1)
         t.summary({"privacy/epsilon": 1.0, "probes/mia/auc": 0.7})
         t.finish()
-        logs[allowed] = next((tmp_path / str(allowed)).rglob("*.wandb")).read_bytes()
+        logs[allowed] = _wandb_log(tmp_path / str(allowed))
     for key in (b"grad_norm_median", b"probes/mia/auc"):
         assert key not in logs[False] and key in logs[True], key
     assert b"privacy/epsilon" in logs[False]

@@ -194,8 +194,13 @@ def test_the_store_written_batch_by_batch_equals_the_in_memory_encoding(tmp_path
     kw = dict(base=base, resolution=32, center_crop=True, flips=True, device="cpu", progress=False)
     ref = encode_dataset(recs, batch_size=8, **kw)  # the same batches: the same convolutions, bit for bit
     path = tmp_path / "features.safetensors"
+    tmp_path.chmod(0o755)  # a cache folder someone else could list: the store makes it user-only
     encode_to_store(recs, path, dtype=dtype, batch_size=8, caption_batch_size=2, **kw)
     got = load_encoded(path)
+    import os
+    import stat
+
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600 and stat.S_IMODE(os.stat(tmp_path).st_mode) == 0o700
     assert path.exists() and not path.with_name(path.name + ".partial").exists()
     assert not path.with_name(path.name + ".progress").exists()
     store = FEATURE_DTYPES[dtype]
