@@ -138,28 +138,31 @@ FEATURE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32
 
 
 def save_encoded(data: EncodedData, path, *, dtype: str = "float32") -> None:
-    """Write the features as a user-only safetensors file (they are derived from private images), the floating
-    features (latent posteriors, text rows) rounded to ``dtype``. Rounding is a fixed function of each image (or
-    caption) alone, applied before training: a unit's clipped gradient is still bounded by C, so the guarantee is
-    untouched; only utility could move (fp16 keeps 11 significant bits, far below the noise DP-SGD adds)."""
+    """Write in-memory features as a user-only feature store (they are derived from private images), the floating
+    features (latent posteriors, text rows) rounded to ``dtype``: the same file ``encode_to_store`` writes batch by
+    batch (one writer, ``StoreWriter``). Rounding is a fixed function of each image (or caption) alone, applied
+    before training: a unit's clipped gradient is still bounded by C, so the guarantee is untouched; only utility
+    could move (fp16 keeps 11 significant bits, far below the noise DP-SGD adds)."""
     import os
-    from pathlib import Path
 
-    from safetensors.torch import save_file
-
-    store = FEATURE_DTYPES[dtype]
     path = Path(path)
-    _private_dir(path.parent)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tensors = {"latent_mean": data.latent_mean.to(store), "latent_std": data.latent_std.to(store),
-               "text_emb": data.text_emb.to(store), "text_index": data.text_index,
-               **{f"text_added.{k}": v.to(store) for k, v in data.text_added.items()},
-               **{f"image_added.{k}": v for k, v in data.image_added.items()}}
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
-              metadata={"captions": json.dumps(data.captions), "scaling_factor": repr(data.scaling_factor),
-                        "shift_factor": repr(data.shift_factor), "feature_dtype": dtype})
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, path)
+    text = data.text_conditioning()
+    specs = store_specs(n_images=len(data.text_index), n_captions=len(data.text_emb), flips=data.num_flips,
+                        latent=tuple(data.latent_mean.shape[2:]), text={k: tuple(v.shape[1:]) for k, v in text.items()},
+                        image_added={k: tuple(v.shape[2:]) for k, v in data.image_added.items()},
+                        dtype=FEATURE_DTYPES[dtype])
+    writer = StoreWriter(path.with_name(f".{path.name}.tmp-{os.getpid()}"), specs,
+                         _store_metadata(data.captions, data.scaling_factor, data.shift_factor, dtype))
+    writer.create()
+    writer.write("latent_mean", 0, data.latent_mean)
+    writer.write("latent_std", 0, data.latent_std)
+    writer.write("text_index", 0, data.text_index)
+    for k, v in text.items():
+        writer.write(_text_key(k), 0, v)
+    for k, v in data.image_added.items():
+        writer.write(f"image_added.{k}", 0, v)
+    writer.close()
+    os.replace(writer.path, path)
 
 
 def load_encoded(path) -> EncodedData | None:
@@ -268,6 +271,24 @@ class StoreWriter:
         self._maps.clear()
 
 
+def _text_key(key: str) -> str:
+    """The store's name of a text-conditioning key (``EncodedData.text_conditioning``)."""
+    return "text_emb" if key == "encoder_hidden_states" else f"text_added.{key}"
+
+
+def _store_metadata(captions: list[str], scale: float, shift: float, dtype: str) -> dict[str, str]:
+    return {"captions": json.dumps(captions), "scaling_factor": repr(scale), "shift_factor": repr(shift),
+            "feature_dtype": dtype}
+
+
+def _done_jobs(progress_dir: Path) -> set[str]:
+    """The batches every process noted as written (``done-*`` files of ``encode_to_store``)."""
+    done: set[str] = set()
+    for f in progress_dir.glob("done-*"):
+        done |= {line for line in f.read_text().splitlines() if line}
+    return done
+
+
 def store_specs(*, n_images: int, n_captions: int, flips: int, latent: tuple[int, ...], text: dict[str, tuple],
                 image_added: dict[str, tuple], dtype: torch.dtype) -> dict:
     """The tensors of the feature store: per image the posterior (mean, std) of each orientation and its added
@@ -275,7 +296,7 @@ def store_specs(*, n_images: int, n_captions: int, flips: int, latent: tuple[int
     specs = {"latent_mean": (dtype, (n_images, flips, *latent)), "latent_std": (dtype, (n_images, flips, *latent)),
              "text_index": (torch.int64, (n_images,))}
     for k, shape in text.items():
-        specs["text_emb" if k == "encoder_hidden_states" else f"text_added.{k}"] = (dtype, (n_captions, *shape))
+        specs[_text_key(k)] = (dtype, (n_captions, *shape))
     for k, shape in image_added.items():
         specs[f"image_added.{k}"] = (torch.float32, (n_images, flips, *shape))
     return specs
@@ -336,9 +357,8 @@ def encode_to_store(records: list[ImageRecord], path, *, base, resolution: int, 
     specs = store_specs(n_images=len(records), n_captions=len(captions), flips=len(orientations),
                         latent=tuple(m0.shape[2:]), text={k: tuple(v.shape[1:]) for k, v in t0.items()},
                         image_added={k: tuple(v.shape[2:]) for k, v in added0.items()}, dtype=store)
-    writer = StoreWriter(path.with_name(path.name + ".partial"), specs, {
-        "captions": json.dumps(captions), "scaling_factor": repr(scale), "shift_factor": repr(shift),
-        "feature_dtype": dtype})
+    writer = StoreWriter(path.with_name(path.name + ".partial"), specs,
+                         _store_metadata(captions, scale, shift, dtype))
     progress_dir = path.with_name(path.name + ".progress")
     # who shares the file: if every process sees rank 0's fresh token, the disk is shared by all (one encode
     # serves every node); otherwise each node's processes fill their node's own copy
@@ -366,9 +386,7 @@ def encode_to_store(records: list[ImageRecord], path, *, base, resolution: int, 
     jobs = [f"c{i}" for i in range(0, len(captions), caption_batch_size)]
     jobs += [f"i{i}" for i in range(0, len(records), batch_size)]
     if not have:
-        done = set()
-        for f in progress_dir.glob("done-*"):
-            done |= {line for line in f.read_text().splitlines() if line}
+        done = _done_jobs(progress_dir)
         todo = [j for j in jobs if j not in done]
         mine = todo[peers.index(rank)::len(peers)]
         log_path = progress_dir / f"done-{rank}-{token}"
@@ -384,7 +402,7 @@ def encode_to_store(records: list[ImageRecord], path, *, base, resolution: int, 
                     text = encode_captions(base, captions[start : start + caption_batch_size], device=device,
                                            max_sequence_length=msl)
                     for k, v in text.items():
-                        writer.write("text_emb" if k == "encoder_hidden_states" else f"text_added.{k}", start, v)
+                        writer.write(_text_key(k), start, v)
                 else:
                     mean, std, added = _encode_image_batch(records[start : start + batch_size], base=base,
                                                            resolution=resolution, center_crop=center_crop,
@@ -399,9 +417,7 @@ def encode_to_store(records: list[ImageRecord], path, *, base, resolution: int, 
         writer.close()
     barrier()
     if rank == leader and not have:
-        done = set()
-        for f in progress_dir.glob("done-*"):
-            done |= {line for line in f.read_text().splitlines() if line}
+        done = _done_jobs(progress_dir)
         missing = [j for j in jobs if j not in done]
         if missing:
             raise RuntimeError(f"feature store {path}: {len(missing)} batches were not encoded")
