@@ -370,6 +370,7 @@ class FinetuneRecipe:
     def _probe_context(self):
         """A probe context over the model just trained (EMA weights if saved)."""
         from dpdiff.probes.context import ProbeContext
+        from dpdiff.probes.lira import ShadowRecipe
         from dpdiff.probes.run import load_run_canaries
 
         data = self.data
@@ -379,7 +380,8 @@ class FinetuneRecipe:
             resolution=self.resolution, device=self.proc.device, privacy=self.privacy_record,
             canaries=load_run_canaries(self.run_dir), seed=int(self.cfg.probes.get("seed", 0) or 0),
             demo=data.demo, unit_of_record=data.unit_of_record(),
-            max_sequence_length=self.settings.model.max_sequence_length)
+            max_sequence_length=self.settings.model.max_sequence_length,
+            shadow_recipe=ShadowRecipe.from_config(self.cfg))
 
     def probe(self) -> dict | None:
         if not self.proc.is_main or not self.cfg.probes.get("enabled", False):

@@ -32,6 +32,7 @@ class ProbeRecipe:
         from dpdiff.paths import config_dir
         from dpdiff.probes.canaries import load_canaries
         from dpdiff.probes.context import ProbeContext
+        from dpdiff.probes.lira import ShadowRecipe
         from dpdiff.runtime import resolve_device
 
         cfg_path = self.run_dir / ".hydra" / "config.yaml"
@@ -62,7 +63,8 @@ class ProbeRecipe:
             resolution=int(run.get("resolution") or base.resolution), device=device, privacy=privacy,
             canaries=load_canaries(self.run_dir), seed=int(probes.get("seed", 0) or 0),
             demo=data.demo, unit_of_record=data.unit_of_record(),
-            max_sequence_length=(cfg.get("model") or {}).get("max_sequence_length"))
+            max_sequence_length=(cfg.get("model") or {}).get("max_sequence_length"),
+            shadow_recipe=ShadowRecipe.from_config(cfg))
 
     def _check_same_data(self, fp: str) -> None:
         """The probes' members are the units the run trained on only if the data folder still holds exactly that

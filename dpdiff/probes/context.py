@@ -35,6 +35,7 @@ class ProbeContext:
     # privacy unit is the user, else one per record
     unit_of_record: dict[int, int] | None = None
     max_sequence_length: int | None = None  # T5 tokens of SD3 / Flux prompts, as trained
+    shadow_recipe: object | None = None  # dpdiff.probes.lira.ShadowRecipe: how the run trained (LiRA's shadows)
 
     def unit_key(self, record_id: int):
         """The privacy unit of a record, as far as the context knows it."""

@@ -21,6 +21,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from dpdiff.errors import UserError
 from dpdiff.probes.context import (
     ProbeContext,
     denoising_losses,
@@ -28,7 +29,8 @@ from dpdiff.probes.context import (
     encode_images,
     shared_noises,
 )
-from dpdiff.probes.stats import mia_summary
+from dpdiff.probes.lira import LiraSettings
+from dpdiff.probes.stats import mia_summary, roc_points
 
 
 def _subsample(indices: list[int], n: int, seed: int) -> list[int]:
@@ -40,7 +42,9 @@ def _subsample(indices: list[int], n: int, seed: int) -> list[int]:
 
 @torch.no_grad()
 def loss_scores(ctx: ProbeContext, record_ids: list[int], *, timesteps: list[int], draws: int,
-                calibrated: bool) -> dict[str, np.ndarray]:
+                calibrated: bool, keep: dict | None = None) -> dict[str, np.ndarray]:
+    """The loss attacks' scores of ``record_ids``; ``keep`` (a dict) receives the latents, conditioning, noise
+    draws and the fine-tuned model's losses ``[N, T, D]`` for LiRA to reuse."""
     recs = [ctx.records[i] for i in record_ids]
     latents = encode_images(ctx, recs)
     cond = encode_captions(ctx, [r.text for r in recs], recs)
@@ -48,6 +52,8 @@ def loss_scores(ctx: ProbeContext, record_ids: list[int], *, timesteps: list[int
     obj = ctx.objective()
     ft = denoising_losses(ctx.denoiser, obj, latents, cond, timesteps=timesteps, noises=noises, device=ctx.device)
     out = {"loss": -ft.mean(dim=(1, 2)).numpy()}
+    if keep is not None:
+        keep.update(latents=latents, cond=cond, noises=noises, losses=ft)
     if calibrated:
         with ctx.base_model() as base_model:
             base = denoising_losses(base_model, obj, latents, cond, timesteps=timesteps, noises=noises,
@@ -114,6 +120,23 @@ def pia_diagnostic(rms_members: np.ndarray, rms_nonmembers: np.ndarray) -> dict:
                      "direction) say little")}
 
 
+ATTACKS = ("loss", "calibrated", "pia", "lira")
+
+
+def _primary_attack(declared: str, *, calibrated: bool, pia: bool, lira: bool) -> str:
+    """The headline attack, fixed before any score is seen: ``auto`` is LiRA when it runs, else the calibrated
+    attack when it runs, else the loss attack; a named attack must be one that runs."""
+    runs = {"loss": True, "calibrated": calibrated, "pia": pia, "lira": lira}
+    if declared == "auto":
+        return "lira" if lira else "calibrated" if calibrated else "loss"
+    if declared not in runs:
+        raise UserError(f"probes.mia.primary_attack must be auto or one of {', '.join(ATTACKS)}, got {declared!r}")
+    if not runs[declared]:
+        raise UserError(f"probes.mia.primary_attack={declared} but that attack is switched off "
+                        f"(probes.mia.{'lira.shadows' if declared == 'lira' else declared}); declare another or auto")
+    return declared
+
+
 def run_mia(ctx: ProbeContext, cfg, *, confidence: float | None = None) -> dict:
     """Every attack on the same balanced sample: n members and n held-out non-members.
 
@@ -141,9 +164,26 @@ def run_mia(ctx: ProbeContext, cfg, *, confidence: float | None = None) -> dict:
     timesteps = [int(t) for t in cfg.get("timesteps", [50, 100, 200, 300, 500])]
     draws = int(cfg.get("noise_draws", 4))
     calibrated = bool(cfg.get("calibrated", True))
-    pia_diag = None
-    sm = loss_scores(ctx, members, timesteps=timesteps, draws=draws, calibrated=calibrated)
-    sn = loss_scores(ctx, nonmembers, timesteps=timesteps, draws=draws, calibrated=calibrated)
+    lira = LiraSettings.from_config(cfg.get("lira"))
+    run_lira_now = lira.shadows >= 2 and bool((cfg.get("lira") or {}).get("enabled", True))
+    primary = _primary_attack(str(cfg.get("primary_attack", "auto")), calibrated=calibrated,
+                              pia=bool(cfg.get("pia", True)), lira=run_lira_now)
+    pia_diag, lira_info = None, None
+    keep_m, keep_n = {}, {}
+    sm = loss_scores(ctx, members, timesteps=timesteps, draws=draws, calibrated=calibrated, keep=keep_m)
+    sn = loss_scores(ctx, nonmembers, timesteps=timesteps, draws=draws, calibrated=calibrated, keep=keep_n)
+    if run_lira_now:
+        from dpdiff.probes.lira import ShadowRecipe, run_lira
+
+        recipe = ctx.shadow_recipe if ctx.shadow_recipe is not None else ShadowRecipe()
+        cat = lambda k: torch.cat([keep_m[k], keep_n[k]])
+        scores, lira_info = run_lira(
+            ctx, lira, recipe, probed=members + nonmembers, latents=cat("latents"),
+            cond={k: torch.cat([keep_m["cond"][k], keep_n["cond"][k]]) for k in keep_m["cond"]},
+            target_losses=cat("losses"), timesteps=timesteps, noises=keep_m["noises"])
+        lira_info["trained_like"] = ("the run (its adapter and train settings)" if ctx.shadow_recipe is not None
+                                     else "dpdiff's default recipe: the run's training settings were not known")
+        sm["lira"], sn["lira"] = scores[: len(members)], scores[len(members):]
     if cfg.get("pia", True):
         t_pia = int(cfg.get("pia_timestep", 200))
         lp = float(cfg.get("pia_lp", 4))
@@ -158,12 +198,10 @@ def run_mia(ctx: ProbeContext, cfg, *, confidence: float | None = None) -> dict:
         summ = mia_summary(sm[name], sn[name], n_boot=int(cfg.get("bootstrap", 500)), seed=ctx.seed,
                            alpha=1.0 - confidence, min_nonmembers=min_n)
         summ["auc_p_value_corrected"] = min(1.0, summ["auc_p_value"] * len(sm))  # Bonferroni over attacks
+        summ["roc"] = roc_points(sm[name], sn[name])
         attacks[name] = summ
     check = split_dp_check(scores_by_attack={k: (sm[k], sn[k]) for k in sm}, delta=delta, confidence=confidence,
                            seed=ctx.seed)
-    primary = str(cfg.get("primary_attack", "calibrated"))
-    if primary not in attacks:
-        primary = "loss"
     to_conclude, power = None, None
     if claimed is not None:  # the optimal attacker is one of the attacks, at the level each attack ran at
         power = detectable_epsilon(claimed_epsilon=float(claimed), m=check["units"], included=n, delta=delta,
@@ -196,6 +234,7 @@ def run_mia(ctx: ProbeContext, cfg, *, confidence: float | None = None) -> dict:
         "noise_draws": draws,
         "attacks": attacks,
         "pia_diagnostic": pia_diag,
+        "lira": lira_info,
         "split_audit": check,
         "eps_lower_steinke": check["eps_lower_steinke"],
         "eps_lower_fdp": check["eps_lower_fdp"],

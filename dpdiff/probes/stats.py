@@ -45,6 +45,7 @@ __all__ = [
     "auc_permutation_p_value",
     "split_dp_check",
     "DEFAULT_MIN_NONMEMBERS",
+    "roc_points",
 ]
 
 DEFAULT_MIN_NONMEMBERS = 20
@@ -78,6 +79,20 @@ def min_nonmembers_for_fpr(fpr: float) -> int:
     if fpr == 0.0:
         raise ValueError("an FPR of 0 is never estimable from a finite sample")
     return int(math.ceil(1.0 / fpr - _FLOOR_TOL))
+
+
+def roc_points(scores_members, scores_nonmembers, *, max_points: int = 400) -> dict:
+    """The empirical ROC curve (scikit-learn's ``roc_curve``, collinear points dropped), thinned to at most
+    ``max_points`` corners kept evenly along the curve (the first and last always), for a plot: ``fpr``,
+    ``tpr`` lists of rates (no scores, no identities)."""
+    from sklearn.metrics import roc_curve
+
+    pos, neg = _scores(scores_members, "members"), _scores(scores_nonmembers, "nonmembers")
+    fpr, tpr, _ = roc_curve(np.r_[np.ones(pos.size), np.zeros(neg.size)], np.r_[pos, neg], drop_intermediate=True)
+    if fpr.size > max_points:
+        keep = np.unique(np.r_[np.linspace(0, fpr.size - 1, max_points).round().astype(int), fpr.size - 1])
+        fpr, tpr = fpr[keep], tpr[keep]
+    return {"fpr": [float(x) for x in fpr], "tpr": [float(x) for x in tpr]}
 
 
 def roc_auc(scores_members, scores_nonmembers) -> float:

@@ -123,8 +123,10 @@ def attack_rows(probes: dict | None, *, claimed) -> list[tuple[str, str]]:
     if mia.get("verdict"):
         auc = mia.get("auc")
         out.append(("attacks: can membership be inferred?",
-                    f"{len(mia.get('attacks') or {})} attacks scored {mia.get('members')} training units against "
-                    f"{mia.get('nonmembers')} held-out ones"
+                    f"{len(mia.get('attacks') or {})} attacks ({', '.join(mia.get('attacks') or {})}"
+                    + (f"; LiRA with {mia['lira'].get('shadows')} shadow models trained like the run, the strongest "
+                       "published practical attack" if mia.get("lira") else "")
+                    + f") scored {mia.get('members')} training units against {mia.get('nonmembers')} held-out ones"
                     + (f"; the pre-declared attack separated them with AUC {_f(auc)} (0.5 = guessing)"
                        if auc is not None else "") + f". Verdict {mia['verdict']}; {reach(mia)}"))
     au = probes.get("audit") or {}

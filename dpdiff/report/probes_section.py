@@ -114,11 +114,21 @@ def _mia_rows(mia: dict, priv: dict) -> list[tuple[str, str]]:
             if pt.get("tpr") is None:
                 pts.append(f"TPR@{key}: {pt.get('reason', 'not estimable')}")
             else:
-                pts.append(f"TPR@{key} FPR {_f(pt['tpr'])} ({pt.get('true_positives')}/{pt.get('n_members')}, "
-                           f"{pt.get('false_positives')}/{pt.get('n_nonmembers')} false positives)")
+                ci = pt.get("tpr_ci_clopper_pearson") or [None, None]
+                pts.append(f"TPR@{key} FPR {_f(pt['tpr'])} [{_f(ci[0])}, {_f(ci[1])}] ({pt.get('true_positives')}/"
+                           f"{pt.get('n_members')}, {pt.get('false_positives')}/{pt.get('n_nonmembers')} false "
+                           "positives)")
         auc = _f(a.get("auc")) if a.get("auc") is not None else f"{_f(a.get('auc_observed'))} (not estimable)"
         rows.append((f"  attack {name}", f"AUC {auc}, p {_f(a.get('auc_p_value_corrected'))} (corrected for "
                                          f"{len(mia.get('attacks') or {})} attacks); " + "; ".join(pts)))
+    lira = mia.get("lira")
+    if lira:
+        rows.append(("  LiRA's shadow models (Carlini et al. 2022, offline)",
+                     f"{lira.get('shadows')} shadow {lira.get('shadow_adapter')} models trained like "
+                     f"{lira.get('trained_like', 'the run')} without clipping or noise: {lira.get('steps')} steps "
+                     f"of {lira.get('batch_size')} images from {lira.get('pool_images')} images of unprobed units "
+                     f"({lira.get('training_rows')} training rows, {_f(lira.get('seconds'))} s); variance "
+                     f"{lira.get('variance')}"))
     diag = mia.get("pia_diagnostic")
     if diag:
         rows.append(("  PIA's proxy noise (RMS of eps(x0, 0); a Gaussian draw: 1)",

@@ -107,6 +107,13 @@ def write_run_report(run_dir: Path) -> tuple[Path, Path]:
     from dpdiff.report.plots import write_run_plots
 
     plots = write_run_plots(run_dir, metrics=metrics, privacy=priv)
+    mia = (probes or {}).get("mia") or {}
+    if mia.get("attacks"):
+        from dpdiff.report.plots import write_mia_roc
+
+        roc = write_mia_roc(run_dir, mia=mia, privacy=priv)
+        if roc is not None:
+            plots["membership inference ROC (log-log) against the DP region"] = roc
     sections = build_sections(priv=priv, run=run, probes=probes, metrics=metrics, utility=utility, owner=owner)
     md = render_markdown(sections, run_dir=run_dir, plots=plots, run=run)
     page = render_html(sections, run_dir=run_dir, plots=plots, run=run, dp=bool(priv.get("dp")))

@@ -245,7 +245,8 @@ def test_run_mia_verdicts_from_synthetic_scores(monkeypatch, n_members, n_held, 
     monkeypatch.setattr(mia, "loss_scores", fake_loss_scores)
     monkeypatch.setattr(mia, "pia_scores", lambda ctx, ids, **kw: (-np.arange(len(ids), dtype=float),
                                                                     np.full(len(ids), 1.02)))
-    out = mia.run_mia(_mia_ctx(n_members, n_held, claimed), {"bootstrap": 50}, confidence=0.95)
+    out = mia.run_mia(_mia_ctx(n_members, n_held, claimed), {"bootstrap": 50, "lira": {"shadows": 0}},
+                      confidence=0.95)
     assert out["verdict"] == expected, out["verdict_reason"]
     assert out["members"] == out["nonmembers"] == min(n_members, n_held, 256)
     assert set(out["attacks"]) == {"loss", "calibrated", "pia"} and out["primary_attack"] == "calibrated"
