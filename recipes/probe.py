@@ -1,6 +1,6 @@
 """dpdiff probe: run the probes on an existing run dir, then rebuild its report.
 
-    dpdiff probe run_dir=runs/2026-11-23/12-00-00 [probes.extraction.per_caption=64 ...]
+    dpdiff probe runs/2026-11-23/12-00-00 [probes.extraction.per_caption=64 ...]
 
 Reloads what the run used (its .hydra/config.yaml: base model, data, split, adapter), the
 trained weights from the run dir, and runs ``probes=default`` (or the run's own probe settings
@@ -111,13 +111,17 @@ class ProbeRecipe:
 
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
-    run_dirs = [a.split("=", 1)[1] for a in args if a.startswith("run_dir=")]
-    rest = [a for a in args if not a.startswith("run_dir=")]
+    flags = [a for a in args if a.startswith("-")]
+    if flags:
+        raise UserError(f"unknown option {flags[0]!r}: dpdiff probe RUN_DIR [probes.KEY=VALUE ...] "
+                        "(dpdiff probe --help)")
+    run_dirs = [a.split("=", 1)[1] for a in args if a.startswith("run_dir=")] + [a for a in args if "=" not in a]
+    rest = [a for a in args if "=" in a and not a.startswith("run_dir=")]
     if len(run_dirs) != 1:
-        raise UserError("dpdiff probe needs run_dir=DIR (and optional probes.KEY=VALUE overrides)")
+        raise UserError("dpdiff probe needs one run dir: dpdiff probe RUN_DIR [probes.KEY=VALUE ...]")
     bad = [a for a in rest if not a.startswith("probes.") or "=" not in a]
     if bad:
-        raise UserError(f"unexpected argument {bad[0]!r}: dpdiff probe takes run_dir=DIR and probes.KEY=VALUE")
+        raise UserError(f"unexpected argument {bad[0]!r}: dpdiff probe takes RUN_DIR and probes.KEY=VALUE")
     recipe = ProbeRecipe(Path(run_dirs[0]).expanduser(), rest)
     from dpdiff.runtime import RunDirLock
 

@@ -5,17 +5,14 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from dpdiff.commandline import parse_kv
 from dpdiff.errors import UserError
 
 
-def data_command(args: list[str]) -> None:
-    if not args or args[0] != "check":
-        raise UserError("usage: dpdiff data check path=DIR [caption_column=text] [unit=example|user] [batch_size=B]")
-    opts = parse_kv(args[1:], {"path": None, "caption_column": "text", "unit": "example", "batch_size": None,
-                                "dedup_hash_distance": "4"})
-    if not opts["path"]:
-        raise UserError("dpdiff data check needs path=DIR")
+def check_command(path: str, *, caption_column: str = "text", unit: str = "example", batch_size: float | None = None,
+                  dedup_hash_distance: int = 4) -> None:
+    """``dpdiff data check DIR``: what training would refuse or warn about, without training."""
+    opts = {"path": path, "caption_column": caption_column, "unit": unit, "batch_size": batch_size,
+            "dedup_hash_distance": dedup_hash_distance}
     from dpdiff.data.dedup import find_duplicate_sets
     from dpdiff.data.prepare import load_and_check
     from dpdiff.data.records import group_units
@@ -43,27 +40,40 @@ def data_command(args: list[str]) -> None:
     print("ok: the dataset can be trained on")
 
 
-def clean_command(args: list[str]) -> None:
-    """Remove cached private features (and, for run dirs given, their checkpoints)."""
+def clean_command(run_dirs: list[str], *, cache_only: bool = False, yes: bool = False, ask=None) -> list[str]:
+    """Remove the cached private features (encoded training images) and, for each run dir given, its checkpoints
+    (and a run-local cache). Everything to delete is listed first; without ``yes`` the user is asked (``ask``:
+    a function of the question returning the answer, default ``input`` on a terminal) and a non-interactive
+    call without ``yes`` deletes nothing. Returns what was removed."""
+    import sys
+
     from dpdiff.paths import home
 
-    cache_only = "--cache" in args or not [a for a in args if not a.startswith("--")]
-    removed = []
+    targets: list[Path] = []
     cache = home() / "cache"
     if cache.exists():
-        shutil.rmtree(cache)
-        removed.append(str(cache))
-    if not cache_only or any(not a.startswith("--") for a in args):
-        for a in args:
-            if a.startswith("--"):
-                continue
-            run = Path(a)
+        targets.append(cache)
+    if not cache_only:
+        for a in run_dirs:
+            run = Path(a).expanduser()
             if not (run / "privacy.json").exists() and not list(run.glob("checkpoint-*")):
-                raise UserError(f"{run} is not a dpdiff run dir (no privacy.json or checkpoints)")
-            for ck in run.glob("checkpoint-*"):
-                shutil.rmtree(ck)
-                removed.append(str(ck))
-            for c in run.glob("cache"):
-                shutil.rmtree(c)
-                removed.append(str(c))
-    print("removed: " + (", ".join(removed) if removed else "nothing to remove"))
+                raise UserError(f"{run} is not a dpdiff run dir (no privacy.json or checkpoints); nothing deleted")
+            targets += sorted(run.glob("checkpoint-*")) + sorted(run.glob("cache"))
+    elif run_dirs:
+        raise UserError("--cache deletes only the feature cache: drop the run dirs, or --cache")
+    if not targets:
+        print("removed: nothing to remove")
+        return []
+    print("to delete:\n  " + "\n  ".join(str(t) for t in targets))
+    if not yes:
+        if ask is None:
+            if not sys.stdin.isatty():
+                raise UserError("dpdiff clean deletes files: pass --yes to confirm (nothing deleted)")
+            ask = input
+        if str(ask("delete these? [y/N] ")).strip().lower() not in ("y", "yes"):
+            print("nothing deleted")
+            return []
+    for t in targets:
+        shutil.rmtree(t)
+    print("removed: " + ", ".join(str(t) for t in targets))
+    return [str(t) for t in targets]

@@ -49,19 +49,24 @@ class _UnionFind:
             self.parent[max(ra, rb)] = min(ra, rb)
 
 
-def image_signatures(records: list[ImageRecord]) -> tuple[list[str], np.ndarray]:
-    """(sha256 of RGB pixels, pHash bits as uint64) of every record, one image open at a time."""
+def _signature(r: ImageRecord) -> tuple[str, int]:
     import imagehash
 
     from dpdiff.data.preprocess import to_rgb
 
-    shas, hashes = [], []
-    for r in records:
-        im = to_rgb(r.open())
-        shas.append(hashlib.sha256(im.tobytes() + repr(im.size).encode()).hexdigest())
-        bits = imagehash.phash(im).hash.flatten()
-        hashes.append(int("".join("1" if b else "0" for b in bits), 2))
-    return shas, np.array(hashes, dtype=np.uint64)
+    im = to_rgb(r.open())
+    sha = hashlib.sha256(im.tobytes() + repr(im.size).encode()).hexdigest()
+    bits = imagehash.phash(im).hash.flatten()
+    return sha, int("".join("1" if b else "0" for b in bits), 2)
+
+
+def image_signatures(records: list[ImageRecord]) -> tuple[list[str], np.ndarray]:
+    """(sha256 of RGB pixels, pHash bits as uint64) of every record, on every core (``parallel_map``: threads,
+    one image open per thread)."""
+    from dpdiff.data.validate import parallel_map
+
+    sigs = parallel_map(_signature, records)
+    return [s for s, _ in sigs], np.array([h for _, h in sigs], dtype=np.uint64)
 
 
 def _thumbnail(record: ImageRecord) -> np.ndarray:

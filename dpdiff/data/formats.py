@@ -1,4 +1,5 @@
-"""Dataset formats dpdiff reads: image folder + metadata.jsonl/csv, and HF ``save_to_disk``."""
+"""Dataset formats dpdiff reads: an image folder with metadata.jsonl/csv; and, read lazily (records hold
+references, ``dpdiff.data.streams``), HF ``save_to_disk`` datasets, webdataset tar shards and parquet files."""
 
 from __future__ import annotations
 
@@ -55,41 +56,20 @@ def read_image_folder(root: Path, *, caption_column: str) -> list[ImageRecord]:
             key=str(row["file_name"]),
             text="" if text is None else str(text),
             user_id=None if user in (None, "") else str(user),
-            path=root / str(row["file_name"]),
+            root=root,
         ))
     return records
 
 
-def read_saved_dataset(root: Path, *, caption_column: str) -> list[ImageRecord]:
-    """A ``datasets.Dataset.save_to_disk`` directory with an image column and captions."""
-    from datasets import Image as HFImage
-    from datasets import load_from_disk
+def _record(key: str, text: str, user_id: str | None, ref) -> ImageRecord:
+    return ImageRecord(key=key, text=text, user_id=user_id, ref=ref)
 
-    ds = load_from_disk(str(root))
-    if hasattr(ds, "keys") and not hasattr(ds, "column_names"):  # a DatasetDict: take 'train'
-        if "train" not in ds:
-            raise UserError(f"{root} is a DatasetDict without a 'train' split")
-        ds = ds["train"]
-    image_cols = [c for c, f in ds.features.items() if isinstance(f, HFImage)]
-    if not image_cols:
-        raise UserError(f"{root}: the saved dataset has no image column")
-    if caption_column not in ds.column_names:
-        raise UserError(f"{root}: no caption column '{caption_column}' (columns: {', '.join(ds.column_names)}); "
-                        "set data.caption_column=<name>")
-    ds = ds.cast_column(image_cols[0], HFImage(decode=False))
-    records = []
-    for i, row in enumerate(ds):
-        img = row[image_cols[0]]
-        data = img.get("bytes")
-        path = img.get("path")
-        if data is None and path:
-            data = Path(path).read_bytes()
-        key = Path(path).name if path else f"row-{i:06d}"
-        user = row.get("user_id")
-        records.append(ImageRecord(key=key, text=str(row[caption_column] or ""),
-                                   user_id=None if user in (None, "") else str(user),
-                                   image_bytes=bytes(data) if data is not None else b""))
-    return records
+
+def read_saved_dataset(root: Path, *, caption_column: str) -> list[ImageRecord]:
+    """A ``datasets.Dataset.save_to_disk`` directory with an image column and captions (images read lazily)."""
+    from dpdiff.data.streams import read_saved_dataset as read
+
+    return read(root, caption_column=caption_column, record=_record)
 
 
 def check_root(root: Path) -> None:
@@ -101,9 +81,16 @@ def check_root(root: Path) -> None:
 
 
 def read_any(root: Path, *, caption_column: str) -> list[ImageRecord]:
+    from dpdiff.data import streams
+
     check_root(root)
     if (root / "dataset_info.json").exists() or (root / "dataset_dict.json").exists():
         return read_saved_dataset(root, caption_column=caption_column)
+    has_meta = (root / "metadata.jsonl").exists() or (root / "metadata.csv").exists()
+    if not has_meta and streams.is_webdataset(root):
+        return streams.read_webdataset(root, caption_column=caption_column, record=_record)
+    if not has_meta and streams.is_parquet(root):
+        return streams.read_parquet(root, caption_column=caption_column, record=_record)
     return read_image_folder(root, caption_column=caption_column)
 
 

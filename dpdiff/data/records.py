@@ -13,29 +13,46 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+from dpdiff.data.streams import ImageRef
 from dpdiff.errors import UserError
 from dpdiff.privacy.dataset_ledger import RecordIds  # noqa: F401  (re-exported: what the ledger charges)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ImageRecord:
-    """One training image. ``path`` is None for images held in memory (``image`` set)."""
+    """One training image: a file ``root / key`` of an image folder, encoded bytes held in memory (canaries), or a
+    reference into a large dataset's files (``ref``). Slotted, with the folder's ``root`` one object shared by all
+    records: about 220 bytes a record rather than 490 with a ``Path`` each (measured), which is what a 10^6-image
+    dataset costs every process before any pixel is read."""
 
     key: str  # file name relative to the dataset root (or a row id): names the item in reports
     text: str
     user_id: str | None = None
-    path: Path | None = None
+    root: Path | None = None  # the image folder (shared): the file is root / key
     image_bytes: bytes | None = None  # encoded image, for datasets without files
+    ref: ImageRef | None = None  # where the encoded image lies in a large dataset (tar shard, parquet, Arrow)
+
+    @property
+    def path(self) -> Path | None:
+        return None if self.root is None else self.root / self.key
+
+    def read_bytes(self) -> bytes:
+        """The encoded image (file contents)."""
+        if self.root is not None:
+            return self.path.read_bytes()
+        if self.ref is not None:
+            return self.ref.read_bytes()
+        return self.image_bytes or b""
 
     def open(self):
         from PIL import Image
 
-        if self.path is not None:
+        if self.root is not None:
             im = Image.open(self.path)
         else:
             import io
 
-            im = Image.open(io.BytesIO(self.image_bytes))
+            im = Image.open(io.BytesIO(self.read_bytes()))
         im.load()
         return im
 
@@ -159,9 +176,7 @@ def record_ids(records: list[ImageRecord]) -> list[bytes]:
 def _content_digest(r: ImageRecord) -> bytes:
     """sha256 of the record's bytes; a listed file that is missing or unreadable hashes as such (so the
     fingerprint of a folder as listed, bad files included, is defined)."""
-    if r.path is None:
-        return hashlib.sha256(r.image_bytes or b"").digest()
     try:
-        return hashlib.sha256(r.path.read_bytes()).digest()
+        return hashlib.sha256(r.read_bytes()).digest()
     except OSError as err:
         return hashlib.sha256(f"<unreadable: {type(err).__name__}>".encode()).digest()

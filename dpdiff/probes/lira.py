@@ -42,6 +42,8 @@ from dpdiff.probes.context import ProbeContext, denoising_losses, encode_caption
 log = logging.getLogger("dpdiff")
 
 SHADOW_ADAPTER = "dpdiff_lira_shadow"
+#: fewest images outside the probed units from which shadows are trained (each on a share of them)
+MIN_POOL = 8
 
 
 @dataclass(frozen=True)
@@ -86,8 +88,10 @@ class LiraSettings:
     steps: int | None = None  # None: the run's steps
     batch_size: int | None = None  # None: the run's (expected) batch size
     lr: float | None = None  # None: the run's
-    pool_units: int = 1024  # images the shadows draw their training sets from (encoded once)
-    shadow_fraction: float = 0.5  # each shadow trains on this random share of the pool (Carlini et al.: half)
+    pool_units: int = 2048  # images the shadows draw their training sets from (encoded once)
+    # each shadow trains on this random share of the pool (Carlini et al.: half), at most as many images as the
+    # run trained on (a shadow on fewer images over-fits them more than the target did its own)
+    shadow_fraction: float = 0.5
     per_example_variance_from: int = 16  # shadows from which sigma is fitted per image rather than pooled
 
     @classmethod
@@ -254,10 +258,11 @@ def run_lira(ctx: ProbeContext, settings: LiraSettings, recipe: ShadowRecipe, *,
 
     t0 = time.time()
     pool = shadow_pool(ctx, probed, size=settings.pool_units, seed=ctx.seed)
-    if len(pool) < 2:
-        raise UserError("probes.mia.lira: fewer than 2 images outside the probed units to train shadows on; "
-                        "probe fewer members (probes.mia.members) or set probes.mia.lira.shadows=0")
-    per_shadow = max(1, int(round(settings.shadow_fraction * len(pool))))
+    if len(pool) < MIN_POOL:
+        raise UserError(f"probes.mia.lira: {len(pool)} images outside the probed units to train shadows on, fewer "
+                        f"than {MIN_POOL}; probe fewer members (probes.mia.members) or set probes.mia.lira.shadows=0")
+    trained_units = len({ctx.unit_key(i) for i in ctx.member_records})
+    per_shadow = max(1, min(trained_units, int(round(settings.shadow_fraction * len(pool)))))
     steps = int(settings.steps if settings.steps is not None else recipe.steps)
     batch = min(int(settings.batch_size if settings.batch_size is not None else recipe.batch_size), per_shadow)
     lr = float(settings.lr if settings.lr is not None else recipe.lr)

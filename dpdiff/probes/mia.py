@@ -132,8 +132,9 @@ def _primary_attack(declared: str, *, calibrated: bool, pia: bool, lira: bool) -
     if declared not in runs:
         raise UserError(f"probes.mia.primary_attack must be auto or one of {', '.join(ATTACKS)}, got {declared!r}")
     if not runs[declared]:
-        raise UserError(f"probes.mia.primary_attack={declared} but that attack is switched off "
-                        f"(probes.mia.{'lira.shadows' if declared == 'lira' else declared}); declare another or auto")
+        raise UserError(f"probes.mia.primary_attack={declared} but that attack does not run (switched off"
+                        f"{' or too few unprobed images for shadows' if declared == 'lira' else ''}: probes.mia."
+                        f"{'lira.shadows' if declared == 'lira' else declared}); declare another or auto")
     return declared
 
 
@@ -166,16 +167,26 @@ def run_mia(ctx: ProbeContext, cfg, *, confidence: float | None = None) -> dict:
     calibrated = bool(cfg.get("calibrated", True))
     lira = LiraSettings.from_config(cfg.get("lira"))
     run_lira_now = lira.shadows >= 2 and bool((cfg.get("lira") or {}).get("enabled", True))
+    lira_info = None
+    if run_lira_now:
+        from dpdiff.probes.lira import MIN_POOL, shadow_pool
+
+        pool = len(shadow_pool(ctx, members + nonmembers, size=MIN_POOL, seed=ctx.seed))
+        if pool < MIN_POOL:
+            run_lira_now = False
+            lira_info = {"skipped": f"only {pool} images outside the {2 * n} probed units to train shadow models on "
+                                    f"(LiRA needs {MIN_POOL}); probe fewer members (probes.mia.members) or hold "
+                                    "out more units"}
     primary = _primary_attack(str(cfg.get("primary_attack", "auto")), calibrated=calibrated,
                               pia=bool(cfg.get("pia", True)), lira=run_lira_now)
-    pia_diag, lira_info = None, None
+    pia_diag = None
     keep_m, keep_n = {}, {}
     sm = loss_scores(ctx, members, timesteps=timesteps, draws=draws, calibrated=calibrated, keep=keep_m)
     sn = loss_scores(ctx, nonmembers, timesteps=timesteps, draws=draws, calibrated=calibrated, keep=keep_n)
     if run_lira_now:
         from dpdiff.probes.lira import ShadowRecipe, run_lira
 
-        recipe = ctx.shadow_recipe if ctx.shadow_recipe is not None else ShadowRecipe()
+        recipe = ctx.shadow_recipe if ctx.shadow_recipe is not None else ShadowRecipe(adapter_kind=ctx.adapter_kind)
         cat = lambda k: torch.cat([keep_m[k], keep_n[k]])
         scores, lira_info = run_lira(
             ctx, lira, recipe, probed=members + nonmembers, latents=cat("latents"),

@@ -4,28 +4,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dpdiff.commandline import parse_kv
 from dpdiff.errors import UserError
 
 
-def report_command(args: list[str]) -> None:
-    opts = parse_kv(args, {"run_dir": None})
-    if not opts["run_dir"]:
-        raise UserError("dpdiff report needs run_dir=DIR")
-    run_dir = Path(str(opts["run_dir"])).expanduser()
+def report_command(run_dir: str) -> None:
+    run_dir = Path(str(run_dir)).expanduser()
     if not run_dir.is_dir():
-        raise UserError(f"run_dir={run_dir} is not a directory")
+        raise UserError(f"{run_dir} is not a directory")
     from dpdiff.report.run_report import write_run_report
 
     html, md = write_run_report(run_dir)
     print(f"wrote {html} and {md}")
 
 
-def sweep_report_command(args: list[str]) -> None:
-    paths = [a for a in args if not a.startswith("-")]
-    if len(paths) != 1:
-        raise UserError("usage: dpdiff sweep-report DIR (a Hydra multirun dir, e.g. runs/multirun/DATE/TIME)")
-    root = Path(paths[0]).expanduser()
+def sweep_report_command(path: str) -> None:
+    root = Path(path).expanduser()
     if not root.is_dir():
         raise UserError(f"{root} is not a directory")
     from dpdiff.report.sweep import write_sweep_report
@@ -35,16 +28,15 @@ def sweep_report_command(args: list[str]) -> None:
     print(md_path.read_text())
 
 
-def budget_command(args: list[str]) -> None:
-    """``dpdiff budget DATASET [ledger=PATH] [delta=D] [accountant=prv|pld|rdp]``: per record, what every run
+def budget_command(dataset: str, *, ledger: str | None = None, delta: float | None = None,
+                   accountant: str | None = None, caption_column: str = "text") -> None:
+    """``dpdiff budget DATASET [--ledger PATH] [--delta D] [--accountant prv|pld|rdp]``: per record, what every run
     recorded in the dataset's ledger has spent (see ``dpdiff.privacy.dataset_ledger``)."""
     from dpdiff.privacy.accountants import DEFAULT_ACCOUNTANT
 
-    pos = [a for a in args if "=" not in a]
-    opts = parse_kv([a for a in args if "=" in a], {"ledger": None, "delta": None, "accountant": DEFAULT_ACCOUNTANT,
-                                                    "caption_column": "text"})
-    if len(pos) != 1:
-        raise UserError("usage: dpdiff budget DATASET_DIR [ledger=PATH] [delta=D] [accountant=prv|pld|rdp]")
+    opts = {"ledger": ledger, "delta": delta, "accountant": accountant or DEFAULT_ACCOUNTANT,
+            "caption_column": caption_column}
+    pos = [dataset]
     from dpdiff.data.formats import read_dataset
     from dpdiff.data.prepare import resolve_data_path
     from dpdiff.data.records import RecordIds, fingerprint, record_ids
@@ -108,58 +100,80 @@ def budget_command(args: list[str]) -> None:
     print(f"ledger-known records absent from the folder now: {absent}")
 
 
-def plan_command(args: list[str]) -> None:
-    """``dpdiff plan [data.path=DIR | units=N] [target_epsilon=E] [steps=S | minutes=M] ...``"""
+def compose_finetune(overrides: list[str]):
+    """The finetune config composed with ``overrides`` exactly as ``dpdiff finetune`` composes it (Hydra's
+    compose API over the shipped configs), so planning and training read the same keys and defaults."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from dpdiff.paths import config_dir
+
+    try:
+        with initialize_config_dir(config_dir=str(config_dir()), version_base=None):
+            return compose("finetune", overrides=list(overrides))
+    except (HydraException, OmegaConfBaseException) as err:
+        raise UserError(f"bad override: {str(err).splitlines()[0]}") from None
+
+
+def plan_command(*, overrides: list[str], units: int | None = None, trainable: int | None = None,
+                 minutes: float | None = None, rows_per_second: float = 60.0) -> None:
+    """``dpdiff plan [--units N] [--trainable D] [--minutes M [--rows-per-second R]] [OVERRIDE ...]``: the
+    finetune config composed with the same overrides (its data, privacy, adapter, model and train keys and
+    defaults); the compute budget is the config's ``train.max_steps x train.batch_size x privacy.augmult`` rows
+    unless ``--minutes`` is given."""
     from dpdiff.models.adapters import count_trainable
     from dpdiff.privacy.planning import assess, plan_grid, units_per_prompt
     from dpdiff.privacy.settings import default_delta
 
-    opts = parse_kv(args, {"data.path": None, "units": None, "unit": "example", "target_epsilon": "8",
-                           "delta": None, "steps": None, "batch_size": None, "minutes": None,
-                           "rows_per_second": "60", "trainable": None, "model.pretrained": None,
-                           "adapter": "lora", "adapter.rank": "16", "adapter.target_modules": None,
-                           "max_grad_norm": "0.01", "augmult": "1", "accountant": "rdp"})
+    cfg = compose_finetune(overrides)
+    priv, tr, ad, data = cfg.privacy, cfg.train, cfg.adapter, cfg.data
+    if not priv.get("enabled", True):
+        raise UserError("privacy=none adds no noise: there is no mechanism to plan (drop privacy=none)")
+    unit = str(priv.get("unit", "example"))
     captions = None
-    if opts["data.path"] is not None or opts["units"] is None:
+    if units is None:
         from dpdiff.data.formats import read_dataset
         from dpdiff.data.prepare import resolve_data_path
         from dpdiff.data.records import group_units
 
-        root, _ = resolve_data_path(opts["data.path"])
-        records = read_dataset(root)
-        units = group_units(records, unit=opts["unit"])
-        n = len(units)
-        captions = [records[m[0]].text for m in units.members]
-        where = f"{root} ({len(records)} images, {n} {opts['unit']} units)"
+        root, _ = resolve_data_path(data.get("path"))
+        records = read_dataset(root, caption_column=str(data.get("caption_column", "text")))
+        grouped = group_units(records, unit=unit)
+        n = len(grouped)
+        captions = [records[m[0]].text for m in grouped.members]
+        where = f"{root} ({len(records)} images, {n} {unit} units)"
     else:
-        n = int(opts["units"])
-        where = f"{n} privacy units"
-    eps = float(opts["target_epsilon"])
-    delta = float(opts["delta"]) if opts["delta"] else default_delta(n)
-    k = int(opts["augmult"])
-    c = float(opts["max_grad_norm"])
-    if opts["trainable"]:
-        d = int(opts["trainable"])
+        if units < 1:
+            raise UserError(f"--units must be >= 1, got {units}")
+        n = int(units)
+        where = f"{n} privacy units (given)"
+    eps = float(priv.target_epsilon)
+    delta = float(priv.delta) if priv.get("delta") else default_delta(n)
+    k = int(priv.get("augmult", 1) or 1)
+    c = float(priv.max_grad_norm)
+    accountant = str(priv.get("accountant", "prv"))
+    if trainable:
+        d = int(trainable)
     else:
-        tm = opts["adapter.target_modules"]
-        d = count_trainable(pretrained=opts["model.pretrained"], kind=opts["adapter"], rank=int(opts["adapter.rank"]),
-                            target_modules=tm.strip("[]").split(",") if tm else None)
-    if opts["steps"]:
-        b = int(opts["batch_size"] or 128)
-        rows = int(opts["steps"]) * b * k
-        budget = f"{opts['steps']} steps at batch {b} x K={k} = {rows} rows"
-    elif opts["minutes"]:
-        rows = int(float(opts["minutes"]) * 60 * float(opts["rows_per_second"]))
-        budget = f"{opts['minutes']} minutes at {opts['rows_per_second']} rows/s = {rows} rows"
+        tm = ad.get("target_modules")
+        d = count_trainable(pretrained=cfg.model.get("pretrained"), kind=str(ad.kind), rank=int(ad.get("rank", 4)),
+                            target_modules=list(tm) if tm else None)
+    if minutes is not None:
+        if minutes <= 0 or rows_per_second <= 0:
+            raise UserError("--minutes and --rows-per-second must be positive")
+        rows = int(minutes * 60 * rows_per_second)
+        budget = f"{minutes:g} minutes at {rows_per_second:g} rows/s = {rows} rows"
     else:
-        raise UserError("dpdiff plan needs a compute budget: steps=S (with batch_size=B) or minutes=M "
-                        "(with rows_per_second=R, measured on your hardware)")
+        b, steps = int(tr.batch_size), int(tr.max_steps)
+        rows = steps * b * k
+        budget = f"train.max_steps={steps} x train.batch_size={b} x augmult {k} = {rows} rows (or --minutes M)"
     grid = plan_grid(num_units=n, target_epsilon=eps, delta=delta, rows_budget=rows, trainable=d,
-                     max_grad_norm=c, augmult=k, accountant=opts["accountant"])
+                     max_grad_norm=c, augmult=k, accountant=accountant)
     best = grid[0]
     upp = units_per_prompt(captions or [])
     print(f"dataset   : {where}")
-    print(f"budget    : epsilon {eps:g} at delta {delta:.2g} ({opts['accountant']}); {budget}")
+    print(f"budget    : epsilon {eps:g} at delta {delta:.2g} ({accountant}); {budget}")
     print(f"trainable : {d:,} weights; clipping bound C={c:g}; K={k}")
     print("\n  batch   steps        q   sigma  noise std/coord  noise/signal per step  over the run")
     for r in sorted(grid, key=lambda r: r.batch_size):

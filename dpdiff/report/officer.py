@@ -125,7 +125,7 @@ def attack_rows(probes: dict | None, *, claimed) -> list[tuple[str, str]]:
         out.append(("attacks: can membership be inferred?",
                     f"{len(mia.get('attacks') or {})} attacks ({', '.join(mia.get('attacks') or {})}"
                     + (f"; LiRA with {mia['lira'].get('shadows')} shadow models trained like the run, the strongest "
-                       "published practical attack" if mia.get("lira") else "")
+                       "published practical attack" if (mia.get("lira") or {}).get("shadows") else "")
                     + f") scored {mia.get('members')} training units against {mia.get('nonmembers')} held-out ones"
                     + (f"; the pre-declared attack separated them with AUC {_f(auc)} (0.5 = guessing)"
                        if auc is not None else "") + f". Verdict {mia['verdict']}; {reach(mia)}"))

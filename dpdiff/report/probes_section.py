@@ -122,7 +122,9 @@ def _mia_rows(mia: dict, priv: dict) -> list[tuple[str, str]]:
         rows.append((f"  attack {name}", f"AUC {auc}, p {_f(a.get('auc_p_value_corrected'))} (corrected for "
                                          f"{len(mia.get('attacks') or {})} attacks); " + "; ".join(pts)))
     lira = mia.get("lira")
-    if lira:
+    if lira and lira.get("skipped"):
+        rows.append(("  LiRA (Carlini et al. 2022)", f"not run: {lira['skipped']}"))
+    elif lira:
         rows.append(("  LiRA's shadow models (Carlini et al. 2022, offline)",
                      f"{lira.get('shadows')} shadow {lira.get('shadow_adapter')} models trained like "
                      f"{lira.get('trained_like', 'the run')} without clipping or noise: {lira.get('steps')} steps "

@@ -243,11 +243,19 @@ def test_empty_logical_batch_is_a_noise_only_step():
     grad = model.lin.weight.grad
     assert grad is not None and float(grad.abs().sum()) > 0
     assert float(grad.std()) == pytest.approx(2.0 * 1.0 / 4.0, rel=0.15)
-    # the hooks are still healthy after an empty step
+    # the hooks are still healthy after an empty step: the next step (noise off) is the exact clipped mean
+    eng.noise_multiplier = 0.0
+    model.zero_grad(set_to_none=True)
     eng.start_step()
-    x, t = torch.randn(2, 30), torch.randn(2, 20)
+    g = torch.Generator().manual_seed(5)
+    x, t = torch.randn(2, 30, generator=g), torch.randn(2, 20, generator=g)
     eng.backward((model(x) * t).sum(1), unit_pos=torch.arange(2), row_weight=torch.ones(2), num_units=2)
-    eng.finalize()
+    stats = eng.finalize()
+    assert stats["units"] == 2
+    per_unit = torch.stack([torch.outer(t[i], x[i]) for i in range(2)])
+    norms = per_unit.flatten(1).norm(dim=1)
+    want = (per_unit * (1.0 / (norms + 1e-6)).clamp(max=1)[:, None, None]).sum(0) / 4.0
+    torch.testing.assert_close(model.lin.weight.grad, want)
 
 
 def test_non_private_engine_is_the_mean_of_unit_means():

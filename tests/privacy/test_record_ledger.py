@@ -300,7 +300,7 @@ def test_budget_command_reports_records_per_charge(tmp_path, capsys):
     (root / "new.png").write_bytes((tmp_path / "more" / "img_000.png").read_bytes())
     rows = rows[2:] + [{"file_name": "new.png", "text": "new"}]  # 2 old images gone, 1 new
     (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    budget_command([str(root), "accountant=rdp"])
+    budget_command(str(root), accountant="rdp")
     out = capsys.readouterr().out
     assert out.count("planned") == 2
     assert re.search(r"records +10 \(8 here\)", out) and re.search(r"records +15 \(13 here\)", out), out
@@ -318,7 +318,7 @@ def test_budget_command_reports_records_per_charge(tmp_path, capsys):
     old = {**led.entries()[0].to_dict(), "attempt_id": "old", "privacy_unit": "user", "seq": 1, "record_set": None}
     with open(led.path, "a") as f:
         f.write(json.dumps(old) + "\n")
-    budget_command([str(root), "accountant=rdp"])
+    budget_command(str(root), accountant="rdp")
     out = capsys.readouterr().out
     assert "worst-charged record: epsilon inf" in out and "per example and per user" in out
     assert "charged to every record, conservatively" in out and "units mixed" in out

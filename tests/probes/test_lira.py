@@ -183,6 +183,18 @@ def test_a_headline_attack_that_does_not_run_or_does_not_exist_is_refused(monkey
     ctx = _ctx(n_members=60, n_held=40)
     with pytest.raises(UserError, match="primary_attack must be auto or one of"):
         mia.run_mia(ctx, {"primary_attack": "calbrated"})
-    with pytest.raises(UserError, match="switched off"):
+    with pytest.raises(UserError, match="does not run"):
         mia.run_mia(ctx, {"primary_attack": "lira", "lira": {"shadows": 0}})
     assert mia.run_mia(ctx, {"primary_attack": "pia", "bootstrap": 20})["primary_attack"] == "pia"
+
+
+def test_too_few_unprobed_images_for_shadows_skip_lira_with_the_reason(monkeypatch):
+    import dpdiff.probes.mia as mia
+
+    _fake_mia(monkeypatch, 0.0, 0.0)
+    ctx = _ctx(n_members=12, n_held=12)  # every unit probed: nothing left to train shadows on
+    out = mia.run_mia(ctx, {"bootstrap": 20})
+    assert "lira" not in out["attacks"] and out["primary_attack"] == "calibrated"
+    assert "only 0 images outside the 24 probed units" in out["lira"]["skipped"]
+    with pytest.raises(UserError, match="does not run"):
+        mia.run_mia(ctx, {"primary_attack": "lira"})

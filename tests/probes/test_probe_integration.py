@@ -43,10 +43,11 @@ COMMON = ["train.sample.per_prompt=1", "train.sample.steps=2", "train.progress=f
 
 
 def test_overtrained_non_private_model_is_flagged(tmp_path):
-    data = few_digits(tmp_path / "data")
+    # 40 digits, 20 trained on: 12 + 12 probed by the MIA, the other 16 train LiRA's shadows
+    data = few_digits(tmp_path / "data", n=40)
     probes, priv = run_recipe(tmp_path / "run", [
         *COMMON, f"data.path={data}", "privacy=none", "adapter=full", "train.max_steps=400", "train.batch_size=32",
-        "train.lr=1e-3", "train.lr_warmup_steps=0"])
+        "train.lr=1e-3", "train.lr_warmup_steps=0", "probes.mia.members=12"])
     assert priv["dp"] is False
     ex, mia, audit = probes["extraction"], probes["mia"], probes["audit"]
     assert ex["extracted_count"] >= 1, ex
@@ -56,9 +57,15 @@ def test_overtrained_non_private_model_is_flagged(tmp_path):
     diag = mia["pia_diagnostic"]
     assert not diag["on_distribution"] or mia["attacks"]["pia"]["auc"] > 0.5, diag
     assert audit["eps_lower"] > 0.5, audit
+    # LiRA ran with shadows trained like the run on unprobed units, and on its own shows the leak
+    lira = mia["lira"]
+    assert lira["shadows"] == 4 and lira["pool_images"] == 16 and lira["steps"] == 400, lira
+    assert mia["primary_attack"] == "lira" and mia["attacks"]["lira"]["auc"] > 0.8, mia["attacks"]["lira"]
+    assert mia["split_audit"]["attacks"]["lira"]["eps_lower"] > 0, mia["split_audit"]["attacks"]["lira"]
+    assert (tmp_path / "run" / "plot_mia_roc.png").exists()
     # no DP claim: a demonstrated leak is a FAIL, and nothing is ever PASS
     assert mia["verdict"] == "FAIL" and audit["verdict"] == "FAIL", (mia, audit)
-    # extraction too: 7 of 12 probed training images extracted, no held-out match (permutation p = 0.005)
+    # extraction too: probed training images extracted, no held-out match
     assert ex["verdict"] == "FAIL" and ex["control_matches"] == 0, ex
     assert probes["overall"]["verdict"] == "FAIL"
     assert "PASS" not in {ex["verdict"], mia["verdict"], audit["verdict"]}

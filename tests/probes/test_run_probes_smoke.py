@@ -45,7 +45,8 @@ def test_every_probe_writes_a_three_way_verdict(tmp_path):
     cfg = OmegaConf.merge(OmegaConf.load(config_dir() / "probes" / "default.yaml"), OmegaConf.from_dotlist([
         "confidence=0.9", "budget_images=null", "extraction.captions=4", "extraction.per_caption=2",
         "extraction.steps=2", "extraction.units=3", "extraction.vae_floor_images=4", "mia.members=8",
-        "mia.timesteps=[200]", "mia.noise_draws=1", "mia.bootstrap=20", "audit.canaries=24",
+        "mia.timesteps=[200]", "mia.noise_draws=1", "mia.bootstrap=20",
+        "mia.lira.steps=3", "mia.lira.batch_size=4", "audit.canaries=24",
         "audit.timesteps=[200]", "audit.noise_draws=1"]))
     ctx = ProbeContext(run_dir=run, base=base, denoiser=base.denoiser, adapter_kind="full", records=records,
                        member_records=list(range(0, 40, 2)), nonmember_records=list(range(1, 40, 2)), resolution=48,
@@ -67,6 +68,9 @@ def test_every_probe_writes_a_three_way_verdict(tmp_path):
     assert {out[s]["verdict"] for s in REQUIRED} == {"INCONCLUSIVE"}
     assert out["mia"]["auc"] is None and "not estimable" in out["mia"]["auc_reason"]
     assert {"data_canaries", "gradient_canaries"} <= set(out["audit"])
+    lira = out["mia"]["lira"]  # shadows are copies of the base with every weight trainable (adapter "full")
+    assert lira["shadows"] == 4 and lira["pool_images"] == 24 and lira["shadow_adapter"] == "full", lira
+    assert set(out["mia"]["attacks"]) == {"loss", "calibrated", "pia", "lira"}
     assert len(out["summary"]) == 4 and out["summary"][0].startswith("overall INCONCLUSIVE (attempt 1")
     assert out["overall"]["verdict"] == "INCONCLUSIVE" and out["overall"]["probes"] == ["audit", "extraction", "mia"]
     history = probe_history(run)

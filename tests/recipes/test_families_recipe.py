@@ -61,7 +61,9 @@ def test_dp_lora_run_probes_and_loads_into_the_family_pipeline(tmp_path, family_
     probes = json.loads((run_dir / "probes.json").read_text())
     for section in ("extraction", "mia"):
         assert probes[section]["verdict"] in ("PASS", "FAIL", "INCONCLUSIVE")
-    assert set(probes["mia"]["attacks"]) == {"loss", "calibrated", "pia"}  # PIA through the family's objective
+    # PIA through the family's objective; LiRA's shadows as second LoRA adapters on the family's denoiser
+    assert set(probes["mia"]["attacks"]) == {"loss", "calibrated", "pia", "lira"}
+    assert probes["mia"]["lira"]["shadows"] >= 2 and probes["mia"]["lira"]["shadow_adapter"] == "lora"
     utility = json.loads((run_dir / "utility.json").read_text())
     assert utility["heldout_loss"]["heldout_loss"] > 0
     assert (run_dir / "samples.png").exists() and (run_dir / "samples_base.png").exists()
