@@ -114,20 +114,24 @@ class RunDirLock:
         self.path = Path(run_dir) / LOCK_NAME
         self._fh = None
 
-    def acquire(self) -> bool:
+    def acquire(self, *, shared: bool = False) -> bool:
+        """Take the lock without waiting: exclusive (a trainer or prober), or ``shared`` (a check that nobody
+        holds it exclusively: the ranks of one resuming run check the run they resume from together, and
+        exclusive tries would refuse each other)."""
         import fcntl
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fh = open(self.path, "a+")
         try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fh.fileno(), (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except OSError:
             fh.close()
             return False
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"{os.getpid()}\n")
-        fh.flush()
+        if not shared:
+            fh.seek(0)
+            fh.truncate()
+            fh.write(f"{os.getpid()}\n")
+            fh.flush()
         self._fh = fh
         return True
 
@@ -156,7 +160,7 @@ def refuse_if_running(run_dir: Path) -> None:
     if not (Path(run_dir) / LOCK_NAME).exists():
         return
     lock = RunDirLock(run_dir)
-    if not lock.acquire():
+    if not lock.acquire(shared=True):
         raise UserError(f"{run_dir} is being trained by a running dpdiff process; resume it once that run has "
                         "stopped")
     lock.release()

@@ -124,8 +124,8 @@ def attack_rows(probes: dict | None, *, claimed) -> list[tuple[str, str]]:
         auc = mia.get("auc")
         out.append(("attacks: can membership be inferred?",
                     f"{len(mia.get('attacks') or {})} attacks ({', '.join(mia.get('attacks') or {})}"
-                    + (f"; LiRA with {mia['lira'].get('shadows')} shadow models trained like the run, the strongest "
-                       "published practical attack" if (mia.get("lira") or {}).get("shadows") else "")
+                    + (f"; LiRA: {mia['lira'].get('shadows')} shadow models trained like the run on other units "
+                       "(Carlini et al. 2022)" if (mia.get("lira") or {}).get("shadows") else "")
                     + f") scored {mia.get('members')} training units against {mia.get('nonmembers')} held-out ones"
                     + (f"; the pre-declared attack separated them with AUC {_f(auc)} (0.5 = guessing)"
                        if auc is not None else "") + f". Verdict {mia['verdict']}; {reach(mia)}"))
