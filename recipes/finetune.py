@@ -46,11 +46,17 @@ class FinetuneRecipe:
         from dpdiff.data.prepare import prepare
         from dpdiff.privacy.plan import DatasetIdentity, PrivacyPlan
         from dpdiff.probes.canaries import CanarySettings
+        from dpdiff.probes.run import check_probe_settings
+        from dpdiff.report.utility import check_metric_names
         from dpdiff.runtime import hold_run_dir, process_context
         from dpdiff.settings import RunSettings
 
         self.version = __version__
         # 1. every setting, before any private data is read
+        if self.cfg.probes.get("enabled", False):
+            check_probe_settings(self.cfg.probes)
+        if self.cfg.eval.get("enabled", False):
+            check_metric_names(self.cfg.eval)
         self.settings = s = RunSettings.from_config(self.cfg)
         self.canaries = CanarySettings.from_config(self.cfg.probes)
         self.proc = process_context(s.train.device)

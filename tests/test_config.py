@@ -113,3 +113,23 @@ def test_launcher_group_is_read(monkeypatch):
     assert cmd[cmd.index("--num_processes") + 1] == "3" and cmd[-1] == "hydra.run.dir=/tmp/r"
     assert _compose(["launcher=accelerate"]).launcher.num_processes == 2
     assert _compose([]).launcher.num_processes == 1
+
+
+@pytest.mark.parametrize("override,message", [
+    ("probes.mia.primary_attack=calbrated", "primary_attack must be auto or one of"),
+    ("probes.mia.lira.shadows=1", "at least|>= 2"),
+    ("probes.confidence=1.5", "probes.confidence must be in"),
+    ("eval.metrics=[heldout_los]", "unknown metric 'heldout_los'"),
+])
+def test_probe_and_eval_typos_are_refused_before_any_data_is_read(tmp_path, override, message):
+    """The data folder does not exist: an error about it would mean the settings were read after the data."""
+    from dpdiff.errors import UserError
+    from recipes.finetune import FinetuneRecipe
+
+    cfg = _compose([override, f"data.path={tmp_path / 'no_such_folder'}"])
+    recipe = FinetuneRecipe(cfg, tmp_path / "run")
+    try:
+        with pytest.raises(UserError, match=message):
+            recipe.setup()
+    finally:
+        recipe.cleanup()

@@ -170,6 +170,25 @@ def probe_history(run_dir: Path) -> list[dict]:
     return out
 
 
+def check_probe_settings(cfg) -> None:
+    """The probe settings a run would use, checked before any private data is read (a typo found after training
+    costs the whole training): the family-wise confidence, the membership probe's declared headline attack and
+    LiRA's keys."""
+    from dpdiff.errors import UserError
+    from dpdiff.probes.lira import LiraSettings
+    from dpdiff.probes.mia import _primary_attack
+
+    conf = float(cfg.get("confidence", 0.95))
+    if not 0.0 < conf < 1.0:
+        raise UserError(f"probes.confidence must be in (0, 1), got {conf}")
+    mia = cfg.get("mia") or {}
+    if mia.get("enabled", True):
+        lira = LiraSettings.from_config(mia.get("lira"))
+        _primary_attack(str(mia.get("primary_attack", "auto")), calibrated=bool(mia.get("calibrated", True)),
+                        pia=bool(mia.get("pia", True)),
+                        lira=lira.shadows >= 2 and bool((mia.get("lira") or {}).get("enabled", True)))
+
+
 def _probes_that_run(ctx: ProbeContext, cfg) -> tuple[list[str], list[str]]:
     """(the probes to run, those of them that can reach a verdict: the family the error rate is split over). An
     audit asked for without canaries in the run runs only to say so."""

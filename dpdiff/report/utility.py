@@ -191,14 +191,22 @@ def fid(ctx, cfg) -> dict:
             "images": n, "reference": "held-out images" if ctx.nonmember_records else "training images"}
 
 
-def run_utility(ctx, cfg) -> dict:
-    names = cfg.get("metrics") or ["heldout_loss", "digit_accuracy", "fid"]
-    out = {}
+def check_metric_names(cfg) -> list[str]:
+    """The metrics ``eval.metrics`` names (default: all three), each one that exists; called before private data
+    is read, so a typo costs no training."""
+    names = list(cfg.get("metrics") or ["heldout_loss", "digit_accuracy", "fid"])
     for name in names:
         if name not in _REGISTRY:
             from dpdiff.errors import UserError
 
             raise UserError(f"eval.metrics: unknown metric {name!r}; available: {', '.join(available())}")
+    return names
+
+
+def run_utility(ctx, cfg) -> dict:
+    names = check_metric_names(cfg)
+    out = {}
+    for name in names:
         with torch.no_grad():
             out[name] = _REGISTRY[name](ctx, cfg)
     return out
