@@ -203,6 +203,7 @@ class DataSettings:
     cache: bool
     cache_dir: str | None
     feature_dtype: str = "float16"
+    text_features: str = "cache"  # cache | on_the_fly (captions encoded per batch, no text rows on disk)
 
     @classmethod
     def from_config(cls, d) -> DataSettings:
@@ -222,6 +223,10 @@ class DataSettings:
         if rp + ip > 1:
             raise UserError(f"data.caption_replace_prob={rp} and data.caption_insert_prob={ip}: each must be >= 0 "
                             "and their sum <= 1")
+        text_features = _choice(g, "text_features", _get(d, "text_features", "cache"), ("cache", "on_the_fly"))
+        if text_features == "on_the_fly" and (rp or ip):
+            raise UserError("data.caption_replace_prob / caption_insert_prob need data.text_features=cache (the "
+                            "caption variants are encoded ahead of training)")
         prompts = _get(d, "sample_prompts")
         path = _get(d, "path")
         from dpdiff.data.demos import DEFAULT_DEMO, get_demo
@@ -250,6 +255,7 @@ class DataSettings:
             cache_dir=None if _get(d, "cache_dir") in (None, "") else str(_get(d, "cache_dir")),
             feature_dtype=_choice(g, "feature_dtype", _get(d, "feature_dtype", "float16"),
                                   ("float16", "bfloat16", "float32")),
+            text_features=text_features,
         )
 
 

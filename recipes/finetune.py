@@ -154,12 +154,15 @@ class FinetuneRecipe:
         kw = dict(resolution=self.resolution, center_crop=d.center_crop, flips=d.random_flip)
         progress = self.proc.is_main and self.settings.train.progress
         msl = self.settings.model.max_sequence_length
-        enc_kw = dict(base=self.base, device=self.proc.device, progress=progress, max_sequence_length=msl, **kw)
+        text = d.text_features == "cache"
+        enc_kw = dict(base=self.base, device=self.proc.device, progress=progress, max_sequence_length=msl, text=text,
+                      **kw)
         if not d.cache:
             return encode_dataset(records, **enc_kw)
         cache_dir = Path(d.cache_dir).expanduser() if d.cache_dir else home() / "cache"
         key = cache_key(records=records, base_path=self.base.path, parts=self.base.text_parts(),
-                        dtype=f"{self.settings.model.frozen_dtype}/{d.feature_dtype}", max_sequence_length=msl, **kw)
+                        dtype=f"{self.settings.model.frozen_dtype}/{d.feature_dtype}", max_sequence_length=msl,
+                        text=text, **kw)
         path = cache_dir / f"features-{key}.safetensors"
         # every process encodes a share of the batches into the store, resumably (training.encode.encode_to_store);
         # collective: every rank calls it, also when the store exists
@@ -195,7 +198,8 @@ class FinetuneRecipe:
             num_train_timesteps=int(self.base.noise_scheduler.config.num_train_timesteps),
             timestep_range=t.timestep_range, key=self.plan.randomness.augmentation_key(),
             max_images_per_unit=s.privacy.max_images_per_user,
-            caption_dropout=t.caption_dropout, empty_text=self.empty_text)
+            caption_dropout=t.caption_dropout, empty_text=self.empty_text,
+            text_encoder=None if s.data.text_features == "cache" else self._encode_captions)
         self.sampler = self.plan.sampler(num_units=len(units), batch_size=t.batch_size, rank=proc.rank,
                                          world_size=proc.world_size, seed=t.seed)
         self.engine = self.plan.engine(self.denoiser, params=self.params, device=proc.device,

@@ -133,3 +133,13 @@ def test_probe_and_eval_typos_are_refused_before_any_data_is_read(tmp_path, over
             recipe.setup()
     finally:
         recipe.cleanup()
+
+
+def test_text_on_the_fly_refuses_caption_mitigation(tmp_path):
+    from dpdiff.errors import UserError
+    from dpdiff.settings import DataSettings
+
+    cfg = _compose(["data.text_features=on_the_fly", "data.caption_insert_prob=0.1"])
+    with pytest.raises(UserError, match="text_features=cache"):
+        DataSettings.from_config(cfg.data)
+    assert DataSettings.from_config(_compose(["data.text_features=on_the_fly"]).data).text_features == "on_the_fly"

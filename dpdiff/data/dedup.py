@@ -61,8 +61,8 @@ def _signature(r: ImageRecord) -> tuple[str, int]:
 
 
 def image_signatures(records: list[ImageRecord]) -> tuple[list[str], np.ndarray]:
-    """(sha256 of RGB pixels, pHash bits as uint64) of every record, on every core (``parallel_map``: threads,
-    one image open per thread)."""
+    """(sha256 of RGB pixels, pHash bits as uint64) of every record, one image open at a time
+    (``parallel_map``: on threads where ``DPDIFF_DATA_WORKERS`` asks)."""
     from dpdiff.data.validate import parallel_map
 
     sigs = parallel_map(_signature, records)

@@ -29,7 +29,7 @@ from dpdiff.models.families import encode_prompts, image_conditioning
 class EncodedData:
     latent_mean: torch.Tensor  # [N, F, C, h, w]; F = 2 (original, flipped) with flips, else 1
     latent_std: torch.Tensor  # [N, F, C, h, w]
-    text_emb: torch.Tensor  # [M, T, D], one row per distinct caption
+    text_emb: torch.Tensor | None  # [M, T, D], one row per distinct caption; None: encoded per batch (on the fly)
     text_index: torch.Tensor  # [N] long: image -> caption row
     captions: list[str]  # the M distinct captions
     scaling_factor: float
@@ -43,7 +43,9 @@ class EncodedData:
 
     def text_conditioning(self) -> dict[str, torch.Tensor]:
         """Everything that depends on the caption alone, one row per caption: the token embeddings
-        (``encoder_hidden_states``) and the pooled ones."""
+        (``encoder_hidden_states``) and the pooled ones; empty when captions are encoded per batch."""
+        if self.text_emb is None:
+            return {}
         return {"encoder_hidden_states": self.text_emb, **self.text_added}
 
 
@@ -74,8 +76,8 @@ def image_added(family, image, *, resolution: int, flip: bool = False) -> dict[s
 
 @torch.no_grad()
 def encode_dataset(records: list[ImageRecord], *, base, resolution: int, center_crop: bool, flips: bool, device,
-                   batch_size: int = 32, progress: bool = True, max_sequence_length: int | None = None
-                   ) -> EncodedData:
+                   batch_size: int = 32, progress: bool = True, max_sequence_length: int | None = None,
+                   text: bool = True) -> EncodedData:
     """The features of ``records`` in memory, float32 (the feature store, ``encode_to_store``, is what runs with
     ``data.cache=true`` use: it holds one batch at a time)."""
     scale, shift = latent_factors(base.vae)
@@ -90,19 +92,19 @@ def encode_dataset(records: list[ImageRecord], *, base, resolution: int, center_
         added.append(a)
     captions = sorted({r.text for r in records})
     index = {c: j for j, c in enumerate(captions)}
-    text = encode_captions(base, captions, device=device, max_sequence_length=max_sequence_length)
+    cond = encode_captions(base, captions, device=device, max_sequence_length=max_sequence_length) if text else {}
     keys = added[0].keys() if added else ()
     return EncodedData(
-        latent_mean=torch.cat(means), latent_std=torch.cat(stds), text_emb=text.pop("encoder_hidden_states"),
+        latent_mean=torch.cat(means), latent_std=torch.cat(stds), text_emb=cond.pop("encoder_hidden_states", None),
         text_index=torch.tensor([index[r.text] for r in records], dtype=torch.long),
-        captions=captions, scaling_factor=scale, shift_factor=shift, text_added=text,
+        captions=captions, scaling_factor=scale, shift_factor=shift, text_added=cond,
         image_added={k: torch.cat([a[k] for a in added]) for k in keys},
     )
 
 
 # --- the on-disk cache ------------------------------------------------------------------------
 def cache_key(*, records: list[ImageRecord], base_path: str, parts: list[str], resolution: int, center_crop: bool,
-              flips: bool, dtype: str, max_sequence_length: int | None = None) -> str:
+              flips: bool, dtype: str, max_sequence_length: int | None = None, text: bool = True) -> str:
     """Names what the cached features depend on: the images and captions, the frozen encoders, the transform."""
     import hashlib
     from pathlib import Path
@@ -121,7 +123,7 @@ def cache_key(*, records: list[ImageRecord], base_path: str, parts: list[str], r
         else:
             h.update(f"{base_path}/{part}".encode())
     h.update(json.dumps([resolution, center_crop, flips, dtype] + ([max_sequence_length] if max_sequence_length
-                                                                   else [])).encode())
+                                                                   else []) + ([] if text else ["no text"])).encode())
     return h.hexdigest()[:24]
 
 
@@ -147,7 +149,7 @@ def save_encoded(data: EncodedData, path, *, dtype: str = "float32") -> None:
 
     path = Path(path)
     text = data.text_conditioning()
-    specs = store_specs(n_images=len(data.text_index), n_captions=len(data.text_emb), flips=data.num_flips,
+    specs = store_specs(n_images=len(data.text_index), n_captions=len(data.captions), flips=data.num_flips,
                         latent=tuple(data.latent_mean.shape[2:]), text={k: tuple(v.shape[1:]) for k, v in text.items()},
                         image_added={k: tuple(v.shape[2:]) for k, v in data.image_added.items()},
                         dtype=FEATURE_DTYPES[dtype])
@@ -181,7 +183,7 @@ def load_encoded(path) -> EncodedData | None:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata()
             t = {k: f.get_tensor(k) for k in f.keys()}
-        return EncodedData(latent_mean=t["latent_mean"], latent_std=t["latent_std"], text_emb=t["text_emb"],
+        return EncodedData(latent_mean=t["latent_mean"], latent_std=t["latent_std"], text_emb=t.get("text_emb"),
                            text_index=t["text_index"], captions=json.loads(meta["captions"]),
                            scaling_factor=float(meta["scaling_factor"]), shift_factor=float(meta["shift_factor"]),
                            text_added={k.split(".", 1)[1]: v for k, v in t.items() if k.startswith("text_added.")},
@@ -321,7 +323,8 @@ def _encode_image_batch(records, *, base, resolution: int, center_crop: bool, or
 @torch.no_grad()
 def encode_to_store(records: list[ImageRecord], path, *, base, resolution: int, center_crop: bool, flips: bool,
                     device, dtype: str = "float16", batch_size: int = 32, caption_batch_size: int = 256,
-                    progress: bool = True, max_sequence_length: int | None = None, proc=None) -> None:
+                    progress: bool = True, max_sequence_length: int | None = None, proc=None,
+                    text: bool = True) -> None:
     """Encode ``records`` into the feature store at ``path``, every process a share of the batches, resumably.
 
     The store is written to ``path + ".partial"`` (``StoreWriter``): its header first, then each batch of images
@@ -329,8 +332,10 @@ def encode_to_store(records: list[ImageRecord], path, *, base, resolution: int, 
     was done and a re-run encodes only the rest (also with another number of processes). The processes share the
     batches round-robin over everyone who sees the same file: on a filesystem shared by all nodes one node's
     encode serves all; on node-local disks each node encodes its own copy (a token file decides which). Memory:
-    one batch per process, whatever N. ``proc``: the ``ProcessContext`` (None: one process). Collective: every
-    process calls it, also where the store already exists."""
+    one batch per process, whatever N. ``proc``: the ``ProcessContext`` (None: one process). ``text=False``: no
+    text rows (captions encoded per batch during training, ``data.text_features=on_the_fly``: for long text
+    features such as Flux's T5-512, 8 MB a caption). Collective: every process calls it, also where the store
+    already exists."""
     import os
     import secrets
     import shutil
@@ -352,7 +357,7 @@ def encode_to_store(records: list[ImageRecord], path, *, base, resolution: int, 
     # the shapes, from one image and one caption (every process computes the same header)
     m0, _, added0 = _encode_image_batch(records[:1], base=base, resolution=resolution, center_crop=center_crop,
                                         orientations=orientations, device=device)
-    t0 = encode_captions(base, captions[:1], device=device, max_sequence_length=msl)
+    t0 = encode_captions(base, captions[:1], device=device, max_sequence_length=msl) if text else {}
     scale, shift = latent_factors(base.vae)
     specs = store_specs(n_images=len(records), n_captions=len(captions), flips=len(orientations),
                         latent=tuple(m0.shape[2:]), text={k: tuple(v.shape[1:]) for k, v in t0.items()},
@@ -383,7 +388,7 @@ def encode_to_store(records: list[ImageRecord], path, *, base, resolution: int, 
             for f in progress_dir.glob("done-*"):
                 f.unlink()
     barrier()
-    jobs = [f"c{i}" for i in range(0, len(captions), caption_batch_size)]
+    jobs = [f"c{i}" for i in range(0, len(captions), caption_batch_size)] if text else []
     jobs += [f"i{i}" for i in range(0, len(records), batch_size)]
     if not have:
         done = _done_jobs(progress_dir)

@@ -80,13 +80,17 @@ class RowBuilder:
                  num_train_timesteps: int, key: bytes,
                  max_images_per_unit: int | None = None, caption_dropout: float = 0.0,
                  empty_text: dict[str, torch.Tensor] | None = None, mitigation: CaptionMitigation | None = None,
-                 timestep_range: tuple[int, int] | None = None):
+                 timestep_range: tuple[int, int] | None = None, text_encoder=None):
         if augmult < 1:
             raise ValueError("augmult must be >= 1")
         if random_flip and data.num_flips < 2:
             raise ValueError("random_flip needs latents encoded in both orientations")
         if caption_dropout > 0 and empty_text is None:
             raise ValueError("caption_dropout needs the empty caption's conditioning")
+        if data.text_emb is None and text_encoder is None:
+            raise ValueError("the features hold no text rows: captions need a text_encoder (encoded per batch)")
+        if data.text_emb is None and mitigation is not None:
+            raise ValueError("caption mitigation needs cached text features (its variants are encoded ahead)")
         if len(units.names) != len(units) or len(set(units.names)) != len(units):
             raise ValueError("every privacy unit needs a distinct name (its augmentation stream is keyed by it)")
         self.data, self.units, self.augmult = data, units, augmult
@@ -101,6 +105,9 @@ class RowBuilder:
         self.caption_dropout = caption_dropout
         self.empty_text = empty_text  # per key, one row: the empty caption's conditioning
         self.mitigation = mitigation
+        # captions -> {key: [n, ...] float32}: the frozen text encoders, when the store holds no text rows. A row's
+        # conditioning is a function of its own caption alone either way (no other unit's data enters it).
+        self.text_encoder = text_encoder
 
     def stream(self, unit: int, step: int) -> np.random.Generator:
         """Unit ``unit``'s augmentation stream at ``step`` (module docstring)."""
@@ -131,6 +138,18 @@ class RowBuilder:
             "weight": 1.0 / n,
         }
 
+    def _text_rows(self, caption: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The text conditioning of each row's caption: gathered from the store, or each distinct caption of the
+        batch encoded once (on the fly)."""
+        if self.data.text_emb is not None:
+            return {k: v[caption].float() for k, v in self.data.text_conditioning().items()}
+        if len(caption) == 0:
+            width = self.text_encoder([""])
+            return {k: v[:0].float() for k, v in width.items()}
+        uniq, inverse = torch.unique(caption, return_inverse=True)
+        enc = self.text_encoder([self.data.captions[int(i)] for i in uniq])
+        return {k: v.float()[inverse] for k, v in enc.items()}
+
     def build(self, unit_ids: list[int], *, step: int) -> RowBatch:
         """Rows for the given units at training step ``step`` (positions 0..len(unit_ids)-1 in ``unit_pos``)."""
         latent_shape = tuple(self.data.latent_mean.shape[2:])
@@ -152,7 +171,7 @@ class RowBuilder:
         latents = (mean + std * eps.to(mean.dtype) - self.data.shift_factor) * self.data.scaling_factor
         timesteps = cat("timesteps", np.int64).long()
         caption = self.data.text_index[img_t]
-        text = {k: v[caption].float() for k, v in self.data.text_conditioning().items()}
+        text = self._text_rows(caption)
         if self.mitigation is not None and n:
             text = self.mitigation.apply(text, caption, {k: np.concatenate([d["mitigation"][k] for d in draws])
                                                           for k in draws[0]["mitigation"]})

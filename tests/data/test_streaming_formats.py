@@ -100,3 +100,11 @@ def test_saved_hf_dataset_is_memory_mapped_and_keeps_its_keys(folder, tmp_path):
     got = read_dataset(tmp_path / "hf")
     _check_same(read_dataset(folder), got)
     assert [r.key for r in got] == [r["file_name"] for r in rows]  # the keys (and fingerprints) of earlier versions
+
+
+def test_parallel_map_keeps_order_on_threads():
+    from dpdiff.data.validate import parallel_map
+
+    items = list(range(5000))
+    assert parallel_map(lambda x: x * x, items, workers=3) == [x * x for x in items]
+    assert parallel_map(lambda x: -x, items) == [-x for x in items]  # the serial default

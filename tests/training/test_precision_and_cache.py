@@ -240,3 +240,37 @@ def test_an_interrupted_encode_resumes_where_it_stopped(tmp_path, monkeypatch):
     calls.clear()
     encode.encode_to_store(recs, path, dtype="float32", batch_size=8, **kw)  # done: nothing encoded again
     assert calls == []
+
+
+def test_captions_encoded_on_the_fly_give_the_cached_rows(tmp_path):
+    """data.text_features=on_the_fly: the store holds no text rows, and the rows the builder makes carry the same
+    conditioning as from cached text (float32 store: equal to float rounding), every other draw unchanged."""
+    from dpdiff.data.records import group_units
+    from dpdiff.models.loading import load_base
+    from dpdiff.training.encode import encode_captions, encode_to_store, load_encoded
+    from dpdiff.training.rows import RowBuilder
+
+    base, recs = load_base(None), _demo_records(24)
+    kw = dict(base=base, resolution=32, center_crop=True, flips=False, device="cpu", progress=False,
+              dtype="float32", batch_size=8)
+    encode_to_store(recs, tmp_path / "cached.safetensors", **kw)
+    encode_to_store(recs, tmp_path / "lean.safetensors", text=False, **kw)
+    cached, lean = load_encoded(tmp_path / "cached.safetensors"), load_encoded(tmp_path / "lean.safetensors")
+    assert lean.text_emb is None and lean.text_conditioning() == {} and lean.captions == cached.captions
+    assert (tmp_path / "lean.safetensors").stat().st_size < (tmp_path / "cached.safetensors").stat().st_size
+    units = group_units(recs, unit="example")
+    calls = []
+
+    def encoder(captions):
+        calls.append(len(captions))
+        return encode_captions(base, captions, device="cpu")
+
+    common = dict(augmult=2, random_flip=False, num_train_timesteps=1000, key=b"k" * 32)
+    a = RowBuilder(cached, units, **common).build([0, 3, 5, 9], step=4)
+    b = RowBuilder(lean, units, text_encoder=encoder, **common).build([0, 3, 5, 9], step=4)
+    assert calls and calls[0] <= 4  # each distinct caption of the batch encoded once
+    for name in ("latents", "noise", "timesteps", "unit_pos", "row_weight"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    torch.testing.assert_close(b.encoder_hidden_states, a.encoder_hidden_states, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="text_encoder"):
+        RowBuilder(lean, units, **common)
