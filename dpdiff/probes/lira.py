@@ -64,6 +64,7 @@ class ShadowRecipe:
     steps: int = 75
     batch_size: int = 512
     micro_batch_size: int = 128
+    mixed_precision: str = "no"  # the run's train.mixed_precision: shadows run their forward the same way
 
     @classmethod
     def from_config(cls, cfg) -> ShadowRecipe:
@@ -79,7 +80,8 @@ class ShadowRecipe:
                    adam_epsilon=float(t.get("adam_epsilon", 1e-8)),
                    lr_scheduler=str(t.get("lr_scheduler", "constant_with_warmup")),
                    warmup_steps=int(t.get("lr_warmup_steps", 0) or 0), steps=int(t.get("max_steps", 75)),
-                   batch_size=int(t.get("batch_size", 512)), micro_batch_size=int(t.get("micro_batch_size", 128)))
+                   batch_size=int(t.get("batch_size", 512)), micro_batch_size=int(t.get("micro_batch_size", 128)),
+                   mixed_precision=str(t.get("mixed_precision", "no")))
 
 
 @dataclass(frozen=True)
@@ -193,6 +195,11 @@ def train_shadow(ctx: ProbeContext, model, params, *, latents: torch.Tensor, rec
     rng = np.random.default_rng(int(seed))
     n_timesteps = int(obj.num_train_timesteps)
     micro = max(1, int(recipe.micro_batch_size))
+    from dpdiff.training.precision import autocast_dtype
+
+    amp = autocast_dtype(recipe.mixed_precision, torch.device(ctx.device))
+    autocast = (lambda: torch.autocast(device_type=torch.device(ctx.device).type, dtype=amp)) if amp is not None \
+        else contextlib.nullcontext
     model.train()
     losses = []
     for _ in range(int(steps)):
@@ -209,7 +216,8 @@ def train_shadow(ctx: ProbeContext, model, params, *, latents: torch.Tensor, rec
                             encoder_hidden_states=cond["encoder_hidden_states"], unit_pos=torch.arange(len(part)),
                             row_weight=torch.ones(len(part)), num_units=len(part),
                             added={k: v for k, v in cond.items() if k != "encoder_hidden_states"}).to(ctx.device)
-            loss = obj.row_losses(model, rows).sum() / len(pick)
+            with autocast():  # as the run's trainer does (frozen low-precision weights, fp32 trainable ones)
+                loss = obj.row_losses(model, rows).float().sum() / len(pick)
             loss.backward()
             total += float(loss.detach())
         opt.step()

@@ -198,3 +198,32 @@ def test_too_few_unprobed_images_for_shadows_skip_lira_with_the_reason(monkeypat
     assert "only 0 images outside the 24 probed units" in out["lira"]["skipped"]
     with pytest.raises(UserError, match="does not run"):
         mia.run_mia(ctx, {"primary_attack": "lira"})
+
+
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_train_shadow_moves_only_the_shadow_adapter(precision):
+    """A real shadow training on the tiny base (as the run would: its objective and optimizer, its autocast)."""
+    from dpdiff.data.demos import builtin_digits_dir
+    from dpdiff.data.formats import read_dataset
+    from dpdiff.models.adapters import attach
+    from dpdiff.models.loading import load_base
+    from dpdiff.probes.context import encode_images
+    from dpdiff.probes.lira import train_shadow
+
+    base = load_base(None)
+    attach(base.denoiser, kind="lora", rank=2)  # the "target" adapter
+    recs = read_dataset(builtin_digits_dir())[:6]
+    ctx = ProbeContext(run_dir=None, base=base, denoiser=base.denoiser, adapter_kind="lora", records=recs,
+                       member_records=[0, 1, 2], nonmember_records=[3, 4, 5], resolution=32, device="cpu",
+                       privacy={"dp": False})
+    before = {n: p.detach().clone() for n, p in base.denoiser.named_parameters()}
+    recipe = ShadowRecipe(rank=2, lr=1e-2, warmup_steps=0, micro_batch_size=2, mixed_precision=precision)
+    with _shadow_denoiser(ctx, recipe) as (model, params):
+        init = {n: p.detach().clone() for n, p in model.named_parameters()}
+        curve = train_shadow(ctx, model, params, latents=encode_images(ctx, recs[:4]), records=[0, 1, 2, 3],
+                             recipe=recipe, steps=3, batch_size=4, lr=1e-2, seed=0)
+        moved = {n for n, p in model.named_parameters() if not torch.equal(p, init[n])}
+    assert len(curve) == 3 and all(np.isfinite(curve))
+    assert any("lora_B" in n for n in moved) and all("dpdiff_lira_shadow" in n for n in moved)
+    for n, p in base.denoiser.named_parameters():  # the adapter is gone and the target untouched
+        assert torch.equal(p, before[n]), n
