@@ -7,9 +7,7 @@ import json
 import pytest
 from helpers import run_cli
 
-FAST = ["train.max_steps=2", "train.batch_size=8", "train.micro_batch_size=8", "train.sample.per_prompt=1",
-        "train.sample.steps=2", "train.log_every=1", "train.lr_warmup_steps=0", "train.progress=false",
-        "probes=none", "eval=none"]
+FAST = ["debug=fast"]  # configs/debug/fast.yaml: 2 steps of 8, probes and eval off
 
 PRIVACY_KEYS = {"epsilon", "delta", "target_epsilon", "accountant", "noise_multiplier", "max_grad_norm",
                 "sample_rate", "steps", "expected_batch_size", "num_units", "privacy_unit", "augmult",

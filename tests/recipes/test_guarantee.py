@@ -23,9 +23,7 @@ from hydra import compose, initialize_config_dir
 
 from dpdiff.paths import config_dir
 
-FAST = ["train.batch_size=8", "train.micro_batch_size=8", "train.sample.per_prompt=1", "train.sample.steps=2",
-        "train.progress=false", "train.checkpoint_every=0", "train.lr_warmup_steps=0", "probes=none", "eval=none",
-        "data.holdout_fraction=0", "data.resolution=32"]
+FAST = ["debug=fast", "train.checkpoint_every=0", "data.holdout_fraction=0", "data.resolution=32"]
 
 
 def _recipe(run_dir: Path, overrides: list[str]):

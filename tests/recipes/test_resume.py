@@ -14,10 +14,7 @@ import torch
 from helpers import ROOT, run_cli
 from safetensors.torch import load_file
 
-FAST = ["train.batch_size=8", "train.micro_batch_size=8", "train.sample.per_prompt=1", "train.sample.steps=2",
-        "train.log_every=1", "train.lr_warmup_steps=0", "train.progress=false",
-        "probes=none", "eval=none", "privacy.augmult=2",
-        "data.holdout_fraction=0"]
+FAST = ["debug=fast", "privacy.augmult=2", "data.holdout_fraction=0"]
 
 
 def _priv(run_dir):

@@ -19,9 +19,7 @@ from dpdiff.training.tracking import REDACTED, WandbTracker, public_part, redact
 
 PEOPLE = ["Alice Smith", "Bob Jones", "Carol White", "David Brown", "Erin Garcia", "Frank Miller", "Grace Lee",
           "Henry Wilson", "Ivy Chen"]
-FAST = ["train.max_steps=2", "train.batch_size=4", "train.micro_batch_size=4", "train.sample.per_prompt=1",
-        "train.sample.steps=2", "train.log_every=1", "train.lr_warmup_steps=0", "train.progress=false",
-        "privacy.augmult=1", "data.resolution=32", "probes=none", "eval=none"]
+FAST = ["debug=fast", "train.batch_size=4", "train.micro_batch_size=4", "privacy.augmult=1", "data.resolution=32"]
 
 
 def _people_folder(root: Path, per_person: int = 2) -> tuple[Path, list[str]]:
