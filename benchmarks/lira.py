@@ -28,19 +28,6 @@ RESULTS = HERE / "results"
 ROOT = HERE.parent
 
 
-def write_dataset(root: Path, n: int) -> None:
-    from dpdiff.data.demos import builtin_digits_dir
-
-    src = builtin_digits_dir()
-    rows = [json.loads(x) for x in (src / "metadata.jsonl").read_text().splitlines()][:n]
-    root.mkdir(parents=True)
-    out = []
-    for i, r in enumerate(rows):
-        (root / r["file_name"]).write_bytes((src / r["file_name"]).read_bytes())
-        out.append({"file_name": r["file_name"], "text": f"{r['text']} number {i}"})
-    (root / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in out) + "\n")
-
-
 def _run(args: list[str], env: dict) -> float:
     t0 = time.time()
     proc = subprocess.run(args, capture_output=True, text=True, env=env, cwd=ROOT, timeout=6 * 3600)
@@ -64,7 +51,9 @@ def main() -> None:
     work = Path(a.work or tempfile.mkdtemp(prefix="dpdiff-lira-"))
     data, run_dir = work / "data", work / "run"
     shutil.rmtree(work, ignore_errors=True)
-    write_dataset(data, a.images)
+    from dpdiff.data.demos import write_distinct_caption_digits
+
+    write_distinct_caption_digits(data, a.images)
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "DPDIFF_HOME": str(work / "home"), "WANDB_MODE": "offline"}
     train_s = _run([str(bin_dir / "dpdiff"), "finetune", f"data.path={data}", f"hydra.run.dir={run_dir}",

@@ -75,6 +75,10 @@ def insert_random_word(caption: str, rng) -> str:
     return " ".join(words[:pos] + [word] + words[pos:])
 
 
+#: captions encoded per text-encoder call when they are encoded on the fly (``RowBuilder._text_rows``)
+TEXT_CHUNK = 16
+
+
 class RowBuilder:
     def __init__(self, data: EncodedData, units: PrivacyUnits, *, augmult: int, random_flip: bool,
                  num_train_timesteps: int, key: bytes,
@@ -147,8 +151,16 @@ class RowBuilder:
             width = self.text_encoder([""])
             return {k: v[:0].float() for k, v in width.items()}
         uniq, inverse = torch.unique(caption, return_inverse=True)
-        enc = self.text_encoder([self.data.captions[int(i)] for i in uniq])
-        return {k: v.float()[inverse] for k, v in enc.items()}
+        texts = [self.data.captions[int(i)] for i in uniq]
+        # in chunks of a fixed size, the last padded with empty captions: a kernel's choice (and so its rounding)
+        # may depend on the batch size, never on the other rows' values, so each caption's conditioning is the same
+        # whichever other units share the step (one unit's presence changes no other unit's rows)
+        parts = []
+        for s in range(0, len(texts), TEXT_CHUNK):
+            chunk = texts[s : s + TEXT_CHUNK]
+            enc = self.text_encoder(chunk + [""] * (TEXT_CHUNK - len(chunk)))
+            parts.append({k: v[: len(chunk)] for k, v in enc.items()})
+        return {k: torch.cat([p[k] for p in parts]).float()[inverse] for k in parts[0]}
 
     def build(self, unit_ids: list[int], *, step: int) -> RowBatch:
         """Rows for the given units at training step ``step`` (positions 0..len(unit_ids)-1 in ``unit_pos``)."""

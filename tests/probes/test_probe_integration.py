@@ -11,22 +11,14 @@ from pathlib import Path
 import pytest
 from helpers import trained_recipe
 
-from dpdiff.data.demos import builtin_digits_dir
+from dpdiff.data.demos import write_distinct_caption_digits
 
 pytestmark = pytest.mark.slow
 
 
 def few_digits(root: Path, n: int = 24) -> Path:
     """n demo digits, each with its own caption (as most real datasets have)."""
-    src = builtin_digits_dir()
-    rows = [json.loads(x) for x in (src / "metadata.jsonl").read_text().splitlines()][: n]
-    root.mkdir(parents=True)
-    out = []
-    for i, r in enumerate(rows):
-        (root / r["file_name"]).write_bytes((src / r["file_name"]).read_bytes())
-        out.append({"file_name": r["file_name"], "text": f"{r['text']} number {i}"})
-    (root / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in out) + "\n")
-    return root
+    return write_distinct_caption_digits(root, n)
 
 
 def run_recipe(run_dir: Path, overrides: list[str], patch=None):
