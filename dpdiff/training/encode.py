@@ -64,6 +64,21 @@ def encode_captions(base, captions: list[str], *, device, max_sequence_length: i
     return {"encoder_hidden_states": emb, **added}
 
 
+def encode_captions_fixed(base, captions: list[str], *, device, max_sequence_length: int | None = None,
+                          chunk: int = 256) -> dict[str, torch.Tensor]:
+    """``encode_captions`` in calls of exactly ``chunk`` captions, the last padded with empty captions and cut back.
+    A kernel's choice, and so its rounding, may follow the batch size but not the other rows' values: each caption's
+    rows are then the same whatever other captions the dataset holds (adding or removing a unit changes no other
+    unit's conditioning, also in the last bit on GPUs whose GEMM picks algorithms by shape)."""
+    parts = []
+    for s in range(0, len(captions), chunk):
+        part = list(captions[s : s + chunk])
+        enc = encode_captions(base, part + [""] * (chunk - len(part)), device=device,
+                              max_sequence_length=max_sequence_length)
+        parts.append({k: v[: len(part)] for k, v in enc.items()})
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]} if parts else {}
+
+
 def image_added(family, image, *, resolution: int, flip: bool = False) -> dict[str, torch.Tensor]:
     """The per-image added conditioning of ``image`` as training sees it at ``resolution`` (SDXL's size and crop ids
     of the center crop ``to_pixels`` takes, in the mirrored image when flipped); empty for the other families."""
@@ -92,7 +107,8 @@ def encode_dataset(records: list[ImageRecord], *, base, resolution: int, center_
         added.append(a)
     captions = sorted({r.text for r in records})
     index = {c: j for j, c in enumerate(captions)}
-    cond = encode_captions(base, captions, device=device, max_sequence_length=max_sequence_length) if text else {}
+    cond = encode_captions_fixed(base, captions, device=device, max_sequence_length=max_sequence_length) if text \
+        else {}
     keys = added[0].keys() if added else ()
     return EncodedData(
         latent_mean=torch.cat(means), latent_std=torch.cat(stds), text_emb=cond.pop("encoder_hidden_states", None),
@@ -404,8 +420,8 @@ def encode_to_store(records: list[ImageRecord], path, *, base, resolution: int, 
             for job in bar:
                 start = int(job[1:])
                 if job[0] == "c":
-                    text = encode_captions(base, captions[start : start + caption_batch_size], device=device,
-                                           max_sequence_length=msl)
+                    text = encode_captions_fixed(base, captions[start : start + caption_batch_size], device=device,
+                                                 max_sequence_length=msl, chunk=caption_batch_size)
                     for k, v in text.items():
                         writer.write(_text_key(k), start, v)
                 else:
