@@ -95,11 +95,17 @@ class LiraSettings:
     # run trained on (a shadow on fewer images over-fits them more than the target did its own)
     shadow_fraction: float = 0.5
     per_example_variance_from: int = 16  # shadows from which sigma is fitted per image rather than pooled
+    enabled: bool = True
+
+    @property
+    def runs(self) -> bool:
+        """Whether LiRA is asked for (enabled, with the two shadows a variance needs)."""
+        return self.enabled and self.shadows >= 2
 
     @classmethod
     def from_config(cls, cfg) -> LiraSettings:
         c = dict(cfg or {})
-        known = set(cls.__dataclass_fields__) | {"enabled"}
+        known = set(cls.__dataclass_fields__)
         unknown = sorted(set(c) - known)
         if unknown:
             raise UserError(f"probes.mia.lira: unknown key {unknown[0]!r} (known: {', '.join(sorted(known))})")

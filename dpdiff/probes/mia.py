@@ -166,7 +166,7 @@ def run_mia(ctx: ProbeContext, cfg, *, confidence: float | None = None) -> dict:
     draws = int(cfg.get("noise_draws", 4))
     calibrated = bool(cfg.get("calibrated", True))
     lira = LiraSettings.from_config(cfg.get("lira"))
-    run_lira_now = lira.shadows >= 2 and bool((cfg.get("lira") or {}).get("enabled", True))
+    run_lira_now = lira.runs
     lira_info = None
     if run_lira_now:
         from dpdiff.probes.lira import MIN_POOL, shadow_pool

@@ -186,7 +186,7 @@ def check_probe_settings(cfg) -> None:
         lira = LiraSettings.from_config(mia.get("lira"))
         _primary_attack(str(mia.get("primary_attack", "auto")), calibrated=bool(mia.get("calibrated", True)),
                         pia=bool(mia.get("pia", True)),
-                        lira=lira.shadows >= 2 and bool((mia.get("lira") or {}).get("enabled", True)))
+                        lira=lira.runs)
 
 
 def _probes_that_run(ctx: ProbeContext, cfg) -> tuple[list[str], list[str]]:

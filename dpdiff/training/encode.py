@@ -70,11 +70,17 @@ def encode_captions_fixed(base, captions: list[str], *, device, max_sequence_len
     A kernel's choice, and so its rounding, may follow the batch size but not the other rows' values: each caption's
     rows are then the same whatever other captions the dataset holds (adding or removing a unit changes no other
     unit's conditioning, also in the last bit on GPUs whose GEMM picks algorithms by shape)."""
+    return in_fixed_chunks(lambda c: encode_captions(base, c, device=device, max_sequence_length=max_sequence_length),
+                           captions, chunk=chunk)
+
+
+def in_fixed_chunks(encode, captions: list[str], *, chunk: int) -> dict[str, torch.Tensor]:
+    """``encode`` (captions -> {key: [n, ...]}) called on exactly ``chunk`` captions at a time, the last call padded
+    with empty captions and cut back (``encode_captions_fixed`` says why)."""
     parts = []
     for s in range(0, len(captions), chunk):
         part = list(captions[s : s + chunk])
-        enc = encode_captions(base, part + [""] * (chunk - len(part)), device=device,
-                              max_sequence_length=max_sequence_length)
+        enc = encode(part + [""] * (chunk - len(part)))
         parts.append({k: v[: len(part)] for k, v in enc.items()})
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]} if parts else {}
 

@@ -24,7 +24,7 @@ import torch
 
 from dpdiff.data.records import PrivacyUnits
 from dpdiff.privacy.randomness import unit_stream
-from dpdiff.training.encode import EncodedData
+from dpdiff.training.encode import EncodedData, in_fixed_chunks
 from dpdiff.training.loss import RowBatch
 
 PUBLIC_INSERT_WORDS = ("photo", "image", "picture", "small", "large", "style", "sample", "scan", "drawing", "on",
@@ -151,16 +151,10 @@ class RowBuilder:
             width = self.text_encoder([""])
             return {k: v[:0].float() for k, v in width.items()}
         uniq, inverse = torch.unique(caption, return_inverse=True)
-        texts = [self.data.captions[int(i)] for i in uniq]
-        # in chunks of a fixed size, the last padded with empty captions: a kernel's choice (and so its rounding)
-        # may depend on the batch size, never on the other rows' values, so each caption's conditioning is the same
+        # in chunks of a fixed size (training.encode.in_fixed_chunks): each caption's conditioning is the same
         # whichever other units share the step (one unit's presence changes no other unit's rows)
-        parts = []
-        for s in range(0, len(texts), TEXT_CHUNK):
-            chunk = texts[s : s + TEXT_CHUNK]
-            enc = self.text_encoder(chunk + [""] * (TEXT_CHUNK - len(chunk)))
-            parts.append({k: v[: len(chunk)] for k, v in enc.items()})
-        return {k: torch.cat([p[k] for p in parts]).float()[inverse] for k in parts[0]}
+        enc = in_fixed_chunks(self.text_encoder, [self.data.captions[int(i)] for i in uniq], chunk=TEXT_CHUNK)
+        return {k: v.float()[inverse] for k, v in enc.items()}
 
     def build(self, unit_ids: list[int], *, step: int) -> RowBatch:
         """Rows for the given units at training step ``step`` (positions 0..len(unit_ids)-1 in ``unit_pos``)."""
