@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import hydra
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
@@ -133,8 +134,11 @@ class FinetuneRecipe:
             with torch.no_grad():
                 for k, v in trainable.items():
                     named[k].copy_(v.to(named[k].device))
-        train_recs = [self.data.records[i] for i in self.data.train_records()]
-        self.train_index = {rec_idx: j for j, rec_idx in enumerate(self.data.train_records())}
+        train_ids = self.data.train_records()
+        train_recs = [self.data.records[i] for i in train_ids]
+        # record index -> row of the encoded (training-only) arrays; -1 for records not trained on
+        self.train_index = np.full(len(self.data.records), -1, dtype=np.int64)
+        self.train_index[train_ids] = np.arange(len(train_ids))
         with self.clock.phase("encode frozen features"):
             self.encoded = self._encode(train_recs)
             self.empty_text = self._encode_captions([""])
@@ -178,7 +182,6 @@ class FinetuneRecipe:
         from diffusers.optimization import get_scheduler
         from diffusers.training_utils import EMAModel
 
-        from dpdiff.data.records import PrivacyUnits
         from dpdiff.models import adapters
         from dpdiff.training.loss import make_objective
         from dpdiff.training.precision import autocast_dtype
@@ -188,8 +191,7 @@ class FinetuneRecipe:
 
         s, t, proc = self.settings, self.settings.train, self.proc
         # train units, re-indexed onto the encoded (training-only) arrays
-        tu = self.data.units.subset(self.data.train_units)
-        units = PrivacyUnits(tu.kind, tuple(tuple(self.train_index[i] for i in m) for m in tu.members), tu.names)
+        units = self.data.units.subset(self.data.train_units).reindexed(self.train_index)
         # augmentation draws (timesteps, diffusion noise, flips, images of a large user) keyed per unit and step
         # (training.rows): one unit's presence changes no other unit's rows
         self.row_builder = RowBuilder(

@@ -6,6 +6,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from dpdiff.data.formats import read_dataset
 from dpdiff.data.records import (
     ImageRecord,
@@ -61,14 +63,18 @@ class PreparedData:
         return len(self.train_units)
 
     def train_records(self) -> list[int]:
-        return sorted(i for u in self.train_units for i in self.units.members[u])
+        return np.sort(self.units.members.take(self.train_units).flat).tolist()
 
-    def unit_of_record(self) -> dict[int, int]:
-        """Record index -> privacy unit id, over every unit (trained and held out)."""
-        return {i: u for u, members in enumerate(self.units.members) for i in members}
+    def unit_of_record(self) -> np.ndarray:
+        """Record index -> privacy unit id, over every unit (trained and held out): an integer array (-1 for a
+        record in no unit, which preparation never leaves)."""
+        m = self.units.members
+        out = np.full(len(self.records), -1, dtype=np.int64)
+        out[m.flat] = np.repeat(np.arange(len(m)), m.sizes())
+        return out
 
     def holdout_records(self) -> list[int]:
-        return sorted(i for u in self.holdout_units for i in self.units.members[u])
+        return np.sort(self.units.members.take(self.holdout_units).flat).tolist()
 
     def summary(self) -> dict:
         return {
@@ -141,7 +147,7 @@ def prepare(settings, *, unit: str, seed_holdout: int | None = None) -> Prepared
     units = group_units(records, unit=unit, groups=groups)
     from dpdiff.data.validate import check_units
 
-    remarks += check_units([len(m) for m in units.members], batch_size=None)
+    remarks += check_units(units.members.sizes().tolist(), batch_size=None)
     split_seed = settings.split_seed if seed_holdout is None else seed_holdout
     train, hold = split_holdout(units, fraction=float(settings.holdout_fraction), seed=int(split_seed))
 

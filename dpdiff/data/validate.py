@@ -7,6 +7,8 @@ count lands in privacy.json and the report; num_units counts only what was used)
 
 from __future__ import annotations
 
+import os
+import posixpath
 import warnings
 from collections import Counter
 from dataclasses import dataclass
@@ -34,7 +36,7 @@ class Problem:
 def check_image(rec: ImageRecord, *, min_size: int = 8) -> Problem | None:
     from PIL import Image, UnidentifiedImageError
 
-    if rec.path is not None and not rec.path.exists():
+    if rec.file is not None and not os.path.exists(rec.file):
         return Problem("missing_file", rec.key, "listed in the metadata but not on disk")
     try:
         with warnings.catch_warnings():
@@ -88,8 +90,8 @@ def check_records(records: list[ImageRecord], *, root: Path | None = None, check
             problems.append(Problem("empty_caption", r.key, "missing or empty caption"))
         if p is not None:
             problems.append(p)
-    if root is not None and any(r.path is not None for r in records):
-        listed = {Path(r.key).as_posix() for r in records}
+    if root is not None and any(r.root is not None for r in records):
+        listed = {posixpath.normpath(r.key.replace(os.sep, "/")) for r in records}
         for f in sorted(root.rglob("*")):
             if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES:
                 rel = f.relative_to(root).as_posix()

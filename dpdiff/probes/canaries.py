@@ -82,7 +82,7 @@ class CanarySettings:
 
     def insert(self, data, *, run_dir: Path, seed: int, resolution: int | None = None):
         """Return a copy of ``data`` (PreparedData) with the included canaries added as training units."""
-        from dpdiff.data.records import ImageRecord, PrivacyUnits
+        from dpdiff.data.records import ImageRecord
 
         size = resolution or _guess_size(data)
         rng = np.random.default_rng([self.seed, seed, 0xCA4A])
@@ -111,8 +111,7 @@ class CanarySettings:
         n0 = len(data.records)
         all_records = list(data.records) + records
         new_units = [(n0 + i,) for i in range(self.count)]
-        units = PrivacyUnits(data.units.kind, data.units.members + tuple(new_units),
-                             data.units.names + tuple(r.key for r in records))
+        units = data.units.extended(new_units, [r.key for r in records])
         u0 = len(data.units)
         train = sorted(list(data.train_units) + [u0 + i for i, inc in enumerate(included) if inc])
         return replace(data, records=all_records, units=units, train_units=train,

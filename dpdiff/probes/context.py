@@ -33,14 +33,14 @@ class ProbeContext:
     cache: dict = field(default_factory=dict)
     # record index -> privacy unit id (PreparedData.units); None: one unit per user_id when the
     # privacy unit is the user, else one per record
-    unit_of_record: dict[int, int] | None = None
+    unit_of_record: object | None = None  # record index -> unit id (an array, or any mapping)
     max_sequence_length: int | None = None  # T5 tokens of SD3 / Flux prompts, as trained
     shadow_recipe: object | None = None  # dpdiff.probes.lira.ShadowRecipe: how the run trained (LiRA's shadows)
 
     def unit_key(self, record_id: int):
         """The privacy unit of a record, as far as the context knows it."""
         if self.unit_of_record is not None:
-            return ("unit", self.unit_of_record[record_id])
+            return ("unit", int(self.unit_of_record[record_id]))
         if self.privacy.get("privacy_unit") == "user" and self.records[record_id].user_id is not None:
             return ("user", self.records[record_id].user_id)
         return ("record", record_id)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,13 +26,60 @@ from dpdiff.data.records import ImageRecord
 from dpdiff.models.families import encode_prompts, image_conditioning
 
 
+class StringTable(Sequence):
+    """A list of strings held as two tensors (UTF-8 bytes and offsets), memory-mapped from the feature store: one
+    caption per distinct caption of a 10^6-record dataset would otherwise be 10^6 Python strings in every process
+    (~80 bytes each, parsed from a JSON header). Reads like the list it replaces."""
+
+    __slots__ = ("utf8", "offsets")
+
+    def __init__(self, utf8: torch.Tensor, offsets: torch.Tensor):
+        self.utf8, self.offsets = utf8, offsets
+
+    @classmethod
+    def of(cls, strings) -> StringTable:
+        if isinstance(strings, StringTable):
+            return strings
+        encoded = [str(x).encode("utf-8") for x in strings]
+        offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+        np.cumsum([len(b) for b in encoded], out=offsets[1:])
+        utf8 = np.frombuffer(b"".join(encoded), dtype=np.uint8).copy()
+        return cls(torch.from_numpy(utf8), torch.from_numpy(offsets))
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        i = range(len(self))[i]
+        a, b = int(self.offsets[i]), int(self.offsets[i + 1])
+        return self.utf8[a:b].numpy().tobytes().decode("utf-8")
+
+    def __iter__(self):
+        raw, off = self.utf8.numpy().tobytes(), self.offsets.tolist()
+        for a, b in zip(off, off[1:]):
+            yield raw[a:b].decode("utf-8")
+
+    def __eq__(self, other) -> bool:
+        try:
+            return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+        except TypeError:
+            return NotImplemented
+
+    __hash__ = None
+
+    def __repr__(self) -> str:
+        return f"StringTable({len(self)} strings)"
+
+
 @dataclass
 class EncodedData:
     latent_mean: torch.Tensor  # [N, F, C, h, w]; F = 2 (original, flipped) with flips, else 1
     latent_std: torch.Tensor  # [N, F, C, h, w]
     text_emb: torch.Tensor | None  # [M, T, D], one row per distinct caption; None: encoded per batch (on the fly)
     text_index: torch.Tensor  # [N] long: image -> caption row
-    captions: list[str]  # the M distinct captions
+    captions: Sequence[str]  # the M distinct captions, sorted (a StringTable when read from the store)
     scaling_factor: float
     shift_factor: float
     text_added: dict[str, torch.Tensor] = field(default_factory=dict)  # [M, ...] per caption: pooled embeddings
@@ -157,6 +205,9 @@ def _private_dir(d: Path) -> None:
     os.chmod(d, 0o700)
 
 
+#: the store's layout version (a store of another version is rewritten: its header differs)
+STORE_FORMAT = "2"
+
 #: storage dtypes of the feature cache (``data.feature_dtype``)
 FEATURE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -171,13 +222,15 @@ def save_encoded(data: EncodedData, path, *, dtype: str = "float32") -> None:
 
     path = Path(path)
     text = data.text_conditioning()
-    specs = store_specs(n_images=len(data.text_index), n_captions=len(data.captions), flips=data.num_flips,
+    captions = StringTable.of(data.captions)
+    specs = store_specs(n_images=len(data.text_index), n_captions=len(captions), flips=data.num_flips,
                         latent=tuple(data.latent_mean.shape[2:]), text={k: tuple(v.shape[1:]) for k, v in text.items()},
                         image_added={k: tuple(v.shape[2:]) for k, v in data.image_added.items()},
-                        dtype=FEATURE_DTYPES[dtype])
+                        dtype=FEATURE_DTYPES[dtype], caption_bytes=len(captions.utf8))
     writer = StoreWriter(path.with_name(f".{path.name}.tmp-{os.getpid()}"), specs,
-                         _store_metadata(data.captions, data.scaling_factor, data.shift_factor, dtype))
+                         _store_metadata(data.scaling_factor, data.shift_factor, dtype))
     writer.create()
+    _write_captions(writer, captions)
     writer.write("latent_mean", 0, data.latent_mean)
     writer.write("latent_std", 0, data.latent_std)
     writer.write("text_index", 0, data.text_index)
@@ -203,10 +256,12 @@ def load_encoded(path) -> EncodedData | None:
         return None
     try:
         with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata()
+            meta = f.metadata() or {}
+            if meta.get("format") != STORE_FORMAT:
+                return None  # another layout: recomputed
             t = {k: f.get_tensor(k) for k in f.keys()}
         return EncodedData(latent_mean=t["latent_mean"], latent_std=t["latent_std"], text_emb=t.get("text_emb"),
-                           text_index=t["text_index"], captions=json.loads(meta["captions"]),
+                           text_index=t["text_index"], captions=StringTable(t["captions.utf8"], t["captions.offsets"]),
                            scaling_factor=float(meta["scaling_factor"]), shift_factor=float(meta["shift_factor"]),
                            text_added={k.split(".", 1)[1]: v for k, v in t.items() if k.startswith("text_added.")},
                            image_added={k.split(".", 1)[1]: v for k, v in t.items() if k.startswith("image_added.")})
@@ -219,8 +274,10 @@ def load_encoded(path) -> EncodedData | None:
 
 
 # --- writing the store in place, batch by batch, by every process, resumably ---------------------------------
-_ST_NAMES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.int64: "I64"}
-_NP_STORAGE = {torch.float16: np.float16, torch.bfloat16: np.uint16, torch.float32: np.float32, torch.int64: np.int64}
+_ST_NAMES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.int64: "I64",
+             torch.uint8: "U8"}
+_NP_STORAGE = {torch.float16: np.float16, torch.bfloat16: np.uint16, torch.float32: np.float32, torch.int64: np.int64,
+               torch.uint8: np.uint8}
 
 
 class StoreWriter:
@@ -300,9 +357,13 @@ def _text_key(key: str) -> str:
     return "text_emb" if key == "encoder_hidden_states" else f"text_added.{key}"
 
 
-def _store_metadata(captions: list[str], scale: float, shift: float, dtype: str) -> dict[str, str]:
-    return {"captions": json.dumps(captions), "scaling_factor": repr(scale), "shift_factor": repr(shift),
-            "feature_dtype": dtype}
+def _store_metadata(scale: float, shift: float, dtype: str) -> dict[str, str]:
+    return {"format": STORE_FORMAT, "scaling_factor": repr(scale), "shift_factor": repr(shift), "feature_dtype": dtype}
+
+
+def _write_captions(writer: StoreWriter, captions: StringTable) -> None:
+    writer.write("captions.utf8", 0, captions.utf8)
+    writer.write("captions.offsets", 0, captions.offsets)
 
 
 def _done_jobs(progress_dir: Path) -> set[str]:
@@ -314,11 +375,13 @@ def _done_jobs(progress_dir: Path) -> set[str]:
 
 
 def store_specs(*, n_images: int, n_captions: int, flips: int, latent: tuple[int, ...], text: dict[str, tuple],
-                image_added: dict[str, tuple], dtype: torch.dtype) -> dict:
+                image_added: dict[str, tuple], dtype: torch.dtype, caption_bytes: int) -> dict:
     """The tensors of the feature store: per image the posterior (mean, std) of each orientation and its added
-    conditioning (float32), per distinct caption the text conditioning, and each image's caption row."""
+    conditioning (float32), per distinct caption the text conditioning, each image's caption row, and the distinct
+    captions themselves (UTF-8 bytes and offsets, ``StringTable``)."""
     specs = {"latent_mean": (dtype, (n_images, flips, *latent)), "latent_std": (dtype, (n_images, flips, *latent)),
-             "text_index": (torch.int64, (n_images,))}
+             "text_index": (torch.int64, (n_images,)),
+             "captions.utf8": (torch.uint8, (caption_bytes,)), "captions.offsets": (torch.int64, (n_captions + 1,))}
     for k, shape in text.items():
         specs[_text_key(k)] = (dtype, (n_captions, *shape))
     for k, shape in image_added.items():
@@ -381,11 +444,12 @@ def encode_to_store(records: list[ImageRecord], path, *, base, resolution: int, 
                                         orientations=orientations, device=device)
     t0 = encode_captions(base, captions[:1], device=device, max_sequence_length=msl) if text else {}
     scale, shift = latent_factors(base.vae)
+    table = StringTable.of(captions)
     specs = store_specs(n_images=len(records), n_captions=len(captions), flips=len(orientations),
                         latent=tuple(m0.shape[2:]), text={k: tuple(v.shape[1:]) for k, v in t0.items()},
-                        image_added={k: tuple(v.shape[2:]) for k, v in added0.items()}, dtype=store)
-    writer = StoreWriter(path.with_name(path.name + ".partial"), specs,
-                         _store_metadata(captions, scale, shift, dtype))
+                        image_added={k: tuple(v.shape[2:]) for k, v in added0.items()}, dtype=store,
+                        caption_bytes=len(table.utf8))
+    writer = StoreWriter(path.with_name(path.name + ".partial"), specs, _store_metadata(scale, shift, dtype))
     progress_dir = path.with_name(path.name + ".progress")
     # who shares the file: if every process sees rank 0's fresh token, the disk is shared by all (one encode
     # serves every node); otherwise each node's processes fill their node's own copy
@@ -420,6 +484,8 @@ def encode_to_store(records: list[ImageRecord], path, *, base, resolution: int, 
         if rank == leader:
             index = {c: j for j, c in enumerate(captions)}
             writer.write("text_index", 0, torch.tensor([index[r.text] for r in records], dtype=torch.long))
+            _write_captions(writer, table)
+            del index
         bar = tqdm(mine, desc=f"encoding ({len(done)} of {len(jobs)} batches already done)", disable=not progress,
                    leave=False)
         with open(log_path, "a") as log_file:

@@ -122,3 +122,23 @@ def test_digits_demo_has_no_false_duplicates():
     assert len(recs) > 800
     sets = find_duplicate_sets(recs)
     assert sum(len(s) for s in sets) <= 0.02 * len(recs)
+
+
+def test_unit_members_read_like_the_tuples_they_replace():
+    from dpdiff.data.records import PrivacyUnits, UnitMembers
+
+    raw = ((0, 3), (1,), (2, 4, 5))
+    m = UnitMembers(raw)
+    assert len(m) == 3 and m[0] == (0, 3) and m[-1] == (2, 4, 5) and tuple(m) == raw and m == raw
+    assert m.sizes().tolist() == [2, 1, 3] and m[0:2] == raw[0:2]
+    with pytest.raises(IndexError):
+        m[3]
+    units = PrivacyUnits("user", raw, ("a", "b", "c"))
+    sub = units.subset([2, 0])
+    assert tuple(sub.members) == ((2, 4, 5), (0, 3)) and sub.names == ("c", "a")
+    new_index = np.array([10, 11, 12, 13, 14, 15])
+    assert tuple(sub.reindexed(new_index).members) == ((12, 14, 15), (10, 13))
+    with pytest.raises(ValueError, match="no new index"):
+        sub.reindexed(np.array([-1, 0, 0, 0, 0, 0]))
+    ext = units.extended([(6,), (7, 8)], ["d", "e"])
+    assert tuple(ext.members) == raw + ((6,), (7, 8)) and ext.names == ("a", "b", "c", "d", "e")

@@ -277,3 +277,14 @@ def test_captions_encoded_on_the_fly_give_the_cached_rows(tmp_path):
     torch.testing.assert_close(b.encoder_hidden_states, a.encoder_hidden_states, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="text_encoder"):
         RowBuilder(lean, units, **common)
+
+
+def test_string_table_reads_like_a_list_of_strings():
+    from dpdiff.training.encode import StringTable
+
+    words = ["", "a digit 3", "Grüße, 数字", "x" * 300]
+    t = StringTable.of(words)
+    assert len(t) == 4 and list(t) == words and t == words and t[2] == words[2] and t[-1] == words[-1]
+    assert [t[i] for i in range(4)] == words and t[1:3] == words[1:3] and StringTable.of(t) is t
+    with pytest.raises(IndexError):
+        t[4]
