@@ -18,7 +18,8 @@ from dpdiff.errors import UserError
 from dpdiff.privacy.plan import ENGINES
 from dpdiff.privacy.settings import PrivacySettings
 
-ADAPTER_KINDS = ("lora", "full", "attn")
+ADAPTER_KINDS = ("lora", "full", "attn", "embedding")
+EMBEDDING_MECHANISMS = ("dpsgd", "aggregate")
 DEDUP_MODES = ("report", "drop", "group")
 PRECISIONS = ("no", "bf16", "fp16")
 FROZEN_DTYPES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
@@ -260,14 +261,48 @@ class DataSettings:
 
 
 @dataclass(frozen=True, kw_only=True)
+class EmbeddingSettings:
+    """``adapter.*`` of ``adapter=embedding`` (``dpdiff.training.concept``): a new token learned privately."""
+
+    token: str = "<private-look>"
+    init_word: str = "style"
+    template: str = "{token} style, {caption}"
+    mechanism: str = "dpsgd"
+    unit_steps: int = 30  # aggregate: textual-inversion steps per unit
+    unit_lr: float = 0.05  # aggregate: Adam's learning rate per unit
+
+    def prompt(self, caption: str) -> str:
+        return self.template.format(token=self.token, caption=caption)
+
+    @classmethod
+    def from_config(cls, a) -> EmbeddingSettings:
+        g, d = "adapter", cls()
+        token = str(_get(a, "token", d.token) or "")
+        if not token.strip() or any(c.isspace() or c in "{}" for c in token):
+            raise _fail(g, "token", token, "must be one word without spaces (e.g. <my-look>)")
+        template = str(_get(a, "template", d.template) or "")
+        if "{token}" not in template or "{caption}" not in template:
+            raise _fail(g, "template", template, "must hold {token} and {caption}")
+        try:
+            template.format(token="t", caption="c")
+        except (KeyError, IndexError, ValueError):
+            raise _fail(g, "template", template, "must name only {token} and {caption}") from None
+        return cls(token=token, init_word=str(_get(a, "init_word", d.init_word)), template=template,
+                   mechanism=_choice(g, "mechanism", _get(a, "mechanism", d.mechanism), EMBEDDING_MECHANISMS),
+                   unit_steps=_int(g, "unit_steps", _get(a, "unit_steps", d.unit_steps), lo=1),
+                   unit_lr=_float(g, "unit_lr", _get(a, "unit_lr", d.unit_lr), positive=True))
+
+
+@dataclass(frozen=True, kw_only=True)
 class AdapterSettings:
-    """``adapter.*``: what part of the UNet is trained."""
+    """``adapter.*``: what part of the model is trained."""
 
     kind: str
     rank: int | None
     alpha: float | None
     target_modules: tuple[str, ...] | None
     dropout: float
+    embedding: EmbeddingSettings | None = None  # adapter=embedding
 
     @classmethod
     def from_config(cls, a) -> AdapterSettings:
@@ -281,7 +316,8 @@ class AdapterSettings:
         tm = _get(a, "target_modules")
         return cls(kind=kind, rank=rank, alpha=_float(g, "alpha", _get(a, "alpha"), positive=True, allow_none=True),
                    target_modules=tuple(str(m) for m in tm) if tm else None,
-                   dropout=_float(g, "dropout", _get(a, "dropout", 0.0) or 0.0, lo=0.0, hi=1.0))
+                   dropout=_float(g, "dropout", _get(a, "dropout", 0.0) or 0.0, lo=0.0, hi=1.0),
+                   embedding=EmbeddingSettings.from_config(a) if kind == "embedding" else None)
 
 
 @dataclass(frozen=True, kw_only=True)

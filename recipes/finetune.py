@@ -60,6 +60,16 @@ class FinetuneRecipe:
             check_metric_names(self.cfg.eval)
         self.settings = s = RunSettings.from_config(self.cfg)
         self.canaries = CanarySettings.from_config(self.cfg.probes)
+        self.embedding = s.adapter.embedding  # adapter=embedding (dpdiff.training.concept), else None
+        self.aggregate = self.embedding is not None and self.embedding.mechanism == "aggregate"
+        if self.embedding is not None:
+            if s.train.resume_from:
+                raise UserError("adapter=embedding runs are not resumable (they take minutes); start a new run")
+            if s.train.ema_enabled:
+                raise UserError("adapter=embedding: train.ema.enabled is not supported; set it to false")
+            if self.canaries.count or int((self.cfg.probes.get("audit") or {}).get("gradient_canaries", 0) or 0):
+                raise UserError("adapter=embedding: the canary audit is not supported; set probes.audit.canaries=0 "
+                                "and probes.audit.gradient_canaries=0")
         self.proc = process_context(s.train.device)
         if self.proc.is_main:
             self.run_lock = hold_run_dir(self.run_dir, resuming=s.train.resume_from is not None)
@@ -72,10 +82,13 @@ class FinetuneRecipe:
         # 3. the privacy plan: resume reconciliation, calibration, refusal past the target, dataset budget
         self.resume = self._load_resume()
         rate_units = user_units + self.canaries.count * self.canaries.inclusion_prob if self.canaries.count else None
+        batch_size, max_steps = s.train.batch_size, s.train.max_steps
+        if self.aggregate:  # one Gaussian mechanism: every unit once (q = 1), one step
+            batch_size, max_steps = self.data.num_train_units, 1
         with self.clock.phase("privacy plan"):
             self.plan = PrivacyPlan.build(
-                settings=s.privacy, num_units=self.data.num_train_units, batch_size=s.train.batch_size,
-                max_steps=s.train.max_steps, seed=s.train.seed, run_dir=self.run_dir, resume=self.resume,
+                settings=s.privacy, num_units=self.data.num_train_units, batch_size=batch_size,
+                max_steps=max_steps, seed=s.train.seed, run_dir=self.run_dir, resume=self.resume,
                 rank=self.proc.rank, world_size=self.proc.world_size,
                 rate_units=rate_units,
                 dataset=DatasetIdentity(root=self.data.root, fingerprint=self.data.fingerprint,
@@ -121,9 +134,17 @@ class FinetuneRecipe:
         if s.train.gradient_checkpointing:
             self.denoiser.enable_gradient_checkpointing()
         a = s.adapter
-        self.params = adapters.attach(self.denoiser, kind=a.kind, rank=a.rank or 0, alpha=a.alpha,
-                                      target_modules=list(a.target_modules or self.base.family.lora_targets),
-                                      dropout=a.dropout)
+        if self.embedding is not None:  # a new token's embedding; the denoiser and text encoder stay frozen
+            from dpdiff.training.concept import ConceptToken
+
+            self.concept = ConceptToken(self.base.pipe, self.base.family.name, self.embedding)
+            self.denoiser.requires_grad_(False)
+            self.base.pipe.text_encoder.requires_grad_(False)
+            self.params = [torch.nn.Parameter(self.concept.init.clone().to(self.proc.device))]
+        else:
+            self.params = adapters.attach(self.denoiser, kind=a.kind, rank=a.rank or 0, alpha=a.alpha,
+                                          target_modules=list(a.target_modules or self.base.family.lora_targets),
+                                          dropout=a.dropout)
         if self.resume:
             named = dict(self.denoiser.named_parameters())
             trainable = self.checkpoint["trainable"]
@@ -205,9 +226,10 @@ class FinetuneRecipe:
         self.sampler = self.plan.sampler(num_units=len(units), batch_size=t.batch_size, rank=proc.rank,
                                          world_size=proc.world_size, seed=t.seed)
         self.engine = self.plan.engine(self.denoiser, params=self.params, device=proc.device,
-                                       per_sample=t.per_sample, micro_batch_size=t.micro_batch_size,
-                                       memory_gb=t.per_sample_memory_gb)
-        self.engine.param_groups = adapters.parameter_groups(self.denoiser, self.params)
+                                       per_sample="given" if self.embedding else t.per_sample,
+                                       micro_batch_size=t.micro_batch_size, memory_gb=t.per_sample_memory_gb)
+        self.engine.param_groups = ({"embedding": [0]} if self.embedding else
+                                    adapters.parameter_groups(self.denoiser, self.params))
         self.gradient_canaries = self._gradient_canaries()
         self.objective = make_objective(self.base.family, self.base.noise_scheduler, snr_gamma=t.snr_gamma)
         if t.optimizer == "sgd":
@@ -225,13 +247,22 @@ class FinetuneRecipe:
                 log.warning("checkpoint is at step %d >= train.max_steps=%d: nothing to train", start, t.max_steps)
         self.tracker = build_tracker(self.cfg.tracker, self.run_dir, is_main=proc.is_main,
                                      config=OmegaConf.to_container(self.cfg, resolve=True))
-        self.trainer = Trainer(
-            denoiser=self.denoiser, params=self.params, objective=self.objective, row_builder=self.row_builder,
+        loop = dict(
+            denoiser=self.denoiser, objective=self.objective, row_builder=self.row_builder,
             sampler=self.sampler, engine=self.engine, optimizer=self.optimizer, lr_scheduler=self.lr_scheduler,
             max_steps=t.max_steps, micro_batch_size=t.micro_batch_size, run_dir=self.run_dir, tracker=self.tracker,
             device=proc.device, privacy=self.plan, ema=self.ema, is_main=proc.is_main, log_every=t.log_every,
             checkpoint_every=t.checkpoint_every, checkpoints_total_limit=t.checkpoints_total_limit,
             autocast_dtype=autocast_dtype(t.mixed_precision, proc.device), start_step=start, progress=t.progress)
+        if self.embedding is not None:
+            from dpdiff.training.concept import ConceptTrainer
+
+            e = self.embedding
+            loop.update(max_steps=1 if self.aggregate else t.max_steps, checkpoint_every=0, autocast_dtype=None)
+            self.trainer = ConceptTrainer(concept=self.concept, vector=self.params[0], captions=self.encoded.captions,
+                                          mechanism=e.mechanism, unit_steps=e.unit_steps, unit_lr=e.unit_lr, **loop)
+        else:
+            self.trainer = Trainer(params=self.params, **loop)
 
     def _gradient_canaries(self):
         """Opt-in white-box gradient canaries for the audit (``probes.audit.gradient_canaries=m``, DP only)."""
@@ -340,8 +371,12 @@ class FinetuneRecipe:
         if self.ema is not None:
             self.ema.store(self.params)
             self.ema.copy_to(self.params)
-        self.weights_dir = adapters.save(self.denoiser, kind=s.adapter.kind, out_dir=self.run_dir,
-                                         family=self.base.family)
+        if self.embedding is not None:
+            self.weights_dir = self.concept.save(self.params[0], self.run_dir / "embedding").parent
+            self.concept.use(self.params[0])  # samples, probes and eval prompt with the learned token
+        else:
+            self.weights_dir = adapters.save(self.denoiser, kind=s.adapter.kind, out_dir=self.run_dir,
+                                             family=self.base.family)
         dataset_total = self.plan.charge_dataset(status="finished")
         # privacy.json and the model card are published with the weights: the mechanism and the guarantee only;
         # what was computed from the data beyond N goes to data_owner.json (0600)
@@ -356,9 +391,13 @@ class FinetuneRecipe:
                                  max_sequence_length=s.model.max_sequence_length)
         self.denoiser.eval()
         grid_kw = dict(per_prompt=sc.per_prompt, seed=sc.seed, steps=sc.steps, guidance_scale=sc.guidance_scale)
-        self.samples_path = sample_grid(pipe, self.data.sample_prompts, path=self.run_dir / "samples.png", **grid_kw)
+        prompts = [self._prompt(p) for p in self.data.sample_prompts]
+        self.samples_path = sample_grid(pipe, prompts, path=self.run_dir / "samples.png", **grid_kw)
         self.base_samples_path = None
-        if s.adapter.kind == "lora":
+        if self.embedding is not None:  # the base is the same pipeline prompted without the token
+            self.base_samples_path = sample_grid(pipe, self.data.sample_prompts,
+                                                 path=self.run_dir / "samples_base.png", **grid_kw)
+        elif s.adapter.kind == "lora":
             self.denoiser.disable_adapters()
             self.base_samples_path = sample_grid(pipe, self.data.sample_prompts,
                                                  path=self.run_dir / "samples_base.png", **grid_kw)
@@ -366,13 +405,12 @@ class FinetuneRecipe:
         # Samples are generated by the DP model, but prompts taken from the training captions are private
         # data: they (and images drawn from them) reach a tracker only with tracker.log_private_data=true.
         if self.data.sample_prompts_source != "training captions" or self.cfg.tracker.get("log_private_data"):
-            self.tracker.log_image("samples", self.samples_path, step=self.trainer.step,
-                                   caption=" | ".join(self.data.sample_prompts))
+            self.tracker.log_image("samples", self.samples_path, step=self.trainer.step, caption=" | ".join(prompts))
         write_run_json(self.run_dir, run_record(
             version=self.version, base_model=self.base.path, model_family=self.base.family.name, data=self.data,
             adapter=s.adapter.kind, resolution=self.resolution, weights=str(self.weights_dir.relative_to(self.run_dir)),
             samples="samples.png", samples_base="samples_base.png" if self.base_samples_path else None,
-            sample_prompts=self.data.sample_prompts, wall_seconds=time.time() - self.t_start,
+            sample_prompts=prompts, wall_seconds=time.time() - self.t_start,
             train_steps=self.trainer.step, resumed_from=str(self.resume.path) if self.resume else None,
             device=str(self.proc.device), world_size=self.proc.world_size,
             phases=getattr(self, "phases", None)))
@@ -393,7 +431,13 @@ class FinetuneRecipe:
             canaries=load_run_canaries(self.run_dir), seed=int(self.cfg.probes.get("seed", 0) or 0),
             demo=data.demo, unit_of_record=data.unit_of_record(),
             max_sequence_length=self.settings.model.max_sequence_length,
-            shadow_recipe=ShadowRecipe.from_config(self.cfg))
+            shadow_recipe=ShadowRecipe.from_config(self.cfg),
+            prompt_template=(self.embedding.template.replace("{token}", self.embedding.token) if self.embedding
+                             else None))
+
+    def _prompt(self, caption: str) -> str:
+        """A caption as the run conditions on it (an embedding adapter's template; else itself)."""
+        return self.embedding.prompt(caption) if self.embedding is not None else caption
 
     def probe(self) -> dict | None:
         if not self.proc.is_main or not self.cfg.probes.get("enabled", False):

@@ -42,7 +42,7 @@ def test_every_command_has_help_and_help_never_acts(argv, capsys, home):
 def test_finetune_help_lists_the_groups_and_the_keys(capsys):
     code, out, _ = run(["finetune", "--help"], capsys)
     assert code == 0
-    assert "adapter         lora | attn | full" in out and "privacy.target_epsilon = 8.0" in out
+    assert "adapter         lora | attn | embedding | full" in out and "privacy.target_epsilon = 8.0" in out
     assert "probes.mia.lira.shadows = 4" in out
 
 

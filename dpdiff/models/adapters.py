@@ -142,6 +142,12 @@ def count_trainable(*, pretrained: str | None, kind: str, rank: int | None, targ
 
     root = Path(resolve_pretrained(pretrained, allow_download=False))
     family = detect_family(root)
+    if kind == "embedding":  # one token's input embedding: the text encoder's width (SD 1.x/2.x)
+        if family.name != "sd":
+            from dpdiff.errors import UserError
+
+            raise UserError(f"adapter=embedding supports the SD 1.x/2.x family; this base is {family.name}")
+        return int(json.loads((root / "text_encoder" / "config.json").read_text())["hidden_size"])
     cls = json.loads((root / "model_index.json").read_text())[family.denoiser][1]
     with init_empty_weights():
         unet = getattr(diffusers, cls).from_config(json.loads((root / family.denoiser / "config.json").read_text()))

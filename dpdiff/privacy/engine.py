@@ -224,7 +224,7 @@ class DPSGDEngine:
 
     def __init__(self, model: nn.Module, *, noise_multiplier: float, max_grad_norm: float,
                  expected_batch_size: float, noise: GaussianNoise,
-                 params: list[nn.Parameter] | None = None):
+                 params: list[nn.Parameter] | None = None, hooks: bool = True):
         if max_grad_norm <= 0:
             raise ValueError("max_grad_norm must be > 0")
         if expected_batch_size <= 0:
@@ -248,7 +248,9 @@ class DPSGDEngine:
             self._slices[id(p)] = (start, start + p.numel())
             start += p.numel()
         self.numel = start
-        self.hooks = LayerHooks(model, self._on_layer)
+        # hooks=False: the caller computes each unit's vector itself and hands it to ``add_unit_vectors`` (the
+        # embedding adapter's per-unit gradients and per-unit embeddings, ``dpdiff.training.concept``)
+        self.hooks = LayerHooks(model, self._on_layer) if hooks else None
         self._flat_sum: torch.Tensor | None = None
         self._summed: list[torch.Tensor] | None = None  # per-parameter views of _flat_sum
         self._step_open = False
@@ -257,7 +259,8 @@ class DPSGDEngine:
         self.stats = StepStats()
 
     def close(self) -> None:
-        self.hooks.remove()
+        if self.hooks is not None:
+            self.hooks.remove()
 
     def _device(self) -> torch.device:
         return self.params[0].device if self.params else torch.device("cpu")
@@ -322,7 +325,8 @@ class DPSGDEngine:
         self.stats = StepStats()
         for p in self.params:
             p.grad = None
-        self.hooks.enabled = True
+        if self.hooks is not None:
+            self.hooks.enabled = True
 
     def _sums(self) -> list[torch.Tensor]:
         """The step's clipped-sum accumulators (per-parameter views of one fp32 buffer), allocated on first use:
@@ -357,6 +361,8 @@ class DPSGDEngine:
         that produced ``row_loss`` must have run after ``start_step()``.
         """
         assert self._step_open, "call start_step() first"
+        if self.hooks is None:
+            raise RuntimeError("this engine was built without layer hooks: hand it per-unit vectors (add_unit_vectors)")
         if row_loss.numel() == 0:
             return  # never forward/backward an empty batch (diffusers' attention crashes)
         self._start_micro_batch(unit_pos, row_weight, num_units)
@@ -368,15 +374,33 @@ class DPSGDEngine:
             if self._written != self.numel:
                 raise RuntimeError(f"{self.numel - self._written} of {self.numel} trainable weights received no "
                                    "per-unit gradient in this micro-batch (or one was written twice)")
-            with exact_float32():
-                norms = unit_norms(self._unit_flat)
-                factor = clipping.clip_factors(norms=norms, max_grad_norm=self.max_grad_norm)
-                unit_grads = clipping.zero_nonfinite_units(unit_grads=self._unit_flat, finite=torch.isfinite(norms))
-                self._sums()
-                self._flat_sum += factor @ unit_grads
+            norms = self._add_clipped(self._unit_flat)
         finally:
             self._unit_flat = None
         self.stats.add(row_loss=row_loss, norms=norms, num_units=num_units)
+
+    def _add_clipped(self, unit_flat: torch.Tensor) -> torch.Tensor:
+        """Clip each row of ``unit_flat`` ([units, numel], fp32) to C, add the rows to the step's sum; the norms."""
+        with exact_float32():
+            norms = unit_norms(unit_flat)
+            factor = clipping.clip_factors(norms=norms, max_grad_norm=self.max_grad_norm)
+            unit_grads = clipping.zero_nonfinite_units(unit_grads=unit_flat, finite=torch.isfinite(norms))
+            self._sums()
+            self._flat_sum += factor @ unit_grads
+        return norms
+
+    def add_unit_vectors(self, unit_vectors: torch.Tensor, *, row_loss: torch.Tensor | None = None) -> None:
+        """Add one micro-batch of per-unit vectors computed by the caller ([units, numel], in ``params`` order,
+        each a function of its own unit alone): clipped to C and summed exactly as the hooks' per-unit gradients
+        are. ``row_loss``: the rows' losses, for the step's statistics."""
+        assert self._step_open, "call start_step() first"
+        if unit_vectors.dim() != 2 or unit_vectors.shape[1] != self.numel:
+            raise ValueError(f"add_unit_vectors: expected [units, {self.numel}], got {tuple(unit_vectors.shape)}")
+        if len(unit_vectors) == 0:
+            return
+        norms = self._add_clipped(unit_vectors.detach().to(torch.float32))
+        self.stats.add(row_loss=row_loss if row_loss is not None else torch.zeros(0), norms=norms,
+                       num_units=len(unit_vectors))
 
     def finalize(self) -> dict:
         """Sum the clipped gradients over ranks, add the noise once (rank 0) to that global sum, give every
@@ -388,7 +412,8 @@ class DPSGDEngine:
         """
         assert self._step_open, "call start_step() first"
         self._sums()  # an empty logical batch: zeros, then noise only
-        self.hooks.enabled = False
+        if self.hooks is not None:
+            self.hooks.enabled = False
         std = self.noise_multiplier * self.max_grad_norm
         distributed = _dist_ready()
         if distributed:  # the noise-free global sum, identical on every rank: one collective for all weights
@@ -480,6 +505,19 @@ class NonPrivateEngine:
             return
         (row_loss * row_weight).sum().backward()  # sum over units of each unit's mean loss
         self.stats.add(row_loss=row_loss, norms=None, num_units=num_units)
+
+    def add_unit_vectors(self, unit_vectors: torch.Tensor, *, row_loss: torch.Tensor | None = None) -> None:
+        """Per-unit vectors computed by the caller ([units, numel] in ``params`` order), summed unclipped."""
+        if len(unit_vectors) == 0:
+            return
+        total = unit_vectors.detach().sum(0)
+        start = 0
+        for p in self.params:
+            part = total[start : start + p.numel()].view(p.shape).to(p.dtype)
+            p.grad = part.clone() if p.grad is None else p.grad + part
+            start += p.numel()
+        self.stats.add(row_loss=row_loss if row_loss is not None else torch.zeros(0), norms=None,
+                       num_units=len(unit_vectors))
 
     def finalize(self) -> dict:
         units = torch.tensor([float(self.stats.units)])

@@ -346,13 +346,20 @@ class PrivacyPlan:
                               world_size=world_size)
 
     def engine(self, model, *, params, device, per_sample: str, micro_batch_size: int, memory_gb: float):
-        """The clipping engine for this plan (hooks or book-keeping, both exact), its noise from fresh entropy."""
+        """The clipping engine for this plan (hooks or book-keeping, both exact), its noise from fresh entropy.
+        ``per_sample="given"``: the caller computes each unit's vector itself (``DPSGDEngine.add_unit_vectors``)."""
         from dpdiff.privacy.bookkeeping import BookKeepingDPSGDEngine
         from dpdiff.privacy.engine import DPSGDEngine, NonPrivateEngine
 
         if self.mechanism is None:
             self.engine_kind = "none"
             return NonPrivateEngine(model, params=params)
+        if per_sample == "given":
+            self.engine_kind = "unit_vectors"
+            return DPSGDEngine(model, noise_multiplier=self.mechanism.noise_multiplier,
+                               max_grad_norm=self.settings.max_grad_norm,
+                               expected_batch_size=self.mechanism.expected_batch_size,
+                               noise=self.randomness.noise(device), params=params, hooks=False)
         self.engine_kind = choose_engine(per_sample, trainable_numel=sum(p.numel() for p in params),
                                          micro_batch_size=micro_batch_size, memory_gb=memory_gb)
         cls = {"hooks": DPSGDEngine, "bookkeeping": BookKeepingDPSGDEngine}[self.engine_kind]

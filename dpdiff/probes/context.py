@@ -36,6 +36,12 @@ class ProbeContext:
     unit_of_record: object | None = None  # record index -> unit id (an array, or any mapping)
     max_sequence_length: int | None = None  # T5 tokens of SD3 / Flux prompts, as trained
     shadow_recipe: object | None = None  # dpdiff.probes.lira.ShadowRecipe: how the run trained (LiRA's shadows)
+    # an embedding adapter's prompt template ({token}, {caption}): captions are probed and generated as trained
+    prompt_template: str | None = None
+
+    def prompt(self, caption: str) -> str:
+        """A caption as the run conditioned on it (with an embedding adapter's token; else itself)."""
+        return caption if self.prompt_template is None else self.prompt_template.format(caption=caption)
 
     def unit_key(self, record_id: int):
         """The privacy unit of a record, as far as the context knows it."""
@@ -65,6 +71,8 @@ class ProbeContext:
                 yield self.denoiser
             finally:
                 self.denoiser.enable_adapters()
+        elif self.adapter_kind == "embedding":  # the denoiser was never trained (plain captions reach the base)
+            yield self.denoiser
         else:
             if self.base_denoiser is None:
                 from dpdiff.models.loading import load_base
@@ -108,7 +116,8 @@ def encode_captions(ctx: ProbeContext, captions: list[str], images: list) -> dic
     from dpdiff.training.encode import encode_captions as encode
     from dpdiff.training.encode import image_added
 
-    cond = encode(ctx.base, captions, device=ctx.device, max_sequence_length=ctx.max_sequence_length)
+    cond = encode(ctx.base, [ctx.prompt(c) for c in captions], device=ctx.device,
+                  max_sequence_length=ctx.max_sequence_length)
     if not ctx.base.family.image_added or not captions:
         return cond
     per_image = [image_added(ctx.base.family, im.open() if isinstance(im, ImageRecord) else im,

@@ -272,7 +272,7 @@ def run_extraction(ctx: ProbeContext, cfg, *, budget_images: int | None = None, 
     gen = np.zeros((0, size, size, 3), np.float32)
     if captions:
         pipe = ctx.pipeline()
-        prompts = [c for c in captions for _ in range(per)]
+        prompts = [ctx.prompt(c) for c in captions for _ in range(per)]
         seeds = [ctx.seed * 100003 + j for _ in captions for j in range(per)]
         images = generate(pipe, prompts, seeds=seeds, steps=int(cfg.get("steps", 20)),
                           guidance_scale=float(cfg.get("guidance_scale", 3.0)),

@@ -168,6 +168,9 @@ def run_mia(ctx: ProbeContext, cfg, *, confidence: float | None = None) -> dict:
     lira = LiraSettings.from_config(cfg.get("lira"))
     run_lira_now = lira.runs
     lira_info = None
+    if run_lira_now and ctx.adapter_kind == "embedding":
+        run_lira_now = False
+        lira_info = {"skipped": "shadow models of an embedding adapter are not built; the other attacks ran"}
     if run_lira_now:
         from dpdiff.probes.lira import MIN_POOL, shadow_pool
 

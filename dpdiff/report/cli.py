@@ -157,7 +157,7 @@ def plan_command(*, overrides: list[str], units: int | None = None, trainable: i
         d = int(trainable)
     else:
         tm = ad.get("target_modules")
-        d = count_trainable(pretrained=cfg.model.get("pretrained"), kind=str(ad.kind), rank=int(ad.get("rank", 4)),
+        d = count_trainable(pretrained=cfg.model.get("pretrained"), kind=str(ad.kind), rank=int(ad.get("rank") or 4),
                             target_modules=list(tm) if tm else None)
     if minutes is not None:
         if minutes <= 0 or rows_per_second <= 0:
@@ -182,7 +182,30 @@ def plan_command(*, overrides: list[str], units: int | None = None, trainable: i
               f"{r.noise_std_per_coordinate:15.3g}  {r.nsr_step:21.3g}  {r.nsr_run:12.3g}{mark}")
     print(f"\nrecommended: train.batch_size={best.batch_size} train.max_steps={best.steps} (sigma "
           f"{best.noise_multiplier:.3f}, epsilon {best.epsilon:.3f})")
-    for w in assess(nsr_run=best.nsr_run, units_per_prompt=upp):
+    warnings = assess(nsr_run=best.nsr_run, units_per_prompt=upp)
+    for w in warnings:
         print(f"warning: {w}")
+    if warnings and str(ad.kind) != "embedding":
+        _suggest_embedding(cfg, n=n, eps=eps, delta=delta, rows=rows, c=c, k=k, accountant=accountant, d=d,
+                           nsr_run=best.nsr_run)
     if captions is not None:
         print("(units per prompt were counted from the captions: private data, read locally only)")
+
+
+def _suggest_embedding(cfg, *, n: int, eps: float, delta: float, rows: int, c: float, k: int, accountant: str,
+                       d: int, nsr_run: float) -> None:
+    """When the plan warns, what the embedding adapter's noise-to-signal would be at the same budget (SD 1.x/2.x)."""
+    from dpdiff.models.adapters import count_trainable
+    from dpdiff.privacy.planning import plan_grid
+
+    try:
+        emb = count_trainable(pretrained=cfg.model.get("pretrained"), kind="embedding", rank=None, target_modules=None)
+        alt = plan_grid(num_units=n, target_epsilon=eps, delta=delta, rows_budget=rows, trainable=emb,
+                        max_grad_norm=c, augmult=k, accountant=accountant)[0]
+    except UserError:  # not an SD 1.x/2.x base, or no batch size fits: nothing to suggest
+        return
+    if alt.nsr_run < nsr_run:
+        print(f"suggestion: for a look or a concept from few images, the embedding adapter trains one token "
+              f"({emb:,} weights instead of {d:,}): noise/signal over the run {alt.nsr_run:.3g} instead of "
+              f"{nsr_run:.3g} at this budget; dpdiff finetune experiment=private_look ... (prompt with its token; "
+              "benchmarks/results/small_data.md)")

@@ -134,7 +134,7 @@ def digit_accuracy(ctx, cfg) -> dict:
     pipe = ctx.pipeline()
     out = {}
 
-    def measure(p) -> dict:
+    def measure(p, prompts=prompts) -> dict:
         res = _score(generate(p, prompts, seeds=seeds[:len(prompts)], steps=steps, guidance_scale=gs),
                      list(demo.digits), per, demo.style)
         kept = _score(generate(p, keep, seeds=seeds[:len(keep)], steps=steps, guidance_scale=gs),
@@ -143,10 +143,10 @@ def digit_accuracy(ctx, cfg) -> dict:
         res["retention_style_rate"] = kept["style_rate"]
         return res
 
-    out["finetuned"] = measure(pipe)
+    out["finetuned"] = measure(pipe, [ctx.prompt(c) for c in prompts])  # an embedding adapter's token included
     with ctx.base_model() as base_model:
         pipe.denoiser = base_model
-        out["base"] = measure(pipe)
+        out["base"] = measure(pipe)  # the base's plain captions
         pipe.denoiser = ctx.denoiser
     out["demo"] = demo.name
     out["private_style"] = demo.style

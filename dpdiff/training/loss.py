@@ -29,6 +29,7 @@ class RowBatch:
     num_units: int
     added: dict[str, torch.Tensor] = field(default_factory=dict)  # per-row conditioning: SDXL's text_embeds
     #                                       and time_ids, SD3's and Flux's pooled_projections ([R, ...] each)
+    caption: torch.Tensor | None = None  # [R] long: each row's caption (a row of the features' caption table)
 
     def __len__(self) -> int:
         return int(self.latents.shape[0])
@@ -37,12 +38,13 @@ class RowBatch:
         f = lambda t: t.to(device=device, dtype=dtype) if dtype is not None and t.is_floating_point() else t.to(device)
         return RowBatch(f(self.latents), f(self.noise), self.timesteps.to(device), f(self.encoder_hidden_states),
                         self.unit_pos.to(device), self.row_weight.to(device), self.num_units,
-                        {k: f(v) for k, v in self.added.items()})
+                        {k: f(v) for k, v in self.added.items()}, self.caption)
 
     def select(self, rows: torch.Tensor, *, unit_pos: torch.Tensor, num_units: int) -> RowBatch:
         """The rows ``rows`` (indices), renumbered into ``num_units`` units by ``unit_pos``."""
         return RowBatch(self.latents[rows], self.noise[rows], self.timesteps[rows], self.encoder_hidden_states[rows],
-                        unit_pos, self.row_weight[rows], num_units, {k: v[rows] for k, v in self.added.items()})
+                        unit_pos, self.row_weight[rows], num_units, {k: v[rows] for k, v in self.added.items()},
+                        None if self.caption is None else self.caption[rows.cpu()])
 
 
 def _added(cond: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

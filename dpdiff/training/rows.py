@@ -191,4 +191,4 @@ class RowBuilder:
         weight = torch.tensor([d["weight"] for d, c in zip(draws, counts) for _ in range(c)], dtype=torch.float32)
         return RowBatch(latents=latents, noise=noise.to(mean.dtype), timesteps=timesteps,
                         encoder_hidden_states=text["encoder_hidden_states"], unit_pos=pos, row_weight=weight,
-                        num_units=len(unit_ids), added=added)
+                        num_units=len(unit_ids), added=added, caption=caption)

@@ -115,3 +115,41 @@ def test_probes_and_eval_run_after_training_and_on_an_existing_run(tmp_path):
     assert again["extraction"]["extracted_count"] is None and again["mia"]["auc"] is not None
     assert again["audit"]["eps_lower"] is not None
     assert again["overall"]["attempt"] == 2 and again["overall"]["earlier_attempts"] == 1  # the re-run is counted
+
+
+def test_embedding_adapter_both_mechanisms_end_to_end(tmp_path):
+    """adapter=embedding through the CLI: DP-SGD on the token and the noisy aggregation (one Gaussian mechanism,
+    q = 1, one step, its epsilon checked against Google's dp_accounting), the diffusers textual-inversion file, and
+    the dataset ledger composing both runs on the same images."""
+    import re
+
+    from dp_accounting import dp_event
+    from dp_accounting.pld import pld_privacy_accountant
+    from helpers import write_image_folder
+
+    data = write_image_folder(tmp_path / "imgs", n=12)
+    eps = {}
+    for mech in ("dpsgd", "aggregate"):
+        run_dir = tmp_path / mech
+        res = run_cli("finetune", *FAST, "experiment=private_look", f"adapter.mechanism={mech}", f"data.path={data}",
+                      "adapter.unit_steps=2", "train.max_steps=2", "train.batch_size=4", "privacy.target_epsilon=2",
+                      f"hydra.run.dir={run_dir}")
+        assert res.returncode == 0, res.stderr[-3000:]
+        priv = json.loads((run_dir / "privacy.json").read_text())
+        assert priv["dp"] and priv["engine"] == "unit_vectors" and 0 < priv["epsilon"] <= 2
+        assert (run_dir / "embedding" / "learned_embeds.safetensors").exists() and (run_dir / "samples.png").exists()
+        assert "<private-look> style" in json.loads((run_dir / "run.json").read_text())["sample_prompts"][0]
+        eps[mech] = priv["epsilon"]
+    agg = json.loads((tmp_path / "aggregate" / "privacy.json").read_text())
+    assert agg["sample_rate"] == 1.0 and agg["steps"] == 1 and agg["ledger"] == [
+        {"noise_multiplier": agg["noise_multiplier"], "sample_rate": 1.0, "steps": 1}]
+    acc = pld_privacy_accountant.PLDAccountant(value_discretization_interval=1e-4)
+    acc.compose(dp_event.GaussianDpEvent(agg["noise_multiplier"]))
+    assert acc.get_epsilon(agg["delta"]) == pytest.approx(agg["epsilon"], abs=0.02)
+    r = run_cli("budget", str(data))
+    assert r.returncode == 0 and r.stdout.count("finished") == 2, r.stdout
+    total = float(re.search(r"worst-charged record: epsilon ([0-9.]+)", r.stdout).group(1))
+    assert total > max(eps.values())  # the two mechanisms compose in the dataset ledger
+    bad = run_cli("finetune", *FAST, "adapter=embedding", "adapter.template='{caption} only'", f"data.path={data}",
+                  f"hydra.run.dir={tmp_path / 'bad'}")
+    assert bad.returncode == 2 and "adapter.template" in bad.stderr and not (tmp_path / "bad").exists()
