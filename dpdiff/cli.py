@@ -10,6 +10,7 @@
     dpdiff sweep-report DIR                        table + privacy-utility frontier of a sweep
     dpdiff clean [--cache] [--yes] [RUN_DIR ...]   delete cached private features (and checkpoints)
     dpdiff explain KEY                             a config key's default and documentation
+    dpdiff tune OUT_DIR --grid KEY=V1,V2 [...]     private selection among candidates (the cost accounted)
     dpdiff pretrain-base [--out DIR]               rebuild the built-in tiny base model
 
 OVERRIDEs are Hydra's ``key=value`` (``privacy.target_epsilon=4 adapter.rank=8``), the same for finetune and
@@ -32,7 +33,8 @@ from collections.abc import Callable
 
 from dpdiff.errors import UserError
 
-RECIPES = {"finetune": "recipes.finetune", "probe": "recipes.probe", "pretrain-base": "recipes.pretrain_base"}
+RECIPES = {"finetune": "recipes.finetune", "probe": "recipes.probe", "pretrain-base": "recipes.pretrain_base",
+           "tune": "recipes.tune"}
 
 
 def _quiet_libraries() -> None:
@@ -197,6 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "lists its keys; none lists the groups")
 
     sub.add_parser("pretrain-base", help="rebuild the built-in tiny base model", add_help=False)
+    sub.add_parser("tune", help="private hyperparameter selection: a random number of candidates, the best "
+                   "released, the procedure accounted", add_help=False)
     return p
 
 
@@ -224,7 +228,7 @@ def main(argv: list[str] | None = None) -> None:
             if any(a in ("-h", "--help") for a in argv[1:]):
                 from dpdiff.commandline import finetune_help, probe_help
 
-                if cmd == "pretrain-base":
+                if cmd in ("pretrain-base", "tune"):
                     run_recipe(cmd, ["--help"])
                 else:
                     print(finetune_help() if cmd == "finetune" else probe_help())

@@ -266,7 +266,7 @@ class EmbeddingSettings:
 
     token: str = "<private-look>"
     init_word: str = "style"
-    template: str = "{token} style, {caption}"
+    template: str = "{caption} {token}"
     mechanism: str = "dpsgd"
     unit_steps: int = 30  # aggregate: textual-inversion steps per unit
     unit_lr: float = 0.05  # aggregate: Adam's learning rate per unit

@@ -53,6 +53,16 @@ class ProbeRecipe:
         device = resolve_device(cfg.train.get("device", "auto"))
         base = load_base(run["base_model"], device=device)
         denoiser = self._trained_denoiser(base, cfg.adapter.kind, device)
+        template = None
+        if cfg.adapter.kind == "embedding":  # the learned token in the base's text encoder; prompts carry it
+            from dpdiff.settings import EmbeddingSettings
+
+            emb = EmbeddingSettings.from_config(cfg.adapter)
+            path = self.run_dir / "embedding" / "learned_embeds.safetensors"
+            if not path.exists():
+                raise UserError(f"{path} is missing: the run saved no learned embedding")
+            base.pipe.load_textual_inversion(str(path))
+            template = emb.template.replace("{token}", emb.token)
         from dpdiff.settings import DataSettings
 
         data = prepare(DataSettings.from_config(cfg.data), unit=cfg.privacy.get("unit", "example"))
@@ -64,7 +74,7 @@ class ProbeRecipe:
             canaries=load_canaries(self.run_dir), seed=int(probes.get("seed", 0) or 0),
             demo=data.demo, unit_of_record=data.unit_of_record(),
             max_sequence_length=(cfg.get("model") or {}).get("max_sequence_length"),
-            shadow_recipe=ShadowRecipe.from_config(cfg))
+            shadow_recipe=ShadowRecipe.from_config(cfg), prompt_template=template)
 
     def _check_same_data(self, fp: str) -> None:
         """The probes' members are the units the run trained on only if the data folder still holds exactly that
@@ -84,6 +94,8 @@ class ProbeRecipe:
     def _trained_denoiser(self, base, kind: str, device):
         """The run's fine-tuned denoiser: its LoRA loaded by the family's pipeline, or its saved folder."""
         den = base.family.denoiser
+        if kind == "embedding":  # the denoiser was never trained
+            return base.denoiser.eval()
         if kind == "lora":
             from dpdiff.models.loading import build_pipeline
 

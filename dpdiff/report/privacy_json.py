@@ -37,7 +37,8 @@ CONTRACT_KEYS = ("dp", "epsilon", "delta", "target_epsilon", "accountant", "nois
                  "sample_rate", "steps", "expected_batch_size", "num_units", "privacy_unit", "augmult", "world_size")
 PUBLIC_PRIVACY_KEYS = frozenset(CONTRACT_KEYS + (
     "neighbouring_relation", "epsilon_estimate", "epsilon_lower", "accountant_note", "ledger", "max_images_per_user",
-    "noise_source", "reproducible_noise", "engine", "train_steps", "stopped_for_budget", "guarantee", "caveats"))
+    "noise_source", "reproducible_noise", "engine", "train_steps", "stopped_for_budget", "guarantee", "caveats",
+    "selection"))  # selection: written by dpdiff tune into the winner's privacy.json (the procedure's guarantee)
 
 N_IS_PUBLIC = ("The number of privacy units N (num_units) is released and treated as public; the guarantee does "
                "not hide it.")

@@ -110,7 +110,7 @@ class ConceptToken:
             for c, row in zip(missing, enc):
                 if not bool((row == self.token_id).any()):
                     raise UserError(f"a caption is too long for the template {self.settings.template!r}: the token "
-                                    f"was cut at {tok.model_max_length} tokens; put {{token}} first or shorten it")
+                                    f"was cut at {tok.model_max_length} tokens; shorten the captions or the template")
                 self._ids[c] = row
         return torch.stack([self._ids[c] for c in captions])
 

@@ -138,7 +138,7 @@ def test_embedding_adapter_both_mechanisms_end_to_end(tmp_path):
         priv = json.loads((run_dir / "privacy.json").read_text())
         assert priv["dp"] and priv["engine"] == "unit_vectors" and 0 < priv["epsilon"] <= 2
         assert (run_dir / "embedding" / "learned_embeds.safetensors").exists() and (run_dir / "samples.png").exists()
-        assert "<private-look> style" in json.loads((run_dir / "run.json").read_text())["sample_prompts"][0]
+        assert "<private-look>" in json.loads((run_dir / "run.json").read_text())["sample_prompts"][0]
         eps[mech] = priv["epsilon"]
     agg = json.loads((tmp_path / "aggregate" / "privacy.json").read_text())
     assert agg["sample_rate"] == 1.0 and agg["steps"] == 1 and agg["ledger"] == [

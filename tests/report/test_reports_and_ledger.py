@@ -126,6 +126,10 @@ def test_two_run_sweep_report_and_dataset_ledger(tmp_path):
     md = (sweep / "sweep_report.md").read_text()
     assert len([ln for ln in md.splitlines() if re.match(r"\| \d+ \|", ln)]) == 2, md
     assert "Total privacy spent by this sweep" in md
+    # private selection side by side: more than one run, less than composing its candidates (Papernot & Steinke)
+    sel = re.search(r"As a private selection instead .*?epsilon ([0-9.e+]+) at delta .*? against ([0-9.e+]+) for "
+                    r"composing 2 such runs and ([0-9.e+]+) for one", md)
+    assert sel and float(sel.group(3)) < float(sel.group(1)), md
     assert_self_contained_html(sweep / "sweep_report.html")
     eps = [json.loads((sweep / str(i) / "privacy.json").read_text())["epsilon"] for i in (0, 1)]
     total = float(re.search(r"epsilon ([0-9.]+)", md.split("Total privacy spent")[1]).group(1))

@@ -1,0 +1,39 @@
+"""dpdiff tune: private selection among candidates, its guarantee computed before training and published with
+the winner (dpdiff.privacy.selection is checked against the papers' closed forms in tests/privacy)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from helpers import run_cli, write_image_folder
+
+
+def test_tune_runs_a_random_number_of_candidates_and_publishes_the_procedures_guarantee(tmp_path):
+    data = write_image_folder(tmp_path / "imgs", n=16)
+    out = tmp_path / "tune"
+    # E[K] = 1.5 (geometric): K > 5 with probability (1/3)^5 = 0.4%, which costs time, never a failure
+    res = run_cli("tune", str(out), "--grid", "train.lr=0.01,0.02", "--mean-candidates", "1.5",
+                  "--score-units", "8", "debug=fast", f"data.path={data}", "data.holdout_fraction=0.4",
+                  "privacy.target_epsilon=2")
+    assert res.returncode == 0, res.stderr[-3000:]
+    sel = json.loads((out / "selection.json").read_text())
+    assert sel["one_candidate_epsilon"] < sel["epsilon"] and sel["delta"] > 0 and sel["grid_points"] == 2
+    assert sel["expected_candidates"] == pytest.approx(1.5) and sel["best_overrides"][0].startswith("train.lr=")
+    owner = json.loads((out / "tuning_owner.json").read_text())
+    assert oct(os.stat(out / "tuning_owner.json").st_mode & 0o777) == "0o600"
+    cands = sorted(p.name for p in out.glob("candidate-*"))
+    assert len(cands) == len(owner["candidates"]) >= 1
+    assert "candidates" not in sel and "k" not in sel  # K stays with the data owner
+    best = out / "best"
+    assert best.is_symlink() and (best / "privacy.json").exists()
+    priv = json.loads((best / "privacy.json").read_text())
+    assert priv["selection"]["epsilon"] == pytest.approx(sel["epsilon"]) and "tuning procedure" in priv["guarantee"]
+    assert priv["epsilon"] <= 2 and priv["epsilon"] < sel["epsilon"]  # the run alone vs the procedure
+
+
+def test_tune_refuses_a_grid_over_the_privacy_settings(tmp_path):
+    res = run_cli("tune", str(tmp_path / "t"), "--grid", "privacy.target_epsilon=1,2", "debug=fast")
+    assert res.returncode == 2 and "only train.* and adapter.*" in res.stderr
+    assert not (tmp_path / "t").exists()
