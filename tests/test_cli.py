@@ -115,6 +115,18 @@ def test_plan_takes_the_finetune_overrides_and_defaults(capsys):
     assert code == 2 and "unrecognized arguments" in err
 
 
+def test_plan_for_small_sets_and_the_embedding_adapter(capsys):
+    """100 units at epsilon 1: DP-LoRA's noise/signal warns and the embedding adapter's is printed beside it; the
+    aggregate mechanism is one Gaussian release (sigma of a single Gaussian mechanism at epsilon 1, delta 1e-5)."""
+    code, out, err = run(["plan", "--units", "100", "privacy.target_epsilon=1"], capsys)
+    assert code == 0 and "warning: cannot learn" in out and "suggestion: for a look or a concept" in out, err
+    code, out, err = run(["plan", "--units", "100", "experiment=private_look", "adapter.mechanism=aggregate",
+                          "privacy.max_grad_norm=1", "privacy.target_epsilon=1"], capsys)
+    assert code == 0 and "one release of every unit's clipped embedding offset" in out, err
+    sigma = float(out.split("sigma ")[1].split(";")[0])
+    assert 3.5 < sigma < 4.0  # the analytic Gaussian mechanism's 3.73 (Balle & Wang 2018), PRV-calibrated
+
+
 def test_commands_refuse_unknown_options_with_one_error_line(capsys, tmp_path):
     code, _, err = run(["report", "--colour", str(tmp_path)], capsys)
     assert code == 2 and "dpdiff: error:" in err
