@@ -137,7 +137,7 @@ class FinetuneRecipe:
         if self.embedding is not None:  # a new token's embedding; the denoiser and text encoder stay frozen
             from dpdiff.training.concept import ConceptToken
 
-            self.concept = ConceptToken(self.base.pipe, self.base.family.name, self.embedding)
+            self.concept = ConceptToken(self.base.pipe, self.base.family, self.embedding)
             self.denoiser.requires_grad_(False)
             self.base.pipe.text_encoder.requires_grad_(False)
             self.params = [torch.nn.Parameter(self.concept.init.clone().to(self.proc.device))]

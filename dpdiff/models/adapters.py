@@ -143,7 +143,7 @@ def count_trainable(*, pretrained: str | None, kind: str, rank: int | None, targ
     root = Path(resolve_pretrained(pretrained, allow_download=False))
     family = detect_family(root)
     if kind == "embedding":  # one token's input embedding: the text encoder's width (SD 1.x/2.x)
-        if family.name != "sd":
+        if not family.single_clip_text:
             from dpdiff.errors import UserError
 
             raise UserError(f"adapter=embedding supports the SD 1.x/2.x family; this base is {family.name}")

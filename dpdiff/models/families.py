@@ -38,10 +38,13 @@ class Family:
     lora_targets: tuple[str, ...]  # diffusers' training scripts' defaults
     added: tuple[str, ...] = ()  # per-row conditioning besides the text embedding
     image_added: tuple[str, ...] = ()  # the part of ``added`` that depends on the image (not the caption)
+    # one CLIP text encoder whose input embeddings a learned token can extend (``adapter=embedding``)
+    single_clip_text: bool = False
 
 
 FAMILIES = {f.name: f for f in (
-    Family("sd", "StableDiffusionPipeline", "unet", "ddpm", ("to_q", "to_k", "to_v", "to_out.0")),
+    Family("sd", "StableDiffusionPipeline", "unet", "ddpm", ("to_q", "to_k", "to_v", "to_out.0"),
+           single_clip_text=True),
     Family("sdxl", "StableDiffusionXLPipeline", "unet", "ddpm", ("to_q", "to_k", "to_v", "to_out.0"),
            added=("text_embeds", "time_ids"), image_added=("time_ids",)),
     Family("sd3", "StableDiffusion3Pipeline", "transformer", "flow",

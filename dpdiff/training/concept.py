@@ -70,10 +70,10 @@ class SlotEmbedding(nn.Module):
 class ConceptToken:
     """The learned token installed in a base pipeline's tokenizer and text encoder (SD 1.x/2.x)."""
 
-    def __init__(self, pipe, family_name: str, settings: EmbeddingSettings):
-        if family_name != "sd":
+    def __init__(self, pipe, family, settings: EmbeddingSettings):
+        if not family.single_clip_text:
             raise UserError(f"adapter=embedding supports the SD 1.x/2.x family (one CLIP text encoder); this base is "
-                            f"{family_name}: use adapter=lora")
+                            f"{family.name}: use adapter=lora")
         s = settings
         if "{token}" not in s.template or "{caption}" not in s.template:
             raise UserError(f"adapter.template must hold {{token}} and {{caption}}, got {s.template!r}")

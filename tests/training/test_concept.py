@@ -13,6 +13,7 @@ from helpers import write_image_folder
 from dpdiff.data.formats import read_dataset
 from dpdiff.data.records import PrivacyUnits
 from dpdiff.errors import UserError
+from dpdiff.models.families import FAMILIES
 from dpdiff.models.loading import load_base
 from dpdiff.paths import TINY_BASE_DIR
 from dpdiff.privacy.engine import DPSGDEngine, NonPrivateEngine
@@ -35,7 +36,7 @@ def setup(tmp_path_factory):
                          device="cpu", progress=False)
     units = PrivacyUnits("user", ((0, 1), (2,), (3, 4, 5)), ("a", "b", "c"))
     rb = RowBuilder(enc, units, augmult=2, random_flip=False, num_train_timesteps=1000, key=KEY)
-    concept = ConceptToken(base.pipe, "sd", EmbeddingSettings())
+    concept = ConceptToken(base.pipe, FAMILIES["sd"], EmbeddingSettings())
     return SimpleNamespace(base=base, enc=enc, rb=rb, concept=concept, records=records)
 
 
@@ -102,13 +103,13 @@ def test_saved_file_loads_with_diffusers_textual_inversion(setup, tmp_path):
 def test_settings_and_refusals(setup):
     pipe = load_base(str(TINY_BASE_DIR)).pipe
     with pytest.raises(UserError, match="SD 1.x/2.x"):
-        ConceptToken(pipe, "sdxl", EmbeddingSettings(token="<other>"))
+        ConceptToken(pipe, FAMILIES["sdxl"], EmbeddingSettings(token="<other>"))
     with pytest.raises(UserError, match="already a token"):
-        ConceptToken(pipe, "sd", EmbeddingSettings(token="digit"))
+        ConceptToken(pipe, FAMILIES["sd"], EmbeddingSettings(token="digit"))
     with pytest.raises(UserError, match="one token"):
-        ConceptToken(pipe, "sd", EmbeddingSettings(token="<x2>", init_word="xyzzyplugh"))
+        ConceptToken(pipe, FAMILIES["sd"], EmbeddingSettings(token="<x2>", init_word="xyzzyplugh"))
     with pytest.raises(RuntimeError, match="already"):
-        ConceptToken(setup.base.pipe, "sd", EmbeddingSettings(token="<x3>"))
+        ConceptToken(setup.base.pipe, FAMILIES["sd"], EmbeddingSettings(token="<x3>"))
     with pytest.raises(UserError, match="template"):
         EmbeddingSettings.from_config({"template": "{caption} only"})
     with pytest.raises(UserError, match="mechanism"):
