@@ -83,18 +83,23 @@ def finetune(data: Path, run: dict, work: Path, *, home: Path) -> Path:
 
 def score(run_dir: Path, kind: str, *, per: int) -> dict:
     """Look rate and prompt accuracy of ``per`` generations per digit (seeds fixed, shared by every run)."""
-    from dpdiff.models.loading import load_base, sampling_pipeline
-    from dpdiff.models.pipeline import generate
+    from dpdiff.models.loading import load_base
     from dpdiff.paths import TINY_BASE_DIR
-    from dpdiff.report.utility import _score
 
     base = load_base(str(TINY_BASE_DIR))
     if kind == "lora":
         base.pipe.load_lora_weights(str(run_dir / "lora"))
-        suffix = ""
-    else:
-        base.pipe.load_textual_inversion(str(run_dir / "embedding" / "learned_embeds.safetensors"))
-        suffix = f" {TOKEN}"
+        return look(base, per=per)
+    base.pipe.load_textual_inversion(str(run_dir / "embedding" / "learned_embeds.safetensors"))
+    return look(base, per=per, suffix=f" {TOKEN}")
+
+
+def look(base, *, per: int, suffix: str = "") -> dict:
+    """Generate ``per`` images of "a digit k{suffix}" for k = 0..4 and score them with the demo's classifier."""
+    from dpdiff.models.loading import sampling_pipeline
+    from dpdiff.models.pipeline import generate
+    from dpdiff.report.utility import _score
+
     pipe = sampling_pipeline(base, base.denoiser, resolution=base.resolution)
     words = ("zero", "one", "two", "three", "four")
     prompts = [f"a digit {words[d]}{suffix}" for d in range(5) for _ in range(per)]
@@ -181,18 +186,10 @@ def _halfwidth(n: int) -> str:
 
 
 def score_base(per: int, *, suffix: str = "") -> dict:
-    from dpdiff.models.loading import load_base, sampling_pipeline
-    from dpdiff.models.pipeline import generate
+    from dpdiff.models.loading import load_base
     from dpdiff.paths import TINY_BASE_DIR
-    from dpdiff.report.utility import _score
 
-    base = load_base(str(TINY_BASE_DIR))
-    pipe = sampling_pipeline(base, base.denoiser, resolution=base.resolution)
-    words = ("zero", "one", "two", "three", "four")
-    prompts = [f"a digit {words[d]}{suffix}" for d in range(5) for _ in range(per)]
-    images = generate(pipe, prompts, seeds=[10_000 + i for i in range(len(prompts))], steps=20, guidance_scale=3.0)
-    res = _score(images, list(range(5)), per, "printed")
-    return {"look_rate": res["style_rate"], "prompt_accuracy": res["prompt_accuracy"]}
+    return look(load_base(str(TINY_BASE_DIR)), per=per, suffix=suffix)
 
 
 if __name__ == "__main__":
