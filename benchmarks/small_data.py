@@ -70,7 +70,9 @@ def runs(epsilons: list[float]) -> list[dict]:
 
 
 def finetune(data: Path, run: dict, work: Path, *, home: Path) -> Path:
-    run_dir = work / run["name"].replace(" ", "_").replace(",", "").replace("(", "").replace(")", "")
+    import re
+
+    run_dir = work / re.sub(r"[^A-Za-z0-9_.-]+", "_", run["name"]).strip("_")  # a path Hydra's override grammar takes
     args = [str(Path(sys.executable).with_name("dpdiff")), "finetune", f"data.path={data}",
             f"hydra.run.dir={run_dir}", "probes=none", "eval=none", "data.holdout_fraction=0", "train.progress=false",
             "train.sample.steps=10", *run["args"]]

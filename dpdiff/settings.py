@@ -84,8 +84,8 @@ class TrainSettings:
     """``train.*``. ``batch_size`` (q = B/N) and ``max_steps`` (compositions) shape the guarantee through the
     privacy plan; the rest (micro-batching, precision, the clipping engine) cannot change it."""
 
-    max_steps: int
-    batch_size: float
+    max_steps: int | None  # None: auto, resolved from N by ``resolved`` before the privacy plan is built
+    batch_size: float | None  # None: auto (as max_steps)
     micro_batch_size: int
     lr: float
     optimizer: str
@@ -122,8 +122,9 @@ class TrainSettings:
         ema = _get(t, "ema") or {}
         smp = _get(t, "sample") or {}
         s = cls(
-            max_steps=_int(g, "max_steps", _get(t, "max_steps"), lo=1),
-            batch_size=_float(g, "batch_size", _get(t, "batch_size"), positive=True),
+            max_steps=None if _get(t, "max_steps") == "auto" else _int(g, "max_steps", _get(t, "max_steps"), lo=1),
+            batch_size=None if _get(t, "batch_size") == "auto" else _float(g, "batch_size", _get(t, "batch_size"),
+                                                                            positive=True),
             micro_batch_size=_int(g, "micro_batch_size", _get(t, "micro_batch_size"), lo=1),
             lr=_float(g, "lr", _get(t, "lr"), positive=True),
             optimizer=_choice(g, "optimizer", _get(t, "optimizer", "adamw"), ("adamw", "sgd")),
@@ -167,6 +168,21 @@ class TrainSettings:
         if s.lr_scheduler not in names:
             raise _fail(g, "lr_scheduler", s.lr_scheduler, f"must be one of {', '.join(names)}")
         return s
+
+    def resolved(self, *, num_units: int) -> tuple[TrainSettings, dict]:
+        """These settings with ``auto`` batch size and steps resolved for N training units
+        (``dpdiff.privacy.planning.auto_schedule``), and the schedule record privacy.json carries."""
+        from dataclasses import replace
+
+        from dpdiff.privacy.planning import auto_schedule
+
+        auto = {k for k in ("batch_size", "max_steps") if getattr(self, k) is None}
+        rule = auto_schedule(num_units=num_units) if auto else {}
+        out = replace(self, **{k: rule[k] for k in auto})
+        record = {"batch_size": out.batch_size, "max_steps": out.max_steps, "auto": sorted(auto),
+                  "rule": f"{' and '.join('train.' + k for k in sorted(auto))} = auto: {rule['rule']}" if auto
+                  else None}
+        return out, record
 
 
 def _timestep_range(tr, total: int | None) -> tuple[int, int] | None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import hydra
@@ -77,6 +78,12 @@ class FinetuneRecipe:
         with self.clock.phase("read, check, deduplicate, split"):
             self.data = prepare(s.data, unit=s.privacy.unit)
         user_units = self.data.num_train_units
+        # train.batch_size / max_steps = auto: the plan's rule for this N (public), before the privacy plan
+        train, self.schedule = s.train.resolved(num_units=user_units)
+        self.settings = s = replace(s, train=train)
+        if self.schedule["auto"]:
+            log.info("%s -> train.batch_size=%g, train.max_steps=%d", self.schedule["rule"], train.batch_size,
+                     train.max_steps)
         if self.canaries.count:
             self.data = self.canaries.insert(self.data, run_dir=self.run_dir, seed=s.train.seed)
         # 3. the privacy plan: resume reconciliation, calibration, refusal past the target, dataset budget
@@ -381,7 +388,7 @@ class FinetuneRecipe:
         # privacy.json and the model card are published with the weights: the mechanism and the guarantee only;
         # what was computed from the data beyond N goes to data_owner.json (0600)
         self.privacy_record = privacy_record(plan=self.plan, data=self.data, world_size=self.proc.world_size,
-                                             train_steps=self.trainer.step)
+                                             train_steps=self.trainer.step, schedule=self.schedule)
         write_privacy_json(self.run_dir, self.privacy_record)
         write_owner_json(self.run_dir, owner_record(plan=self.plan, data=self.data, canaries=self.canaries.summary(),
                                                     dataset_total=dataset_total, planning=self._run_plan()))
@@ -431,7 +438,7 @@ class FinetuneRecipe:
             canaries=load_run_canaries(self.run_dir), seed=int(self.cfg.probes.get("seed", 0) or 0),
             demo=data.demo, unit_of_record=data.unit_of_record(),
             max_sequence_length=self.settings.model.max_sequence_length,
-            shadow_recipe=ShadowRecipe.from_config(self.cfg),
+            shadow_recipe=ShadowRecipe.from_config(self.cfg, schedule=self.schedule),
             prompt_template=(self.embedding.template.replace("{token}", self.embedding.token) if self.embedding
                              else None))
 

@@ -74,7 +74,7 @@ class ProbeRecipe:
             canaries=load_canaries(self.run_dir), seed=int(probes.get("seed", 0) or 0),
             demo=data.demo, unit_of_record=data.unit_of_record(),
             max_sequence_length=(cfg.get("model") or {}).get("max_sequence_length"),
-            shadow_recipe=ShadowRecipe.from_config(cfg), prompt_template=template)
+            shadow_recipe=ShadowRecipe.from_config(cfg, schedule=privacy.get("schedule")), prompt_template=template)
 
     def _check_same_data(self, fp: str) -> None:
         """The probes' members are the units the run trained on only if the data folder still holds exactly that

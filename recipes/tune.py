@@ -29,6 +29,7 @@ import math
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from dpdiff.cli import user_errors_exit
@@ -75,6 +76,7 @@ def grid_worst_rdp(base_overrides: list[str], grid: list[list[str]], *, score_no
     worst, delta = None, None
     for point in grid:
         s = RunSettings.from_config(compose_finetune(base_overrides + point))
+        s = replace(s, train=s.train.resolved(num_units=n)[0])  # auto batch size and steps, as finetune resolves
         aggregate = s.adapter.embedding is not None and s.adapter.embedding.mechanism == "aggregate"
         b, t = (n, 1) if aggregate else (s.train.batch_size, s.train.max_steps)
         mech = resolve_mechanism(s.privacy, num_units=n, batch_size=b, max_steps=t)

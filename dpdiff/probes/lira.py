@@ -67,9 +67,15 @@ class ShadowRecipe:
     mixed_precision: str = "no"  # the run's train.mixed_precision: shadows run their forward the same way
 
     @classmethod
-    def from_config(cls, cfg) -> ShadowRecipe:
-        """From a run's composed config (its ``adapter`` and ``train`` groups)."""
-        a, t = cfg.get("adapter") or {}, cfg.get("train") or {}
+    def from_config(cls, cfg, *, schedule: dict | None = None) -> ShadowRecipe:
+        """From a run's composed config (its ``adapter`` and ``train`` groups) and the batch size and steps it
+        trained with (``schedule``, privacy.json's record: what ``auto`` resolved to)."""
+        a, t = cfg.get("adapter") or {}, dict(cfg.get("train") or {})
+        for k in ("batch_size", "max_steps"):
+            if schedule is not None and schedule.get(k) is not None:
+                t[k] = schedule[k]
+            elif t.get(k) == "auto":
+                raise ValueError(f"train.{k}=auto: the run's resolved schedule (privacy.json) is needed")
         tm = a.get("target_modules")
         return cls(adapter_kind=str(a.get("kind", "lora")), rank=int(a.get("rank", 4) or 4),
                    alpha=None if a.get("alpha") is None else float(a.get("alpha")),
@@ -80,7 +86,8 @@ class ShadowRecipe:
                    adam_epsilon=float(t.get("adam_epsilon", 1e-8)),
                    lr_scheduler=str(t.get("lr_scheduler", "constant_with_warmup")),
                    warmup_steps=int(t.get("lr_warmup_steps", 0) or 0), steps=int(t.get("max_steps", 75)),
-                   batch_size=int(t.get("batch_size", 512)), micro_batch_size=int(t.get("micro_batch_size", 128)),
+                   batch_size=int(float(t.get("batch_size", 512))),
+                   micro_batch_size=int(t.get("micro_batch_size", 128)),
                    mixed_precision=str(t.get("mixed_precision", "no")))
 
 

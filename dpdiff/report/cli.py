@@ -179,7 +179,11 @@ def plan_command(*, overrides: list[str], units: int | None = None, trainable: i
         rows = int(minutes * 60 * rows_per_second)
         budget = f"{minutes:g} minutes at {rows_per_second:g} rows/s = {rows} rows"
     else:
-        b, steps = int(tr.batch_size), int(tr.max_steps)
+        from dpdiff.privacy.planning import auto_schedule
+
+        auto = auto_schedule(num_units=n) if "auto" in (str(tr.batch_size), str(tr.max_steps)) else {}
+        b = int(auto["batch_size"] if str(tr.batch_size) == "auto" else float(tr.batch_size))
+        steps = int(auto["max_steps"] if str(tr.max_steps) == "auto" else tr.max_steps)
         rows = steps * b * k
         budget = f"train.max_steps={steps} x train.batch_size={b} x augmult {k} = {rows} rows (or --minutes M)"
     grid = plan_grid(num_units=n, target_epsilon=eps, delta=delta, rows_budget=rows, trainable=d,

@@ -38,7 +38,7 @@ CONTRACT_KEYS = ("dp", "epsilon", "delta", "target_epsilon", "accountant", "nois
 PUBLIC_PRIVACY_KEYS = frozenset(CONTRACT_KEYS + (
     "neighbouring_relation", "epsilon_estimate", "epsilon_lower", "accountant_note", "ledger", "max_images_per_user",
     "noise_source", "reproducible_noise", "engine", "train_steps", "stopped_for_budget", "guarantee", "caveats",
-    "selection"))  # selection: written by dpdiff tune into the winner's privacy.json (the procedure's guarantee)
+    "selection", "schedule"))  # selection: dpdiff tune's procedure guarantee; schedule: the batch and steps used
 
 N_IS_PUBLIC = ("The number of privacy units N (num_units) is released and treated as public; the guarantee does "
                "not hide it.")
@@ -105,12 +105,14 @@ def owner_caveats(data) -> list[str]:
     return out
 
 
-def privacy_record(*, plan, data, world_size: int, train_steps: int) -> dict:
+def privacy_record(*, plan, data, world_size: int, train_steps: int, schedule: dict | None = None) -> dict:
     """The content of privacy.json: the mechanism and the guarantee, nothing else computed from the data
     than N (``num_units``). ``plan`` is the run's ``PrivacyPlan`` (settings, mechanism, ledger); ``data`` its
     ``PreparedData``. What else the run knows of the data goes to data_owner.json (``owner_record``).
     """
     record = _public_record(plan=plan, data=data, world_size=world_size, train_steps=train_steps)
+    if schedule is not None:  # the batch size and steps trained with, and whether the plan's rule chose them
+        record["schedule"] = schedule
     leaked = set(record) - PUBLIC_PRIVACY_KEYS
     if leaked:  # a new field must be classified (public here, or data_owner.json) before it is written
         raise RuntimeError(f"privacy.json would hold non-public keys {sorted(leaked)}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -69,3 +70,29 @@ def test_plan_command(tmp_path):
     assert "recommended: train.batch_size=" in r.stdout and "sigma" in r.stdout
     r = run_cli("plan", "--units", "5000", "--minutes", "-1")
     assert r.returncode == 2 and "must be positive" in r.stderr
+
+
+@pytest.mark.parametrize("n, batch", [(3612, 512), (3600, 512), (900, 512), (800, 256), (100, 32), (20, 8),
+                                     (3, 1), (10**6, 512)])
+def test_auto_schedule_keeps_the_demos_batch_and_steps_within_the_data(n, batch):
+    from dpdiff.privacy.planning import AUTO_STEPS, auto_schedule
+
+    s = auto_schedule(num_units=n)
+    assert s["batch_size"] == batch and s["max_steps"] == AUTO_STEPS == 75 and f"N={n}" in s["rule"]
+
+
+def test_train_settings_resolve_auto_and_keep_explicit_values():
+    from omegaconf import OmegaConf
+
+    from dpdiff.settings import TrainSettings
+
+    base = OmegaConf.load(Path(__file__).parents[2] / "configs" / "train" / "default.yaml")
+    auto = TrainSettings.from_config(base, privacy_enabled=True)
+    assert auto.batch_size is None and auto.max_steps is None  # the shipped defaults are auto
+    t, rec = auto.resolved(num_units=900)
+    assert (t.batch_size, t.max_steps) == (512, 75) and rec["auto"] == ["batch_size", "max_steps"]
+    assert "N=900" in rec["rule"]
+    fixed = TrainSettings.from_config(OmegaConf.merge(base, {"batch_size": 64, "max_steps": 10}), privacy_enabled=True)
+    t, rec = fixed.resolved(num_units=900)
+    assert (t.batch_size, t.max_steps) == (64, 10) and rec == {"batch_size": 64, "max_steps": 10, "auto": [],
+                                                               "rule": None}
