@@ -68,6 +68,9 @@ class FinetuneRecipe:
                 raise UserError("adapter=embedding runs are not resumable (they take minutes); start a new run")
             if s.train.ema_enabled:
                 raise UserError("adapter=embedding: train.ema.enabled is not supported; set it to false")
+            if s.data.caption_replace_prob or s.data.caption_insert_prob or s.train.caption_dropout:
+                raise UserError("adapter=embedding conditions on its own prompts (caption + token): set "
+                                "data.caption_replace_prob, data.caption_insert_prob and train.caption_dropout to 0")
             if self.canaries.count or int((self.cfg.probes.get("audit") or {}).get("gradient_canaries", 0) or 0):
                 raise UserError("adapter=embedding: the canary audit is not supported; set probes.audit.canaries=0 "
                                 "and probes.audit.gradient_canaries=0")

@@ -153,3 +153,6 @@ def test_embedding_adapter_both_mechanisms_end_to_end(tmp_path):
     bad = run_cli("finetune", *FAST, "adapter=embedding", "adapter.template='{caption} only'", f"data.path={data}",
                   f"hydra.run.dir={tmp_path / 'bad'}")
     assert bad.returncode == 2 and "adapter.template" in bad.stderr and not (tmp_path / "bad").exists()
+    bad = run_cli("finetune", *FAST, "adapter=embedding", "train.caption_dropout=0.1", f"data.path={data}",
+                  f"hydra.run.dir={tmp_path / 'bad2'}")
+    assert bad.returncode == 2 and "caption_dropout" in bad.stderr and not (tmp_path / "bad2").exists()
