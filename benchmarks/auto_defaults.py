@@ -69,10 +69,7 @@ def main() -> None:
                  "wall_seconds": round(time.time() - t0, 1), **sd.score(run_dir, "lora", per=args.images)}
             res["runs"].append(r)
             print(json.dumps(r), flush=True)
-    out = Path(args.out)
-    out.with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")
-    out.with_suffix(".md").write_text(markdown(res))
-    print(markdown(res))
+    sd.write_results(Path(args.out), res, markdown)
 
 
 def markdown(res: dict) -> str:

@@ -177,7 +177,11 @@ def main() -> None:
              "wall_seconds": round(wall, 1), **score(run_dir, run["kind"], per=args.images)}
         res["runs"].append(r)
         print(json.dumps(r), flush=True)
-    out = Path(args.out)
+    write_results(Path(args.out), res, markdown)
+
+
+def write_results(out: Path, res: dict, markdown) -> None:
+    """``out``.json (the measurements) and ``out``.md (``markdown(res)``), and the table on stdout."""
     out.with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")
     out.with_suffix(".md").write_text(markdown(res))
     print(markdown(res))
