@@ -95,6 +95,8 @@ class FinetuneRecipe:
         batch_size, max_steps = s.train.batch_size, s.train.max_steps
         if self.aggregate:  # one Gaussian mechanism: every unit once (q = 1), one step
             batch_size, max_steps = self.data.num_train_units, 1
+            self.schedule = {"batch_size": batch_size, "max_steps": 1, "auto": [],
+                             "rule": "adapter.mechanism=aggregate: every unit once, in one release"}
         with self.clock.phase("privacy plan"):
             self.plan = PrivacyPlan.build(
                 settings=s.privacy, num_units=self.data.num_train_units, batch_size=batch_size,

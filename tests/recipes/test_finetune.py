@@ -141,6 +141,7 @@ def test_embedding_adapter_both_mechanisms_end_to_end(tmp_path):
         assert "<private-look>" in json.loads((run_dir / "run.json").read_text())["sample_prompts"][0]
         eps[mech] = priv["epsilon"]
     agg = json.loads((tmp_path / "aggregate" / "privacy.json").read_text())
+    assert agg["schedule"]["max_steps"] == 1 and agg["schedule"]["batch_size"] == agg["num_units"]
     assert agg["sample_rate"] == 1.0 and agg["steps"] == 1 and agg["ledger"] == [
         {"noise_multiplier": agg["noise_multiplier"], "sample_rate": 1.0, "steps": 1}]
     acc = pld_privacy_accountant.PLDAccountant(value_discretization_interval=1e-4)
