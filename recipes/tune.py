@@ -136,7 +136,7 @@ def tune(args) -> dict:
     import numpy as np
 
     from dpdiff.io import write_json_atomic
-    from dpdiff.privacy.selection import TruncatedNegativeBinomial, rdp_to_epsilon, selection_rdp
+    from dpdiff.privacy.selection import TruncatedNegativeBinomial, selection_from_rdp
 
     out = Path(args.out_dir).expanduser()
     if out.exists() and any(out.iterdir()):
@@ -147,8 +147,8 @@ def tune(args) -> dict:
     base = [*args.overrides, "probes=none", "eval=none"]
     dist = TruncatedNegativeBinomial.with_mean(args.mean_candidates, eta=args.eta)
     worst, delta, n = grid_worst_rdp(base, grid, score_noise=args.score_noise)
-    eps, order = rdp_to_epsilon(selection_rdp(worst, dist), delta=delta)
-    one, _ = rdp_to_epsilon(worst, delta=delta)
+    sel = selection_from_rdp(worst, dist, delta=delta)
+    eps, order, one = sel["epsilon"], sel["order"], sel["one_candidate_epsilon"]
     public = {"epsilon": eps, "delta": delta, "rdp_order": order, "method": "private selection (Papernot & Steinke "
               "2022, Theorem 2): a random number of candidates, only the best released", "eta": dist.eta,
               "gamma": dist.gamma, "expected_candidates": dist.mean(), "grid_points": len(grid),

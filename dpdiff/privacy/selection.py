@@ -134,12 +134,11 @@ def rdp_to_epsilon(rdp: Sequence[float], *, delta: float, orders: Sequence[float
     return float(eps), float(order)
 
 
-def selection_epsilon(segments: Sequence[MechanismSegment], dist: TruncatedNegativeBinomial, *, delta: float,
-                      score_noise_multiplier: float | None = None) -> dict:
-    """The (epsilon, delta) of releasing the best of K ~ ``dist`` candidates, each trained as ``segments`` say
-    (the worst candidate's ledger when they differ) and scored with ``score_noise_multiplier``; beside it one
-    candidate's epsilon and the composition of ceil(E[K]) candidates (what a fixed sweep of that size costs)."""
-    one = candidate_rdp(segments, score_noise_multiplier=score_noise_multiplier)
+def selection_from_rdp(rdp: Sequence[float], dist: TruncatedNegativeBinomial, *, delta: float) -> dict:
+    """The (epsilon, delta) of releasing the best of K ~ ``dist`` candidates whose RDP is at most ``rdp`` (at
+    ``ORDERS``); beside it one candidate's epsilon and the composition of ceil(E[K]) candidates (what a fixed sweep
+    of that size costs)."""
+    one = np.asarray(rdp, dtype=float)
     eps, order = rdp_to_epsilon(selection_rdp(one, dist), delta=delta)
     single, _ = rdp_to_epsilon(one, delta=delta)
     k = math.ceil(dist.mean() - 1e-9)
@@ -148,3 +147,11 @@ def selection_epsilon(segments: Sequence[MechanismSegment], dist: TruncatedNegat
             "expected_candidates": dist.mean(), "one_candidate_epsilon": single,
             "composed_epsilon": composed, "composed_candidates": k,
             "method": "Papernot & Steinke 2022, Theorem 2 (RDP), truncated negative binomial number of candidates"}
+
+
+def selection_epsilon(segments: Sequence[MechanismSegment], dist: TruncatedNegativeBinomial, *, delta: float,
+                      score_noise_multiplier: float | None = None) -> dict:
+    """``selection_from_rdp`` for candidates trained as ``segments`` say (the worst candidate's ledger when they
+    differ) and scored with ``score_noise_multiplier``."""
+    return selection_from_rdp(candidate_rdp(segments, score_noise_multiplier=score_noise_multiplier), dist,
+                              delta=delta)
