@@ -156,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--minutes", type=float, help="compute budget in minutes instead of the config's steps")
     pl.add_argument("--rows-per-second", type=float, default=60.0,
                     help="training rows per second on your hardware (with --minutes; default 60)")
+    pl.add_argument("--search-scale", type=int, metavar="K",
+                    help="also print a hyper-parameter search config at 1/K of the batch with the same sigma/B and "
+                         "steps (TAN), and the full-size config it extrapolates to")
     pl.add_argument("overrides", nargs="*", help="finetune config overrides, key=value")
 
     sub.add_parser("probe", help="run the probes on an existing run dir", add_help=False, formatter_class=fmt,
@@ -245,7 +248,8 @@ def main(argv: list[str] | None = None) -> None:
             from dpdiff.report.cli import plan_command
 
             plan_command(overrides=_overrides(args.overrides), units=args.units, trainable=args.trainable,
-                         minutes=args.minutes, rows_per_second=args.rows_per_second)
+                         minutes=args.minutes, rows_per_second=args.rows_per_second,
+                         search_scale=args.search_scale)
         elif args.command == "report":
             from dpdiff.report.cli import report_command
 

@@ -156,3 +156,46 @@ def auto_schedule(*, num_units: int) -> dict:
     return {"batch_size": b, "max_steps": AUTO_STEPS,
             "rule": f"the demo's batch {AUTO_BATCH} (at most {AUTO_MAX_SAMPLE_RATE:g} N, a power of two) and "
                     f"{AUTO_STEPS} steps, for N={num_units} (N is public)"}
+
+
+@dataclass(frozen=True, kw_only=True)
+class SearchPlan:
+    """A scaled-down search configuration and the full-size one it stands for (Sander et al. 2023, "TAN without a
+    burn", Section 4: at a fixed number of steps, a DP-SGD run's utility tracks sigma/B, so hyper-parameters found at
+    batch B/k with noise sigma/k carry over to (B, sigma) at about 1/k of the compute per candidate).
+
+    The scaled run is a *simulation* of the full run's noise, not a private run: its own sigma is k times smaller, so
+    trained on the private data it spends ``search_epsilon`` (charged to the dataset ledger like any run). TAN runs
+    its searches on the private data and leaves this cost out; here it is stated, and the way to avoid it is to
+    search on data the user may spend freely (public data of the same kind, or a set that is not private)."""
+
+    scale: int
+    full: PlanRow
+    search_batch_size: int
+    search_noise_multiplier: float
+    search_epsilon: float  # what one search run costs if trained on these N units
+    compute_ratio: float   # rows of one search candidate / rows of one full-size candidate
+
+    def search_overrides(self) -> list[str]:
+        return [f"train.batch_size={self.search_batch_size}", f"train.max_steps={self.full.steps}",
+                f"privacy.noise_multiplier={self.search_noise_multiplier:.6g}", "privacy.target_epsilon=null"]
+
+    def full_overrides(self) -> list[str]:
+        return [f"train.batch_size={self.full.batch_size}", f"train.max_steps={self.full.steps}"]
+
+
+def search_plan(full: PlanRow, *, scale: int, num_units: int, delta: float, accountant: str) -> SearchPlan:
+    """Scale ``full`` down by ``scale`` at the same sigma/B and steps. The scaled batch is rounded to an integer and
+    the noise multiplier follows the rounded batch exactly, so sigma'/B' == sigma/B."""
+    from dpdiff.privacy.accountants import MechanismSegment, get_accountant
+
+    if scale < 2:
+        raise UserError(f"--search-scale must be at least 2 (the batch is divided by it), got {scale}")
+    b = full.batch_size // scale
+    if b < 1:
+        raise UserError(f"--search-scale {scale} leaves no batch: the full-size batch is {full.batch_size}")
+    sigma = full.noise_multiplier * b / full.batch_size
+    eps = get_accountant(accountant).epsilon(history=[MechanismSegment(sigma, b / num_units, full.steps)],
+                                             delta=delta).epsilon
+    return SearchPlan(scale=scale, full=full, search_batch_size=b, search_noise_multiplier=sigma,
+                      search_epsilon=float(eps), compute_ratio=b / full.batch_size)

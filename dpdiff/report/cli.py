@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from dpdiff.errors import UserError
@@ -117,11 +118,12 @@ def compose_finetune(overrides: list[str]):
 
 
 def plan_command(*, overrides: list[str], units: int | None = None, trainable: int | None = None,
-                 minutes: float | None = None, rows_per_second: float = 60.0) -> None:
-    """``dpdiff plan [--units N] [--trainable D] [--minutes M [--rows-per-second R]] [OVERRIDE ...]``: the
-    finetune config composed with the same overrides (its data, privacy, adapter, model and train keys and
-    defaults); the compute budget is the config's ``train.max_steps x train.batch_size x privacy.augmult`` rows
-    unless ``--minutes`` is given."""
+                 minutes: float | None = None, rows_per_second: float = 60.0, search_scale: int | None = None) -> None:
+    """``dpdiff plan [--units N] [--trainable D] [--minutes M [--rows-per-second R]] [--search-scale K]
+    [OVERRIDE ...]``: the finetune config composed with the same overrides (its data, privacy, adapter, model and
+    train keys and defaults); the compute budget is the config's ``train.max_steps x train.batch_size x
+    privacy.augmult`` rows unless ``--minutes`` is given. ``--search-scale K`` adds a hyper-parameter search
+    configuration at 1/K of the batch and the same sigma/B (:func:`dpdiff.privacy.planning.search_plan`)."""
     from dpdiff.models.adapters import count_trainable
     from dpdiff.privacy.planning import assess, plan_grid, units_per_prompt
     from dpdiff.privacy.settings import default_delta
@@ -173,6 +175,9 @@ def plan_command(*, overrides: list[str], units: int | None = None, trainable: i
         for w in assess(nsr_run=row.nsr_run, units_per_prompt=None):
             print(f"warning: {w}")
         return
+    if search_scale is not None and search_scale < 2:
+        raise UserError(f"--search-scale must be at least 2 (the batch is divided by it), got {search_scale}")
+    own = None  # the schedule dpdiff finetune would run with these overrides
     if minutes is not None:
         if minutes <= 0 or rows_per_second <= 0:
             raise UserError("--minutes and --rows-per-second must be positive")
@@ -185,6 +190,7 @@ def plan_command(*, overrides: list[str], units: int | None = None, trainable: i
         b = int(auto["batch_size"] if str(tr.batch_size) == "auto" else float(tr.batch_size))
         steps = int(auto["max_steps"] if str(tr.max_steps) == "auto" else tr.max_steps)
         rows = steps * b * k
+        own = (b, steps)
         budget = f"train.max_steps={steps} x train.batch_size={b} x augmult {k} = {rows} rows (or --minutes M)"
     grid = plan_grid(num_units=n, target_epsilon=eps, delta=delta, rows_budget=rows, trainable=d,
                      max_grad_norm=c, augmult=k, accountant=accountant)
@@ -206,8 +212,35 @@ def plan_command(*, overrides: list[str], units: int | None = None, trainable: i
     if warnings and str(ad.kind) != "embedding":
         _suggest_embedding(cfg, n=n, eps=eps, delta=delta, rows=rows, c=c, k=k, accountant=accountant, d=d,
                            nsr_run=best.nsr_run)
+    if search_scale is not None:
+        from dpdiff.privacy.planning import candidate
+
+        full = best if own is None else next(
+            (r for r in grid if (r.batch_size, r.steps) == own), None) or candidate(
+            num_units=n, batch_size=own[0], steps=own[1], target_epsilon=eps, delta=delta, accountant=accountant,
+            trainable=d, max_grad_norm=c, augmult=k)
+        _print_search(full, scale=search_scale, n=n, delta=delta, accountant=accountant,
+                      configured=own is not None)
     if captions is not None:
         print("(units per prompt were counted from the captions: private data, read locally only)")
+
+
+def _print_search(full, *, scale: int, n: int, delta: float, accountant: str, configured: bool) -> None:
+    """The scaled-down search configuration beside the full-size one it extrapolates to (TAN)."""
+    from dpdiff.privacy.planning import search_plan
+
+    sp = search_plan(full, scale=scale, num_units=n, delta=delta, accountant=accountant)
+    which = "the config's schedule" if configured else "the recommended schedule"
+    eps = f"{sp.search_epsilon:.3g}" if math.isfinite(sp.search_epsilon) else "unbounded"
+    print(f"\ncheap search at 1/{scale} of the batch, the same sigma/B and steps (Sander et al. 2023: at fixed "
+          "steps utility tracks sigma/B):")
+    print(f"  full size : {' '.join(sp.full_overrides())}  sigma {full.noise_multiplier:.4g}, epsilon "
+          f"{full.epsilon:.3g}  ({which}; sigma/B {full.noise_multiplier / full.batch_size:.4g})")
+    print(f"  search    : {' '.join(sp.search_overrides())}  ({sp.compute_ratio:.3g} of the rows a candidate)")
+    print(f"  each search run trained on these {n} units spends epsilon {eps} at delta {delta:.2g}: it simulates the "
+          "full run's noise, it does not protect; dpdiff finetune charges it to the dataset ledger like any run. "
+          "Search on data you may spend freely (data.path=PUBLIC_SET of the same kind), then train the winner's "
+          "hyper-parameters once at full size with the full-size keys above.")
 
 
 def _suggest_embedding(cfg, *, n: int, eps: float, delta: float, rows: int, c: float, k: int, accountant: str,
