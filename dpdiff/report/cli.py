@@ -141,10 +141,16 @@ def plan_command(*, overrides: list[str], units: int | None = None, trainable: i
 
         root, _ = resolve_data_path(data.get("path"))
         records = read_dataset(root, caption_column=str(data.get("caption_column", "text")))
+        from dpdiff.data.records import split_holdout
+
         grouped = group_units(records, unit=unit)
-        n = len(grouped)
-        captions = [records[m[0]].text for m in grouped.members]
-        where = f"{root} ({len(records)} images, {n} {unit} units)"
+        # the units dpdiff finetune trains on (and calibrates sigma for): the same seeded holdout split off
+        train, hold = split_holdout(grouped, fraction=float(data.get("holdout_fraction", 0.0) or 0.0),
+                                    seed=int(data.get("split_seed", 0) or 0))
+        n = len(train)
+        captions = [records[grouped.members[i][0]].text for i in train]
+        where = (f"{root} ({len(records)} images, {len(grouped)} {unit} units, {n} to train on after the "
+                 f"{len(hold)}-unit holdout)")
     else:
         if units < 1:
             raise UserError(f"--units must be >= 1, got {units}")
