@@ -127,6 +127,31 @@ def test_plan_for_small_sets_and_the_embedding_adapter(capsys):
     assert 3.5 < sigma < 4.0  # the analytic Gaussian mechanism's 3.73 (Balle & Wang 2018), PRV-calibrated
 
 
+def test_plan_search_scale_prints_a_search_config_the_finetune_settings_accept(capsys):
+    """--search-scale 8: the search keys keep the full-size sigma/B and steps; they validate as finetune settings
+    (a fixed noise multiplier instead of a target epsilon); and the search run's own epsilon is printed."""
+    from dpdiff.privacy.settings import PrivacySettings
+    from dpdiff.report.cli import compose_finetune
+
+    code, out, err = run(["plan", "--units", "3612", "--trainable", "20000", "--search-scale", "8",
+                          "privacy.target_epsilon=8"], capsys)
+    assert code == 0, err
+    full = next(ln for ln in out.splitlines() if ln.strip().startswith("full size :"))
+    search = next(ln for ln in out.splitlines() if ln.strip().startswith("search    :"))
+    assert "train.batch_size=512 train.max_steps=75" in full
+    keys = [w for w in search.split(":", 1)[1].split() if "=" in w]
+    kv = dict(k.split("=", 1) for k in keys)
+    sigma_full = float(full.split("sigma ")[1].split(",")[0])
+    assert kv["train.batch_size"] == "64" and kv["train.max_steps"] == "75"
+    assert float(kv["privacy.noise_multiplier"]) / 64 == pytest.approx(sigma_full / 512, rel=1e-3)
+    assert "spends epsilon" in out and "charges it to the dataset ledger" in out
+    priv = PrivacySettings.from_config(compose_finetune(keys).privacy)
+    priv.validate()
+    assert priv.target_epsilon is None and priv.noise_multiplier == float(kv["privacy.noise_multiplier"])
+    code, _, err = run(["plan", "--units", "3612", "--search-scale", "1"], capsys)
+    assert code == 2 and "--search-scale must be at least 2" in err
+
+
 def test_commands_refuse_unknown_options_with_one_error_line(capsys, tmp_path):
     code, _, err = run(["report", "--colour", str(tmp_path)], capsys)
     assert code == 2 and "dpdiff: error:" in err

@@ -56,6 +56,27 @@ def test_grid_keeps_compute_and_epsilon():
         assert r.epsilon <= 4.0 * 1.001
 
 
+@pytest.mark.parametrize("scale", [2, 3, 8, 16])
+def test_search_plan_keeps_sigma_over_batch_and_steps(scale):
+    """TAN's scaling: the search batch is B // k, its sigma follows the rounded batch exactly (sigma'/B' = sigma/B),
+    steps unchanged; the search run's own epsilon on the same units is far above the full run's (it does not
+    protect), computed by the same accountant."""
+    from dpdiff.privacy.accountants import MechanismSegment, get_accountant
+    from dpdiff.privacy.planning import candidate, search_plan
+
+    full = candidate(num_units=3612, batch_size=512, steps=75, target_epsilon=8.0, delta=1e-5, accountant="rdp",
+                     trainable=20_000, max_grad_norm=0.01, augmult=1)
+    sp = search_plan(full, scale=scale, num_units=3612, delta=1e-5, accountant="rdp")
+    assert sp.search_batch_size == 512 // scale
+    assert sp.search_noise_multiplier / sp.search_batch_size == pytest.approx(full.noise_multiplier / 512, rel=1e-12)
+    assert sp.compute_ratio == sp.search_batch_size / 512
+    want = get_accountant("rdp").epsilon(history=[MechanismSegment(sp.search_noise_multiplier,
+                                                                   sp.search_batch_size / 3612, 75)], delta=1e-5)
+    assert sp.search_epsilon == pytest.approx(want.epsilon) and sp.search_epsilon > 2 * full.epsilon
+    assert f"train.max_steps={full.steps}" in sp.search_overrides() and "privacy.target_epsilon=null" in \
+        sp.search_overrides()
+
+
 def test_assess_warns_in_plain_words():
     assert any(w.startswith("cannot learn") for w in assess(nsr_run=2.0, units_per_prompt=None))
     assert any("few units per prompt" in w for w in assess(nsr_run=0.01, units_per_prompt=20))
