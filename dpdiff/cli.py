@@ -85,6 +85,13 @@ def hydra_entry(name: str, main_fn: Callable[[], None], argv: list[str] | None =
 
         with user_errors_exit():
             refuse_reused_run_dir(run_dir)
+    if name == "finetune" and not multirun and rank == 0:
+        # a bad override (unknown key, wrong type against dpdiff.schema) is one error line and exit 2, not
+        # Hydra's multi-line report: the same composition Hydra is about to do
+        from dpdiff.schema import compose
+
+        with user_errors_exit():
+            compose([a for a in args if not a.startswith("-")])
     if rank > 0:
         # one rank writes Hydra's files and log; the others compose the same config silently
         args += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
@@ -270,7 +277,7 @@ def main(argv: list[str] | None = None) -> None:
                           caption_column=args.caption_column, unit=args.unit, batch_size=args.batch_size,
                           dedup_hash_distance=args.dedup_hash_distance)
         elif args.command == "clean":
-            from dpdiff.data.cli import clean_command
+            from dpdiff.report.cli import clean_command
 
             clean_command(args.run_dirs, cache_only=args.cache, yes=args.yes)
         elif args.command == "explain":

@@ -11,7 +11,8 @@ TINY_BASE_DIR = ASSETS_DIR / "tiny-sd-digits"
 
 
 def config_dir() -> Path:
-    """The Hydra config tree: ``configs/`` of a source checkout, or the copy in the wheel."""
+    """The Hydra config tree: ``configs/`` of a source checkout, or the copy in the wheel. Its group options
+    extend the schemas of ``dpdiff.schema`` (compose with ``dpdiff.schema.compose``, which registers them)."""
     for candidate in (PACKAGE_DIR.parent / "configs", PACKAGE_DIR / "configs"):
         if (candidate / "finetune.yaml").exists():
             return candidate

@@ -17,6 +17,7 @@ from pathlib import Path
 from dpdiff.errors import UserError
 from dpdiff.privacy.plan import ENGINES
 from dpdiff.privacy.settings import PrivacySettings
+from dpdiff.schema import required
 
 ADAPTER_KINDS = ("lora", "full", "attn", "embedding")
 EMBEDDING_MECHANISMS = ("dpsgd", "aggregate")
@@ -25,12 +26,7 @@ PRECISIONS = ("no", "bf16", "fp16")
 FROZEN_DTYPES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
 
 
-def _get(cfg, key, default=None):
-    if cfg is None:
-        return default
-    if hasattr(cfg, "get"):
-        return cfg.get(key, default)
-    return getattr(cfg, key, default)
+_get = required  # every key of a group is required (dpdiff.schema.required)
 
 
 def _fail(group: str, key: str, value, must: str) -> UserError:
@@ -116,47 +112,47 @@ class TrainSettings:
     @classmethod
     def from_config(cls, t, *, privacy_enabled: bool, num_train_timesteps: int | None = None) -> TrainSettings:
         g = "train"
-        mp = str(_get(t, "mixed_precision", "no"))
+        mp = str(_get(t, "mixed_precision"))
         mp = "no" if mp in ("False", "None", "fp32") else mp
         tr = _get(t, "timestep_range")
-        ema = _get(t, "ema") or {}
-        smp = _get(t, "sample") or {}
+        ema = _get(t, "ema")
+        smp = _get(t, "sample")
         s = cls(
             max_steps=None if _get(t, "max_steps") == "auto" else _int(g, "max_steps", _get(t, "max_steps"), lo=1),
             batch_size=None if _get(t, "batch_size") == "auto" else _float(g, "batch_size", _get(t, "batch_size"),
                                                                             positive=True),
             micro_batch_size=_int(g, "micro_batch_size", _get(t, "micro_batch_size"), lo=1),
             lr=_float(g, "lr", _get(t, "lr"), positive=True),
-            optimizer=_choice(g, "optimizer", _get(t, "optimizer", "adamw"), ("adamw", "sgd")),
-            lr_scheduler=str(_get(t, "lr_scheduler", "constant")),
-            lr_warmup_steps=_int(g, "lr_warmup_steps", _get(t, "lr_warmup_steps", 0), lo=0),
-            adam_beta1=_float(g, "adam_beta1", _get(t, "adam_beta1", 0.9), lo=0.0, hi=1.0),
-            adam_beta2=_float(g, "adam_beta2", _get(t, "adam_beta2", 0.999), lo=0.0, hi=1.0),
-            weight_decay=_float(g, "weight_decay", _get(t, "weight_decay", 0.0), lo=0.0, hi=1e3),
-            adam_epsilon=_float(g, "adam_epsilon", _get(t, "adam_epsilon", 1e-8), positive=True),
+            optimizer=_choice(g, "optimizer", _get(t, "optimizer"), ("adamw", "sgd")),
+            lr_scheduler=str(_get(t, "lr_scheduler")),
+            lr_warmup_steps=_int(g, "lr_warmup_steps", _get(t, "lr_warmup_steps"), lo=0),
+            adam_beta1=_float(g, "adam_beta1", _get(t, "adam_beta1"), lo=0.0, hi=1.0),
+            adam_beta2=_float(g, "adam_beta2", _get(t, "adam_beta2"), lo=0.0, hi=1.0),
+            weight_decay=_float(g, "weight_decay", _get(t, "weight_decay"), lo=0.0, hi=1e3),
+            adam_epsilon=_float(g, "adam_epsilon", _get(t, "adam_epsilon"), positive=True),
             snr_gamma=_float(g, "snr_gamma", _get(t, "snr_gamma"), positive=True, allow_none=True),
             timestep_range=_timestep_range(tr, num_train_timesteps),
-            caption_dropout=_float(g, "caption_dropout", _get(t, "caption_dropout", 0.0), lo=0.0, hi=1.0),
-            seed=_int(g, "seed", _get(t, "seed", 0)),
-            device=str(_get(t, "device", "auto")),
+            caption_dropout=_float(g, "caption_dropout", _get(t, "caption_dropout"), lo=0.0, hi=1.0),
+            seed=_int(g, "seed", _get(t, "seed")),
+            device=str(_get(t, "device")),
             mixed_precision=_choice(g, "mixed_precision", mp, PRECISIONS),
-            per_sample=_choice(g, "per_sample", _get(t, "per_sample", "auto"), ENGINES),
-            per_sample_memory_gb=_float(g, "per_sample_memory_gb", _get(t, "per_sample_memory_gb", 2.0),
+            per_sample=_choice(g, "per_sample", _get(t, "per_sample"), ENGINES),
+            per_sample_memory_gb=_float(g, "per_sample_memory_gb", _get(t, "per_sample_memory_gb"),
                                         positive=True),
-            gradient_checkpointing=_bool(g, "gradient_checkpointing", _get(t, "gradient_checkpointing", False)),
-            ema_enabled=_bool(g, "ema.enabled", _get(ema, "enabled", False)),
-            ema_decay=_float(g, "ema.decay", _get(ema, "decay", 0.999), lo=0.0, hi=1.0),
-            log_every=_int(g, "log_every", _get(t, "log_every", 10), lo=1),
-            checkpoint_every=_int(g, "checkpoint_every", _get(t, "checkpoint_every", 0), lo=0),
+            gradient_checkpointing=_bool(g, "gradient_checkpointing", _get(t, "gradient_checkpointing")),
+            ema_enabled=_bool(g, "ema.enabled", _get(ema, "enabled")),
+            ema_decay=_float(g, "ema.decay", _get(ema, "decay"), lo=0.0, hi=1.0),
+            log_every=_int(g, "log_every", _get(t, "log_every"), lo=1),
+            checkpoint_every=_int(g, "checkpoint_every", _get(t, "checkpoint_every"), lo=0),
             checkpoints_total_limit=_int(g, "checkpoints_total_limit", _get(t, "checkpoints_total_limit"), lo=1,
                                          allow_none=True),
             resume_from=None if _get(t, "resume_from") in (None, "") else str(_get(t, "resume_from")),
-            progress=_bool(g, "progress", _get(t, "progress", True)),
-            sample=SampleSettings(per_prompt=_int(g, "sample.per_prompt", _get(smp, "per_prompt", 8), lo=1),
-                                  steps=_int(g, "sample.steps", _get(smp, "steps", 20), lo=1),
-                                  guidance_scale=_float(g, "sample.guidance_scale", _get(smp, "guidance_scale", 3.0),
+            progress=_bool(g, "progress", _get(t, "progress")),
+            sample=SampleSettings(per_prompt=_int(g, "sample.per_prompt", _get(smp, "per_prompt"), lo=1),
+                                  steps=_int(g, "sample.steps", _get(smp, "steps"), lo=1),
+                                  guidance_scale=_float(g, "sample.guidance_scale", _get(smp, "guidance_scale"),
                                                         lo=0.0, hi=100.0),
-                                  seed=_int(g, "sample.seed", _get(smp, "seed", 0))),
+                                  seed=_int(g, "sample.seed", _get(smp, "seed"))),
         )
         if s.gradient_checkpointing and privacy_enabled:
             raise UserError("train.gradient_checkpointing=true is not supported with DP: per-sample gradient hooks "
@@ -219,8 +215,8 @@ class DataSettings:
     caption_insert_prob: float
     cache: bool
     cache_dir: str | None
-    feature_dtype: str = "float16"
-    text_features: str = "cache"  # cache | on_the_fly (captions encoded per batch, no text rows on disk)
+    feature_dtype: str
+    text_features: str  # cache | on_the_fly (captions encoded per batch, no text rows on disk)
 
     @classmethod
     def from_config(cls, d) -> DataSettings:
@@ -228,49 +224,49 @@ class DataSettings:
         res = _get(d, "resolution")
         if res is not None and (isinstance(res, bool) or not isinstance(res, int) or res < 8):
             raise UserError(f"data.resolution={res}: must be an integer >= 8 (or null for the model's own)")
-        hf = _get(d, "holdout_fraction", 0.0) or 0.0
+        hf = _get(d, "holdout_fraction") or 0.0
         try:
             hf = float(hf)
         except (TypeError, ValueError):
             hf = -1.0
         if not 0 <= hf < 1:
             raise UserError(f"data.holdout_fraction={_get(d, 'holdout_fraction')}: must be in [0, 1)")
-        rp = _float(g, "caption_replace_prob", _get(d, "caption_replace_prob", 0.0) or 0.0, lo=0.0, hi=1.0)
-        ip = _float(g, "caption_insert_prob", _get(d, "caption_insert_prob", 0.0) or 0.0, lo=0.0, hi=1.0)
+        rp = _float(g, "caption_replace_prob", _get(d, "caption_replace_prob") or 0.0, lo=0.0, hi=1.0)
+        ip = _float(g, "caption_insert_prob", _get(d, "caption_insert_prob") or 0.0, lo=0.0, hi=1.0)
         if rp + ip > 1:
             raise UserError(f"data.caption_replace_prob={rp} and data.caption_insert_prob={ip}: each must be >= 0 "
                             "and their sum <= 1")
-        text_features = _choice(g, "text_features", _get(d, "text_features", "cache"), ("cache", "on_the_fly"))
+        text_features = _choice(g, "text_features", _get(d, "text_features"), ("cache", "on_the_fly"))
         if text_features == "on_the_fly" and (rp or ip):
             raise UserError("data.caption_replace_prob / caption_insert_prob need data.text_features=cache (the "
                             "caption variants are encoded ahead of training)")
         prompts = _get(d, "sample_prompts")
         path = _get(d, "path")
-        from dpdiff.data.demos import DEFAULT_DEMO, get_demo
+        from dpdiff.data.demos import get_demo
         from dpdiff.data.formats import check_root
 
         if path not in (None, ""):
             check_root(Path(str(path)).expanduser())
-        demo = str(_get(d, "demo", DEFAULT_DEMO))
+        demo = str(_get(d, "demo"))
         get_demo(demo)
         return cls(
             path=None if path in (None, "") else str(path),
             demo=demo,
-            caption_column=str(_get(d, "caption_column", "text")),
+            caption_column=str(_get(d, "caption_column")),
             resolution=res,
-            center_crop=_bool(g, "center_crop", _get(d, "center_crop", True)),
-            random_flip=_bool(g, "random_flip", _get(d, "random_flip", False)),
+            center_crop=_bool(g, "center_crop", _get(d, "center_crop")),
+            random_flip=_bool(g, "random_flip", _get(d, "random_flip")),
             holdout_fraction=hf,
-            split_seed=_int(g, "split_seed", _get(d, "split_seed", 0)),
+            split_seed=_int(g, "split_seed", _get(d, "split_seed")),
             sample_prompts=tuple(str(p) for p in prompts) if prompts else None,
-            skip_bad_files=_bool(g, "skip_bad_files", _get(d, "skip_bad_files", False)),
-            dedup=_choice(g, "dedup", _get(d, "dedup", "report"), DEDUP_MODES),
-            dedup_hash_distance=_int(g, "dedup_hash_distance", _get(d, "dedup_hash_distance", 4), lo=0),
+            skip_bad_files=_bool(g, "skip_bad_files", _get(d, "skip_bad_files")),
+            dedup=_choice(g, "dedup", _get(d, "dedup"), DEDUP_MODES),
+            dedup_hash_distance=_int(g, "dedup_hash_distance", _get(d, "dedup_hash_distance"), lo=0),
             caption_replace_prob=rp,
             caption_insert_prob=ip,
-            cache=_bool(g, "cache", _get(d, "cache", True)),
+            cache=_bool(g, "cache", _get(d, "cache")),
             cache_dir=None if _get(d, "cache_dir") in (None, "") else str(_get(d, "cache_dir")),
-            feature_dtype=_choice(g, "feature_dtype", _get(d, "feature_dtype", "float16"),
+            feature_dtype=_choice(g, "feature_dtype", _get(d, "feature_dtype"),
                                   ("float16", "bfloat16", "float32")),
             text_features=text_features,
         )
@@ -280,33 +276,33 @@ class DataSettings:
 class EmbeddingSettings:
     """``adapter.*`` of ``adapter=embedding`` (``dpdiff.training.concept``): a new token learned privately."""
 
-    token: str = "<private-look>"
-    init_word: str = "style"
-    template: str = "{caption} {token}"
-    mechanism: str = "dpsgd"
-    unit_steps: int = 30  # aggregate: textual-inversion steps per unit
-    unit_lr: float = 0.05  # aggregate: Adam's learning rate per unit
+    token: str
+    init_word: str
+    template: str
+    mechanism: str
+    unit_steps: int  # aggregate: textual-inversion steps per unit
+    unit_lr: float  # aggregate: Adam's learning rate per unit
 
     def prompt(self, caption: str) -> str:
         return self.template.format(token=self.token, caption=caption)
 
     @classmethod
     def from_config(cls, a) -> EmbeddingSettings:
-        g, d = "adapter", cls()
-        token = str(_get(a, "token", d.token) or "")
+        g = "adapter"
+        token = str(_get(a, "token") or "")
         if not token.strip() or any(c.isspace() or c in "{}" for c in token):
             raise _fail(g, "token", token, "must be one word without spaces (e.g. <my-look>)")
-        template = str(_get(a, "template", d.template) or "")
+        template = str(_get(a, "template") or "")
         if "{token}" not in template or "{caption}" not in template:
             raise _fail(g, "template", template, "must hold {token} and {caption}")
         try:
             template.format(token="t", caption="c")
         except (KeyError, IndexError, ValueError):
             raise _fail(g, "template", template, "must name only {token} and {caption}") from None
-        return cls(token=token, init_word=str(_get(a, "init_word", d.init_word)), template=template,
-                   mechanism=_choice(g, "mechanism", _get(a, "mechanism", d.mechanism), EMBEDDING_MECHANISMS),
-                   unit_steps=_int(g, "unit_steps", _get(a, "unit_steps", d.unit_steps), lo=1),
-                   unit_lr=_float(g, "unit_lr", _get(a, "unit_lr", d.unit_lr), positive=True))
+        return cls(token=token, init_word=str(_get(a, "init_word")), template=template,
+                   mechanism=_choice(g, "mechanism", _get(a, "mechanism"), EMBEDDING_MECHANISMS),
+                   unit_steps=_int(g, "unit_steps", _get(a, "unit_steps"), lo=1),
+                   unit_lr=_float(g, "unit_lr", _get(a, "unit_lr"), positive=True))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -323,7 +319,7 @@ class AdapterSettings:
     @classmethod
     def from_config(cls, a) -> AdapterSettings:
         g = "adapter"
-        kind = _get(a, "kind", "lora")
+        kind = _get(a, "kind")
         if kind not in ADAPTER_KINDS:
             raise UserError(f"adapter={kind}: must be one of {', '.join(ADAPTER_KINDS)}")
         rank = _get(a, "rank")
@@ -332,7 +328,7 @@ class AdapterSettings:
         tm = _get(a, "target_modules")
         return cls(kind=kind, rank=rank, alpha=_float(g, "alpha", _get(a, "alpha"), positive=True, allow_none=True),
                    target_modules=tuple(str(m) for m in tm) if tm else None,
-                   dropout=_float(g, "dropout", _get(a, "dropout", 0.0) or 0.0, lo=0.0, hi=1.0),
+                   dropout=_float(g, "dropout", _get(a, "dropout") or 0.0, lo=0.0, hi=1.0),
                    embedding=EmbeddingSettings.from_config(a) if kind == "embedding" else None)
 
 
@@ -358,7 +354,7 @@ class ModelSettings:
         if isinstance(m, DictConfig) and OmegaConf.is_missing(m, "pretrained"):
             raise UserError(f"model.pretrained is required with model={expected or 'this config'}: pass the local "
                             "pipeline dir (model.pretrained=DIR)")
-        allow = _bool("model", "allow_download", _get(m, "allow_download", False))
+        allow = _bool("model", "allow_download", _get(m, "allow_download"))
         path = resolve_pretrained(_get(m, "pretrained"), allow_download=allow)
         total = family = None
         sched = Path(path) / "scheduler" / "scheduler_config.json"
@@ -374,7 +370,7 @@ class ModelSettings:
             raise UserError(f"model.max_sequence_length={msl}: {family} pipelines have no T5 encoder (CLIP prompts are "
                             "always padded to the tokenizer's model_max_length); set it to null")
         return cls(pretrained=path, allow_download=allow,
-                   frozen_dtype=_choice("model", "frozen_dtype", _get(m, "frozen_dtype", "float32"), FROZEN_DTYPES),
+                   frozen_dtype=_choice("model", "frozen_dtype", _get(m, "frozen_dtype"), FROZEN_DTYPES),
                    num_train_timesteps=total, family=family, max_sequence_length=msl)
 
 
@@ -387,6 +383,15 @@ class RunSettings:
     data: DataSettings
     adapter: AdapterSettings
     model: ModelSettings
+
+    @classmethod
+    def defaults(cls, overrides=()) -> RunSettings:
+        """The settings ``dpdiff finetune OVERRIDES`` runs with: the shipped config composed with ``overrides``
+        (the same files, the same defaults), validated. For library users:
+        ``RunSettings.defaults(["data.path=/my/images", "privacy.target_epsilon=4"])``."""
+        from dpdiff.schema import compose
+
+        return cls.from_config(compose(list(overrides)))
 
     @classmethod
     def from_config(cls, cfg) -> RunSettings:

@@ -22,11 +22,56 @@ from pathlib import Path
 import hydra
 import numpy as np
 import torch
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from dpdiff import __version__
 from dpdiff.cli import hydra_entry, user_errors_exit
+from dpdiff.data.prepare import prepare
 from dpdiff.errors import UserError
+from dpdiff.io import write_json_atomic
+from dpdiff.models import adapters
+from dpdiff.models.loading import load_base, sampling_pipeline
+from dpdiff.models.pipeline import sample_grid
 from dpdiff.paths import config_dir
+from dpdiff.privacy.plan import DatasetIdentity, PrivacyPlan, ResumePoint
+from dpdiff.privacy.planning import run_plan
+from dpdiff.probes.canaries import CanarySettings, GradientCanaries, GradientCanaryHook
+from dpdiff.probes.run import build_probe_context, check_probe_settings, run_probes
+from dpdiff.report.privacy_json import (
+    owner_record,
+    privacy_record,
+    run_record,
+    write_model_card,
+    write_owner_json,
+    write_privacy_json,
+    write_run_json,
+)
+from dpdiff.report.run_report import write_run_report
+from dpdiff.report.summary import flat_summary, terminal_summary
+from dpdiff.report.utility import check_metric_names, run_utility
+from dpdiff.runtime import (
+    PhaseClock,
+    RunDir,
+    gather_objects,
+    hold_run_dir,
+    process_context,
+    refuse_if_running,
+    resolve_device,
+)
+from dpdiff.schema import register as register_schemas
+from dpdiff.settings import RunSettings
+from dpdiff.training.checkpoint import load_checkpoint, resolve_checkpoint
+from dpdiff.training.concept import ConceptToken, ConceptTrainer
+from dpdiff.training.encode import FeatureCache, encode_captions, encode_dataset
+from dpdiff.training.launch import relaunch_if_requested
+from dpdiff.training.loss import make_objective
+from dpdiff.training.precision import autocast_dtype, frozen_dtype
+from dpdiff.training.rows import PUBLIC_CAPTIONS, CaptionMitigation, RowBuilder, insert_random_word
+from dpdiff.training.tracking import build_tracker, check_tracker, truncate_metrics
+from dpdiff.training.trainer import Trainer
 
 log = logging.getLogger("dpdiff")
 
@@ -38,20 +83,11 @@ class FinetuneRecipe:
         self.t_start = time.time()
         self.plan = None
         self.trainer = None
-        from dpdiff.runtime import PhaseClock
 
         self.clock = PhaseClock()  # per-phase wall time and memory of this process (run.json "phases")
 
     # ---------------------------------------------------------------------------------- setup
     def setup(self) -> None:
-        from dpdiff import __version__
-        from dpdiff.data.prepare import prepare
-        from dpdiff.privacy.plan import DatasetIdentity, PrivacyPlan
-        from dpdiff.probes.canaries import CanarySettings
-        from dpdiff.probes.run import check_probe_settings
-        from dpdiff.report.utility import check_metric_names
-        from dpdiff.runtime import hold_run_dir, process_context
-        from dpdiff.settings import RunSettings
 
         self.version = __version__
         # 1. every setting, before any private data is read
@@ -61,6 +97,8 @@ class FinetuneRecipe:
             check_metric_names(self.cfg.eval)
         self.settings = s = RunSettings.from_config(self.cfg)
         self.canaries = CanarySettings.from_config(self.cfg.probes)
+        check_tracker(self.cfg.tracker)
+        autocast_dtype(s.train.mixed_precision, resolve_device(s.train.device))  # fp16 without a GPU: refused now
         self.embedding = s.adapter.embedding  # adapter=embedding (dpdiff.training.concept), else None
         self.aggregate = self.embedding is not None and self.embedding.mechanism == "aggregate"
         if self.embedding is not None:
@@ -115,9 +153,6 @@ class FinetuneRecipe:
         log.info("setup done: %s", self._describe())
 
     def _load_resume(self):
-        from dpdiff.privacy.plan import ResumePoint
-        from dpdiff.runtime import refuse_if_running
-        from dpdiff.training.checkpoint import load_checkpoint, resolve_checkpoint
 
         spec = self.settings.train.resume_from
         if not spec:
@@ -130,9 +165,6 @@ class FinetuneRecipe:
         return ResumePoint.from_checkpoint(path=path, state=ckpt["state"])
 
     def _setup_model(self) -> None:
-        from dpdiff.models import adapters
-        from dpdiff.models.loading import load_base
-        from dpdiff.training.precision import frozen_dtype
 
         s = self.settings
         self.base = load_base(s.model.pretrained, device=self.proc.device, allow_download=s.model.allow_download,
@@ -147,7 +179,6 @@ class FinetuneRecipe:
             self.denoiser.enable_gradient_checkpointing()
         a = s.adapter
         if self.embedding is not None:  # a new token's embedding; the denoiser and text encoder stay frozen
-            from dpdiff.training.concept import ConceptToken
 
             self.concept = ConceptToken(self.base.pipe, self.base.family, self.embedding)
             self.denoiser.requires_grad_(False)
@@ -177,50 +208,28 @@ class FinetuneRecipe:
             self.empty_text = self._encode_captions([""])
 
     def _encode_captions(self, captions: list[str]) -> dict:
-        from dpdiff.training.encode import encode_captions
 
         return encode_captions(self.base, captions, device=self.proc.device,
                                max_sequence_length=self.settings.model.max_sequence_length)
 
     def _encode(self, records):
         """Frozen-encoder features of the training images, from the user-only disk cache when possible."""
-        from dpdiff.paths import home
-        from dpdiff.training.encode import cache_key, encode_dataset, encode_to_store, load_encoded
 
         d = self.settings.data
-        kw = dict(resolution=self.resolution, center_crop=d.center_crop, flips=d.random_flip)
-        progress = self.proc.is_main and self.settings.train.progress
-        msl = self.settings.model.max_sequence_length
-        text = d.text_features == "cache"
-        enc_kw = dict(base=self.base, device=self.proc.device, progress=progress, max_sequence_length=msl, text=text,
-                      **kw)
+        kw = dict(base=self.base, device=self.proc.device, resolution=self.resolution, center_crop=d.center_crop,
+                  flips=d.random_flip, max_sequence_length=self.settings.model.max_sequence_length,
+                  text=d.text_features == "cache", progress=self.proc.is_main and self.settings.train.progress)
         if not d.cache:
-            return encode_dataset(records, **enc_kw)
-        cache_dir = Path(d.cache_dir).expanduser() if d.cache_dir else home() / "cache"
-        key = cache_key(records=records, base_path=self.base.path, parts=self.base.text_parts(),
-                        dtype=f"{self.settings.model.frozen_dtype}/{d.feature_dtype}", max_sequence_length=msl,
-                        text=text, **kw)
-        path = cache_dir / f"features-{key}.safetensors"
-        # every process encodes a share of the batches into the store, resumably (training.encode.encode_to_store);
+            return encode_dataset(records, **kw)
         # collective: every rank calls it, also when the store exists
-        encode_to_store(records, path, dtype=d.feature_dtype, proc=self.proc, **enc_kw)
-        enc = load_encoded(path)
-        if enc is None:
-            raise RuntimeError(f"feature cache {path} could not be read back")
+        enc, path = FeatureCache.for_data(d.cache_dir).features(
+            records, frozen_dtype=self.settings.model.frozen_dtype, feature_dtype=d.feature_dtype, proc=self.proc, **kw)
         self.cache_path = path
         log.info("frozen features: %s", path)
         return enc
 
     def _setup_training(self) -> None:
-        from diffusers.optimization import get_scheduler
-        from diffusers.training_utils import EMAModel
 
-        from dpdiff.models import adapters
-        from dpdiff.training.loss import make_objective
-        from dpdiff.training.precision import autocast_dtype
-        from dpdiff.training.rows import RowBuilder
-        from dpdiff.training.tracking import build_tracker
-        from dpdiff.training.trainer import Trainer
 
         s, t, proc = self.settings, self.settings.train, self.proc
         # train units, re-indexed onto the encoded (training-only) arrays
@@ -267,7 +276,6 @@ class FinetuneRecipe:
             checkpoint_every=t.checkpoint_every, checkpoints_total_limit=t.checkpoints_total_limit,
             autocast_dtype=autocast_dtype(t.mixed_precision, proc.device), start_step=start, progress=t.progress)
         if self.embedding is not None:
-            from dpdiff.training.concept import ConceptTrainer
 
             e = self.embedding
             loop.update(max_steps=1 if self.aggregate else t.max_steps, checkpoint_every=0, autocast_dtype=None)
@@ -284,7 +292,6 @@ class FinetuneRecipe:
         if self.resume is not None:
             raise UserError("probes.audit.gradient_canaries: a resumed run cannot be audited with gradient canaries "
                             "(their scores live in the process that started the run); set it to 0 to resume")
-        from dpdiff.probes.canaries import GradientCanaries, GradientCanaryHook
 
         mech = self.plan.mechanism
         canaries = GradientCanaries(count=m, num_params=sum(p.numel() for p in self.params),
@@ -311,15 +318,12 @@ class FinetuneRecipe:
             if noise is not None and self.plan.reproducible_noise:
                 self.engine.noise.load_state_dict(noise)
         if self.proc.is_main:
-            from dpdiff.training.tracking import truncate_metrics
 
             truncate_metrics(self.run_dir / "metrics.jsonl", after_step=self.plan.start_step)
 
     def _caption_mitigation(self):
         """Public-pool caption replacement / public-word insertion (see training.rows.CaptionMitigation)."""
-        import numpy as np
 
-        from dpdiff.training.rows import PUBLIC_CAPTIONS, CaptionMitigation, insert_random_word
 
         d = self.settings.data
         rp, ip = d.caption_replace_prob, d.caption_insert_prob
@@ -335,7 +339,6 @@ class FinetuneRecipe:
 
     def _run_plan(self) -> dict | None:
         """The run's noise-to-signal budget, as `dpdiff plan` computes it (None without DP)."""
-        from dpdiff.privacy.planning import run_plan
 
         m = self.plan.mechanism
         if m is None:
@@ -353,7 +356,6 @@ class FinetuneRecipe:
 
     # ---------------------------------------------------------------------------------- train
     def train(self) -> None:
-        from dpdiff.runtime import gather_objects
 
         with self.clock.phase("train"):
             self.trainer.run()
@@ -364,18 +366,6 @@ class FinetuneRecipe:
 
     # ----------------------------------------------------------------------------------- save
     def save(self) -> dict:
-        from dpdiff.models import adapters
-        from dpdiff.models.loading import sampling_pipeline
-        from dpdiff.models.pipeline import sample_grid
-        from dpdiff.report.privacy_json import (
-            owner_record,
-            privacy_record,
-            run_record,
-            write_model_card,
-            write_owner_json,
-            write_privacy_json,
-            write_run_json,
-        )
 
         if not self.proc.is_main:
             return {}
@@ -431,21 +421,11 @@ class FinetuneRecipe:
     # ---------------------------------------------------------------------------------- probe
     def _probe_context(self):
         """A probe context over the model just trained (EMA weights if saved)."""
-        from dpdiff.probes.context import ProbeContext
-        from dpdiff.probes.lira import ShadowRecipe
-        from dpdiff.probes.run import load_run_canaries
 
-        data = self.data
-        return ProbeContext(
-            run_dir=self.run_dir, base=self.base, denoiser=self.denoiser, adapter_kind=self.settings.adapter.kind,
-            records=data.records, member_records=data.member_records(), nonmember_records=data.holdout_records(),
-            resolution=self.resolution, device=self.proc.device, privacy=self.privacy_record,
-            canaries=load_run_canaries(self.run_dir), seed=int(self.cfg.probes.get("seed", 0) or 0),
-            demo=data.demo, unit_of_record=data.unit_of_record(),
-            max_sequence_length=self.settings.model.max_sequence_length,
-            shadow_recipe=ShadowRecipe.from_config(self.cfg, schedule=self.schedule),
-            prompt_template=(self.embedding.template.replace("{token}", self.embedding.token) if self.embedding
-                             else None))
+        return build_probe_context(
+            run_dir=self.run_dir, base=self.base, denoiser=self.denoiser, data=self.data, cfg=self.cfg,
+            probes=self.cfg.probes, privacy=self.privacy_record, resolution=self.resolution, device=self.proc.device,
+            schedule=self.schedule, embedding=self.embedding)
 
     def _prompt(self, caption: str) -> str:
         """A caption as the run conditions on it (an embedding adapter's template; else itself)."""
@@ -454,7 +434,6 @@ class FinetuneRecipe:
     def probe(self) -> dict | None:
         if not self.proc.is_main or not self.cfg.probes.get("enabled", False):
             return None
-        from dpdiff.probes.run import run_probes
 
         self.probe_results = run_probes(self._probe_context(), self.cfg.probes)
         return self.probe_results
@@ -464,8 +443,6 @@ class FinetuneRecipe:
         """Utility metrics (held-out loss, digit accuracy for the demo, FID when available)."""
         if not self.proc.is_main or not self.cfg.eval.get("enabled", False):
             return None
-        from dpdiff.io import write_json_atomic
-        from dpdiff.report.utility import run_utility
 
         self.utility = run_utility(self._probe_context(), self.cfg.eval)
         write_json_atomic(self.run_dir / "utility.json", self.utility)
@@ -473,8 +450,6 @@ class FinetuneRecipe:
 
     # --------------------------------------------------------------------------------- report
     def report(self) -> None:
-        from dpdiff.report.run_report import write_run_report
-        from dpdiff.report.summary import flat_summary
 
         if not self.proc.is_main:
             return
@@ -495,7 +470,6 @@ class FinetuneRecipe:
             lock.release()
 
     def print_summary(self) -> None:
-        from dpdiff.report.summary import terminal_summary
 
         if not self.proc.is_main:
             return
@@ -513,9 +487,7 @@ def _timed(name: str, fn) -> None:
 
 def run(cfg: DictConfig) -> None:
     """Hydra task: one finetune run in Hydra's run dir."""
-    from hydra.core.hydra_config import HydraConfig
 
-    from dpdiff.runtime import RunDir
 
     run_dir = RunDir(Path(HydraConfig.get().runtime.output_dir))
     recipe = FinetuneRecipe(cfg, run_dir.path)
@@ -537,9 +509,11 @@ def run(cfg: DictConfig) -> None:
         recipe.cleanup()
 
 
+register_schemas()  # the config groups' typed schemas, before hydra.main composes configs/ (dpdiff.schema)
+
+
 @hydra.main(version_base=None, config_path=str(config_dir()), config_name="finetune")
 def main(cfg: DictConfig) -> None:
-    from dpdiff.training.launch import relaunch_if_requested
 
     with user_errors_exit():
         if relaunch_if_requested(cfg):

@@ -16,7 +16,15 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from dpdiff.data.prepare import prepare
 from dpdiff.errors import UserError
+from dpdiff.models.loading import build_pipeline, load_base
+from dpdiff.probes.run import build_probe_context, run_probes
+from dpdiff.report.run_report import write_run_report
+from dpdiff.report.summary import probe_clauses
+from dpdiff.runtime import RunDirLock, resolve_device
+from dpdiff.schema import ProbesSchema, compose
+from dpdiff.settings import DataSettings, EmbeddingSettings
 
 log = logging.getLogger("dpdiff")
 
@@ -27,54 +35,39 @@ class ProbeRecipe:
         self.overrides = overrides
 
     def setup(self) -> None:
-        from dpdiff.data.prepare import prepare
-        from dpdiff.models.loading import load_base
-        from dpdiff.paths import config_dir
-        from dpdiff.probes.canaries import load_canaries
-        from dpdiff.probes.context import ProbeContext
-        from dpdiff.probes.lira import ShadowRecipe
-        from dpdiff.runtime import resolve_device
 
         cfg_path = self.run_dir / ".hydra" / "config.yaml"
         for need in (cfg_path, self.run_dir / "privacy.json", self.run_dir / "run.json"):
             if not need.exists():
                 raise UserError(f"{self.run_dir} is not a finished dpdiff run dir (missing {need.name})")
-        cfg = OmegaConf.load(cfg_path)
-        defaults = OmegaConf.load(config_dir() / "probes" / "default.yaml")
-        probes = OmegaConf.merge(defaults, cfg.get("probes") or {})
-        probes.enabled = True
-        try:
-            probes = OmegaConf.merge({"probes": probes}, OmegaConf.from_dotlist(self.overrides)).probes
+        if any(not o.startswith("probes.") for o in self.overrides):
+            raise UserError(f"dpdiff probe takes probes.KEY=VALUE overrides only, got {self.overrides}")
+        # the run's config over today's defaults: a key added since the run was trained takes its default
+        cfg = OmegaConf.merge(OmegaConf.to_container(compose([]), resolve=False), OmegaConf.load(cfg_path))
+        try:  # the probes group checked against its schema: an unknown key or a wrong type is refused
+            probes = OmegaConf.merge(OmegaConf.structured(ProbesSchema), cfg.probes, {"enabled": True},
+                                     OmegaConf.from_dotlist(self.overrides).get("probes") or {})
         except Exception as err:  # omegaconf raises many types for a bad dotlist
-            raise UserError(f"bad override ({err}); use probes.KEY=VALUE") from None
+            raise UserError(f"bad override ({str(err).splitlines()[0]}); use probes.KEY=VALUE") from None
         self.cfg, self.probes_cfg = cfg, probes
         run = json.loads((self.run_dir / "run.json").read_text())
         privacy = json.loads((self.run_dir / "privacy.json").read_text())
         device = resolve_device(cfg.train.get("device", "auto"))
         base = load_base(run["base_model"], device=device)
         denoiser = self._trained_denoiser(base, cfg.adapter.kind, device)
-        template = None
+        emb = None
         if cfg.adapter.kind == "embedding":  # the learned token in the base's text encoder; prompts carry it
-            from dpdiff.settings import EmbeddingSettings
-
             emb = EmbeddingSettings.from_config(cfg.adapter)
             path = self.run_dir / "embedding" / "learned_embeds.safetensors"
             if not path.exists():
                 raise UserError(f"{path} is missing: the run saved no learned embedding")
             base.pipe.load_textual_inversion(str(path))
-            template = emb.template.replace("{token}", emb.token)
-        from dpdiff.settings import DataSettings
-
-        data = prepare(DataSettings.from_config(cfg.data), unit=cfg.privacy.get("unit", "example"))
+        data = prepare(DataSettings.from_config(cfg.data), unit=cfg.privacy.unit)
         self._check_same_data(data.fingerprint)
-        self.ctx = ProbeContext(
-            run_dir=self.run_dir, base=base, denoiser=denoiser, adapter_kind=cfg.adapter.kind, records=data.records,
-            member_records=data.member_records(), nonmember_records=data.holdout_records(),
-            resolution=int(run.get("resolution") or base.resolution), device=device, privacy=privacy,
-            canaries=load_canaries(self.run_dir), seed=int(probes.get("seed", 0) or 0),
-            demo=data.demo, unit_of_record=data.unit_of_record(),
-            max_sequence_length=(cfg.get("model") or {}).get("max_sequence_length"),
-            shadow_recipe=ShadowRecipe.from_config(cfg, schedule=privacy.get("schedule")), prompt_template=template)
+        self.ctx = build_probe_context(
+            run_dir=self.run_dir, base=base, denoiser=denoiser, data=data, cfg=cfg, probes=probes, privacy=privacy,
+            resolution=int(run.get("resolution") or base.resolution), device=device,
+            schedule=privacy.get("schedule"), embedding=emb)
 
     def _check_same_data(self, fp: str) -> None:
         """The probes' members are the units the run trained on only if the data folder still holds exactly that
@@ -97,7 +90,6 @@ class ProbeRecipe:
         if kind == "embedding":  # the denoiser was never trained
             return base.denoiser.eval()
         if kind == "lora":
-            from dpdiff.models.loading import build_pipeline
 
             pipe = build_pipeline(base)
             lora = self.run_dir / "lora"
@@ -111,12 +103,10 @@ class ProbeRecipe:
         return type(base.denoiser).from_pretrained(path, use_safetensors=True).to(device).eval()
 
     def run(self) -> dict:
-        from dpdiff.probes.run import run_probes
 
         return run_probes(self.ctx, self.probes_cfg)
 
     def report(self) -> None:
-        from dpdiff.report.run_report import write_run_report
 
         write_run_report(self.run_dir)
 
@@ -135,7 +125,6 @@ def main(argv: list[str] | None = None) -> None:
     if bad:
         raise UserError(f"unexpected argument {bad[0]!r}: dpdiff probe takes RUN_DIR and probes.KEY=VALUE")
     recipe = ProbeRecipe(Path(run_dirs[0]).expanduser(), rest)
-    from dpdiff.runtime import RunDirLock
 
     lock = RunDirLock(recipe.run_dir)
     if not recipe.run_dir.is_dir():
@@ -148,7 +137,6 @@ def main(argv: list[str] | None = None) -> None:
         recipe.report()
     finally:
         lock.release()
-    from dpdiff.report.summary import probe_clauses
 
     print("probes:\n  " + "\n  ".join(probe_clauses(out)))
     print(f"wrote {recipe.run_dir / 'probes.json'} and {recipe.run_dir / 'report.html'}")

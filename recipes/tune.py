@@ -15,8 +15,10 @@ the winner's privacy.json (``selection``), and refused if it exceeds ``privacy.d
 
 What the data owner keeps to themselves: K and every candidate (OUT_DIR/candidate-*, tuning_owner.json, 0600):
 the bound averages over K, so K must not be published; publish OUT_DIR/best (the winner) and selection.json.
-The dataset ledger charges every candidate run as it trains (composition over the K runs: an upper bound on the
-procedure's cost, which selection.json states more tightly).
+The dataset ledger charges every candidate run on the records it trains on (composition over the K runs: an upper
+bound on the procedure's cost to a training record, which selection.json states more tightly), and the K score
+releases on the held-out records they read (``ScoreCharge``), so ``dpdiff budget`` follows every record the
+procedure touched; a record charged past ``privacy.dataset_budget`` is refused before the first candidate trains.
 """
 
 from __future__ import annotations
@@ -58,24 +60,25 @@ def parse_grid(specs: list[str]) -> list[list[str]]:
 
 
 def grid_worst_rdp(base_overrides: list[str], grid: list[list[str]], *, score_noise: float):
-    """(worst RDP curve over the grid, delta, number of training units): every grid point's mechanism as the
-    finetune recipe would resolve it, before anything trains."""
+    """(worst RDP curve over the grid, delta, the prepared data, the base settings): every grid point's mechanism
+    as the finetune recipe would resolve it, before anything trains."""
     import numpy as np
 
     from dpdiff.data.prepare import prepare
     from dpdiff.privacy.accountants import MechanismSegment
     from dpdiff.privacy.plan import resolve_mechanism
     from dpdiff.privacy.selection import candidate_rdp
-    from dpdiff.report.cli import compose_finetune
+    from dpdiff.schema import compose
     from dpdiff.settings import RunSettings
 
-    s0 = RunSettings.from_config(compose_finetune(base_overrides + grid[0]))
+    s0 = RunSettings.from_config(compose(base_overrides + grid[0]))
     if not s0.privacy.enabled:
         raise UserError("dpdiff tune selects among private runs: drop privacy=none")
-    n = prepare(s0.data, unit=s0.privacy.unit).num_train_units
+    data = prepare(s0.data, unit=s0.privacy.unit)
+    n = data.num_train_units
     worst, delta = None, None
     for point in grid:
-        s = RunSettings.from_config(compose_finetune(base_overrides + point))
+        s = RunSettings.from_config(compose(base_overrides + point))
         s = replace(s, train=s.train.resolved(num_units=n)[0])  # auto batch size and steps, as finetune resolves
         aggregate = s.adapter.embedding is not None and s.adapter.embedding.mechanism == "aggregate"
         b, t = (n, 1) if aggregate else (s.train.batch_size, s.train.max_steps)
@@ -84,12 +87,70 @@ def grid_worst_rdp(base_overrides: list[str], grid: list[list[str]], *, score_no
                             score_noise_multiplier=score_noise)
         worst = rdp if worst is None else np.maximum(worst, rdp)
         delta = mech.delta if delta is None else max(delta, mech.delta)
-    return worst, delta, n
+    return worst, delta, data, s0
 
 
-def noisy_score(run_dir: Path, *, clip: float, noise: float, max_units: int, rng) -> dict:
-    """The candidate's DP score: the sum over held-out units (at most ``max_units``, drawn with ``rng``) of each
-    unit's denoising loss clipped to [0, clip], plus N(0, (noise x clip)^2). Lower is better."""
+def score_units(data, max_units: int, rng) -> list[int]:
+    """The held-out units every candidate is scored on: all of them, or ``max_units`` drawn uniformly with fresh
+    entropy (independently of the data), once for the whole procedure so the candidates' sums rank them."""
+    held = sorted(int(u) for u in data.holdout_units)
+    if not held:
+        raise UserError("dpdiff tune scores candidates on held-out units: set data.holdout_fraction > 0")
+    if len(held) > max_units:
+        held = [held[j] for j in sorted(rng.choice(len(held), size=max_units, replace=False).tolist())]
+    return held
+
+
+class ScoreCharge:
+    """The score releases in the dataset ledger. The candidates' runs charge the records they train on (each its
+    own ``dpdiff finetune`` attempt); the held-out records the scores read are charged here: K Gaussian releases
+    (noise multiplier ``score_noise``, sensitivity one unit's clipped loss) on the scored units' records, planned
+    for the K drawn before the first candidate trains (refused past ``privacy.dataset_budget``), corrected to
+    the scores released when the procedure ends. Their composition bounds what the released winner says about a
+    held-out record: the candidates' training never reads one."""
+
+    def __init__(self, out: Path, data, settings, units: list[int], *, score_noise: float, delta: float):
+        import uuid
+
+        from dpdiff.data.records import RecordIds, record_ids
+        from dpdiff.privacy.dataset_ledger import DatasetLedger, ledger_location
+
+        recs = [data.records[i] for u in units for i in data.units.members[u]]
+        users = tuple(str(r.user_id) if r.user_id else None for r in recs)
+        self.ids = RecordIds(digests=tuple(record_ids(recs)), users=users if any(users) else None)
+        self.priv, self.data, self.out, self.noise = settings.privacy, data, out, score_noise
+        self.delta = float(self.priv.dataset_delta or delta)
+        self.led = DatasetLedger(ledger_location(data_root=data.root, source_fingerprint=data.source_fingerprint,
+                                                 configured=self.priv.dataset_ledger))
+        self.attempt_id = f"tune-score-{uuid.uuid4().hex}"
+        self.record_set: dict | None = None
+
+    def _entry(self, status: str, scores: int):
+        from dpdiff.privacy.accountants import MechanismSegment
+        from dpdiff.privacy.dataset_ledger import make_entry
+
+        return make_entry(attempt_id=self.attempt_id, run_id=self.attempt_id, run_dir=str(self.out.resolve()),
+                          fingerprint=self.data.fingerprint, source_fingerprint=self.data.source_fingerprint,
+                          status=status, dp=True, privacy_unit=self.priv.unit, delta=self.delta,
+                          accountant=self.priv.accountant, segments=[MechanismSegment(self.noise, 1.0, scores)],
+                          record_set=self.record_set)
+
+    def charge(self, status: str, scores: int) -> None:
+        from dpdiff.privacy.dataset_ledger import charge_attempt
+
+        def make(record_set):
+            if record_set is not None:
+                self.record_set = record_set
+            return self._entry(status, scores)
+
+        charge_attempt(self.led, make, self.ids, delta=self.delta, accountant=self.priv.accountant,
+                       unit=self.priv.unit, planned=status == "planned", budget=self.priv.dataset_budget,
+                       what="the tuning scores", noun="held-out record")
+
+
+def noisy_score(run_dir: Path, *, units: list[int], clip: float, noise: float, rng) -> dict:
+    """The candidate's DP score: the sum over the held-out ``units`` (``score_units``) of each unit's denoising
+    loss clipped to [0, clip], plus N(0, (noise x clip)^2). Lower is better."""
     import numpy as np
 
     from dpdiff.probes.context import denoising_losses, encode_captions, encode_images, shared_noises
@@ -98,15 +159,13 @@ def noisy_score(run_dir: Path, *, clip: float, noise: float, max_units: int, rng
     recipe = ProbeRecipe(run_dir, [])
     recipe.setup()
     ctx = recipe.ctx
-    held = list(ctx.nonmember_records)
-    if not held:
-        raise UserError("dpdiff tune scores candidates on held-out units: set data.holdout_fraction > 0")
     by_unit: dict = {}
-    for i in held:
+    for i in ctx.nonmember_records:
         by_unit.setdefault(ctx.unit_key(i), []).append(i)
-    keys = sorted(by_unit, key=str)
-    if len(keys) > max_units:  # a subset drawn independently of the data (fresh entropy)
-        keys = [keys[j] for j in sorted(rng.choice(len(keys), size=max_units, replace=False).tolist())]
+    keys = [("unit", u) for u in units]
+    if not all(k in by_unit for k in keys):  # the candidate read another split than the one charged
+        raise UserError(f"{run_dir}: the candidate's held-out units are not those the tuning scores were charged "
+                        "for (the data folder changed during tuning?)")
     ids = [i for k in keys for i in by_unit[k]]
     recs = [ctx.records[i] for i in ids]
     lat = encode_images(ctx, recs)
@@ -119,7 +178,7 @@ def noisy_score(run_dir: Path, *, clip: float, noise: float, max_units: int, rng
     clipped = np.clip(unit_loss, 0.0, clip)
     # the released statistic is the noisy sum (sensitivity: one unit's clipped loss); every candidate sums over the
     # same held-out units, so the sums rank the candidates as the means would, without dividing by a private count
-    return {"score": float(clipped.sum() + rng.normal(0.0, noise * clip)), "units": len(keys)}
+    return {"score": float(clipped.sum() + rng.normal(0.0, noise * clip))}
 
 
 def run_candidate(out: Path, i: int, overrides: list[str]) -> Path:
@@ -146,7 +205,8 @@ def tune(args) -> dict:
     grid = parse_grid(args.grid)
     base = [*args.overrides, "probes=none", "eval=none"]
     dist = TruncatedNegativeBinomial.with_mean(args.mean_candidates, eta=args.eta)
-    worst, delta, n = grid_worst_rdp(base, grid, score_noise=args.score_noise)
+    worst, delta, data, s0 = grid_worst_rdp(base, grid, score_noise=args.score_noise)
+    n = data.num_train_units
     sel = selection_from_rdp(worst, dist, delta=delta)
     eps, order, one = sel["epsilon"], sel["order"], sel["one_candidate_epsilon"]
     public = {"epsilon": eps, "delta": delta, "rdp_order": order, "method": "private selection (Papernot & Steinke "
@@ -156,9 +216,10 @@ def tune(args) -> dict:
                                                       "plus Gaussian noise (lower is better)",
                                                       "clip": args.score_clip, "noise_multiplier": args.score_noise,
                                                       "max_units": args.score_units}}
-    from dpdiff.report.cli import compose_finetune
+    # (the scored units' count stays with the owner: it is drawn from the private held-out split's size)
+    from dpdiff.schema import compose
 
-    budget = compose_finetune(base + grid[0]).privacy.get("dataset_budget")
+    budget = compose(base + grid[0]).privacy.get("dataset_budget")
     if budget is not None and eps > float(budget):
         raise UserError(f"the tuning procedure would spend epsilon {eps:.3g} > privacy.dataset_budget {budget}: "
                         "fewer expected candidates, a larger --score-noise or a smaller target epsilon")
@@ -166,15 +227,21 @@ def tune(args) -> dict:
           f"({eps:.3g}, {delta:.2g})-DP (one candidate: {one:.3g}); candidates: random, {dist.mean():.1f} expected",
           flush=True)
     out.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng()  # fresh OS entropy: K, the grid draws and the score noise are in no config
+    rng = np.random.default_rng()  # fresh OS entropy: K, the grid draws, the scored units and the score noise
     k = dist.sample(rng)
+    units = score_units(data, args.score_units, rng)
+    ledger = ScoreCharge(out, data, s0, units, score_noise=args.score_noise, delta=delta)
+    ledger.charge("planned", k)  # before any candidate trains: refused past privacy.dataset_budget
     cands = []
-    for i in range(k):
-        point = grid[int(rng.integers(len(grid)))]
-        run_dir = run_candidate(out, i, base + point)
-        sc = noisy_score(run_dir, clip=args.score_clip, noise=args.score_noise, max_units=args.score_units, rng=rng)
-        cands.append({"run_dir": run_dir.name, "overrides": point, **sc})
-        print(f"  candidate {i}: {' '.join(point)}  noisy score {sc['score']:.4f}", flush=True)
+    try:
+        for i in range(k):
+            point = grid[int(rng.integers(len(grid)))]
+            run_dir = run_candidate(out, i, base + point)
+            sc = noisy_score(run_dir, units=units, clip=args.score_clip, noise=args.score_noise, rng=rng)
+            cands.append({"run_dir": run_dir.name, "overrides": point, **sc})
+            print(f"  candidate {i}: {' '.join(point)}  noisy score {sc['score']:.4f}", flush=True)
+    finally:  # the scores actually released (a failed candidate ends the procedure)
+        ledger.charge("finished" if len(cands) == k else "ended", len(cands))
     best = min(cands, key=lambda c: c["score"])
     public.update(best_overrides=best["overrides"])
     write_json_atomic(out / "selection.json", public)

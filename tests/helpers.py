@@ -78,13 +78,10 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
 def trained_recipe(run_dir: Path, overrides: list[str], patch=None):
     """A FinetuneRecipe composed from ``overrides``, set up, patched, trained and saved in ``run_dir``
     (in this process, so a test can patch it); cleaned up on exit."""
-    from hydra import compose, initialize_config_dir
-
-    from dpdiff.paths import config_dir
+    from dpdiff.schema import compose
     from recipes.finetune import FinetuneRecipe
 
-    with initialize_config_dir(config_dir=str(config_dir()), version_base=None):
-        cfg = compose("finetune", overrides=overrides)
+    cfg = compose(overrides)
     run_dir.mkdir(parents=True)
     recipe = FinetuneRecipe(cfg, run_dir)
     try:

@@ -47,7 +47,7 @@ def test_finetune_help_lists_the_groups_and_the_keys(capsys):
 
 
 def test_clean_asks_first_and_deletes_nothing_unconfirmed(capsys, home, monkeypatch):
-    from dpdiff.data.cli import clean_command
+    from dpdiff.report.cli import clean_command
 
     code, _, err = run(["clean"], capsys)  # not a terminal, no --yes
     assert code == 2 and "--yes" in err and (home / "cache").exists()
@@ -72,7 +72,7 @@ def test_clean_removes_a_runs_checkpoints_and_refuses_other_folders(capsys, home
 
 def test_explain_reads_the_documentation_and_covers_every_default_key(capsys):
     from dpdiff.commandline import all_keys
-    from dpdiff.report.cli import compose_finetune
+    from dpdiff.schema import compose
 
     code, out, _ = run(["explain", "privacy.max_grad_norm"], capsys)
     assert code == 0 and out.startswith("privacy.max_grad_norm = 0.01") and "configs/privacy/dp.yaml" in out
@@ -81,7 +81,7 @@ def test_explain_reads_the_documentation_and_covers_every_default_key(capsys):
     code, out, _ = run(["explain", "probes.mia"], capsys)
     assert "probes.mia.primary_attack = auto" in out
     # the line reader sees exactly the keys Hydra composes (hydra's own settings aside), with the same values
-    cfg = OmegaConf.to_container(compose_finetune([]), resolve=False)
+    cfg = OmegaConf.to_container(compose([]), resolve=False)
 
     def flat(d, prefix=""):
         for k, v in d.items():
@@ -131,7 +131,7 @@ def test_plan_search_scale_prints_a_search_config_the_finetune_settings_accept(c
     """--search-scale 8: the search keys keep the full-size sigma/B and steps; they validate as finetune settings
     (a fixed noise multiplier instead of a target epsilon); and the search run's own epsilon is printed."""
     from dpdiff.privacy.settings import PrivacySettings
-    from dpdiff.report.cli import compose_finetune
+    from dpdiff.schema import compose
 
     code, out, err = run(["plan", "--units", "3612", "--trainable", "20000", "--search-scale", "8",
                           "privacy.target_epsilon=8"], capsys)
@@ -145,7 +145,7 @@ def test_plan_search_scale_prints_a_search_config_the_finetune_settings_accept(c
     assert kv["train.batch_size"] == "64" and kv["train.max_steps"] == "75"
     assert float(kv["privacy.noise_multiplier"]) / 64 == pytest.approx(sigma_full / 512, rel=1e-3)
     assert "spends epsilon" in out and "charges it to the dataset ledger" in out
-    priv = PrivacySettings.from_config(compose_finetune(keys).privacy)
+    priv = PrivacySettings.from_config(compose(keys).privacy)
     priv.validate()
     assert priv.target_epsilon is None and priv.noise_multiplier == float(kv["privacy.noise_multiplier"])
     code, _, err = run(["plan", "--units", "3612", "--search-scale", "1"], capsys)

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from hydra import compose, initialize_config_dir
 
 from dpdiff.paths import config_dir
+from dpdiff.schema import compose
 
 GROUPS = ["model", "data", "adapter", "privacy", "train", "probes", "eval", "tracker", "launcher", "debug"]
 
@@ -15,8 +15,7 @@ def _options(group: str) -> list[str]:
 
 
 def _compose(overrides: list[str]):
-    with initialize_config_dir(config_dir=str(config_dir()), version_base=None):
-        return compose("finetune", overrides=overrides)
+    return compose(overrides)
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in _options(g)])
@@ -64,8 +63,7 @@ def test_privacy_none_is_labelled_non_private():
 
 @pytest.mark.parametrize("launcher", ["dpdiff_slurm", "dpdiff_local"])
 def test_cluster_launchers_compose(launcher):
-    with initialize_config_dir(config_dir=str(config_dir()), version_base=None):
-        cfg = compose("finetune", overrides=[f"hydra/launcher={launcher}"], return_hydra_config=True)
+    cfg = compose([f"hydra/launcher={launcher}"], return_hydra_config=True)
     assert "submitit" in cfg.hydra.launcher._target_
     assert cfg.hydra.launcher.timeout_min == 720
 
@@ -100,8 +98,7 @@ def test_family_model_configs_validate_on_their_family_and_refuse_another(family
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in (config_dir() / "hparams_search").glob("*.yaml")))
 def test_hparams_searches_are_multiruns(name):
-    with initialize_config_dir(config_dir=str(config_dir()), version_base=None):
-        cfg = compose("finetune", overrides=[f"hparams_search={name}"], return_hydra_config=True)
+    cfg = compose([f"hparams_search={name}"], return_hydra_config=True)
     assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
     params = cfg.hydra.sweeper.params
     assert params and all("," in str(v) for v in params.values())
@@ -146,3 +143,58 @@ def test_text_on_the_fly_refuses_caption_mitigation(tmp_path):
     with pytest.raises(UserError, match="text_features=cache"):
         DataSettings.from_config(cfg.data)
     assert DataSettings.from_config(_compose(["data.text_features=on_the_fly"]).data).text_features == "on_the_fly"
+
+
+@pytest.mark.parametrize("group", ["train", "data", "privacy", "adapter", "model"])
+def test_settings_hold_no_second_set_of_defaults(group):
+    """Every key a settings class reads comes from the composed config: with any one key removed, building the
+    settings is refused (a fallback default in Python would drift from the YAML's, as four once did)."""
+    from omegaconf import OmegaConf
+
+    from dpdiff.errors import UserError
+    from dpdiff.privacy.settings import PrivacySettings
+    from dpdiff.settings import AdapterSettings, DataSettings, ModelSettings, TrainSettings
+
+    build = {"train": lambda c: TrainSettings.from_config(c, privacy_enabled=True),
+             "data": DataSettings.from_config, "privacy": PrivacySettings.from_config,
+             "adapter": AdapterSettings.from_config, "model": ModelSettings.from_config}[group]
+    options = {"adapter": ["adapter=embedding"]}.get(group, [])  # the embedding adapter's own keys too
+    full = OmegaConf.to_container(_compose(options)[group], resolve=True)
+    build(OmegaConf.create(full))  # the whole group builds
+    leaves = [(k,) for k in full] + [(k, j) for k, v in full.items() if isinstance(v, dict) for j in v]
+    checked = 0
+    for path in leaves:
+        if len(path) == 1 and isinstance(full[path[0]], dict):
+            continue
+        cut = OmegaConf.create(full)
+        node = cut
+        for p in path[:-1]:
+            node = node[p]
+        del node[path[-1]]
+        with pytest.raises(UserError, match=f"config key '{path[-1]}' is missing"):
+            build(cut)
+        checked += 1
+    assert checked >= len(full) - 2
+
+
+def test_library_settings_are_the_clis():
+    """RunSettings.defaults() builds what `dpdiff finetune` composes; the four defaults that once drifted between
+    Python and YAML are the YAML's."""
+    from dpdiff.settings import RunSettings
+
+    s = RunSettings.defaults()
+    assert s == RunSettings.from_config(_compose([]))
+    assert s.privacy.max_grad_norm == 0.01 and s.train.lr_scheduler == "constant_with_warmup"
+    assert s.train.checkpoint_every == 100 and _compose([]).probes.mia.noise_draws == 2
+    assert RunSettings.defaults(["train.lr=0.001"]).train.lr == 0.001
+
+
+@pytest.mark.parametrize("override", ["train.lr=abc", "train.ema.enabled=maybe", "data.cache=often",
+                                      "privacy.augmult=1.5", "adapter.rank=four", "model.allow_download=sometimes",
+                                      "probes.mia.members=many", "probes.mia.lira.shadows=x", "eval.per_digit=all",
+                                      "tracker.kind=[a]", "launcher.num_processes=two", "train.lrr=1"])
+def test_the_schema_refuses_wrong_types_and_unknown_keys_at_compose(override):
+    from dpdiff.errors import UserError
+
+    with pytest.raises(UserError, match="bad override"):
+        _compose([override])

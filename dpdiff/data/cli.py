@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
-
 from dpdiff.errors import UserError
 
 
@@ -38,42 +35,3 @@ def check_command(path: str, *, caption_column: str = "text", unit: str = "examp
         raise UserError(f"{len(bad)} problem(s) would stop training (listed above); fix them or train with "
                         "data.skip_bad_files=true")
     print("ok: the dataset can be trained on")
-
-
-def clean_command(run_dirs: list[str], *, cache_only: bool = False, yes: bool = False, ask=None) -> list[str]:
-    """Remove the cached private features (encoded training images) and, for each run dir given, its checkpoints
-    (and a run-local cache). Everything to delete is listed first; without ``yes`` the user is asked (``ask``:
-    a function of the question returning the answer, default ``input`` on a terminal) and a non-interactive
-    call without ``yes`` deletes nothing. Returns what was removed."""
-    import sys
-
-    from dpdiff.paths import home
-
-    targets: list[Path] = []
-    cache = home() / "cache"
-    if cache.exists():
-        targets.append(cache)
-    if not cache_only:
-        for a in run_dirs:
-            run = Path(a).expanduser()
-            if not (run / "privacy.json").exists() and not list(run.glob("checkpoint-*")):
-                raise UserError(f"{run} is not a dpdiff run dir (no privacy.json or checkpoints); nothing deleted")
-            targets += sorted(run.glob("checkpoint-*")) + sorted(run.glob("cache"))
-    elif run_dirs:
-        raise UserError("--cache deletes only the feature cache: drop the run dirs, or --cache")
-    if not targets:
-        print("removed: nothing to remove")
-        return []
-    print("to delete:\n  " + "\n  ".join(str(t) for t in targets))
-    if not yes:
-        if ask is None:
-            if not sys.stdin.isatty():
-                raise UserError("dpdiff clean deletes files: pass --yes to confirm (nothing deleted)")
-            ask = input
-        if str(ask("delete these? [y/N] ")).strip().lower() not in ("y", "yes"):
-            print("nothing deleted")
-            return []
-    for t in targets:
-        shutil.rmtree(t)
-    print("removed: " + ", ".join(str(t) for t in targets))
-    return [str(t) for t in targets]

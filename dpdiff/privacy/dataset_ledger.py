@@ -66,7 +66,7 @@ import math
 import os
 import time as _time
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -391,6 +391,59 @@ def compose_runs(entries: Sequence, *, delta: float, accountant: str = DEFAULT_A
     unit = "user" if entries and all(e.privacy_unit == "user" for e in entries) else "example"
     return {"epsilon": eps, "delta": delta, "runs": n, "unit": unit, "accountant": accountant,
             "steps": sum(s.steps for s in hist), "note": None}
+
+
+def charge_attempt(led: DatasetLedger, make: Callable[[dict | None], AttemptEntry], current, *, delta: float,
+                   accountant: str, unit: str, planned: bool, budget: float | None, per_record: bool = True,
+                   before: Callable[[], None] | None = None, what: str = "this run",
+                   noun: str = "training record") -> RecordCharges:
+    """Append one attempt's line to the dataset ledger, under its lock from reading the ledger to appending: the
+    one charging path of every mechanism that reads private records (a training attempt, a tuning procedure's
+    score releases).
+
+    ``make(record_set)`` builds the entry (``record_set`` None: keep the entry's own); ``current`` holds the
+    records (``RecordIds`` or digests) the mechanism reads. A ``planned`` DP entry is refused when one of those
+    records was already charged to a DP attempt of another privacy unit (the guarantees do not compose) or when it
+    would bring a record past ``budget``; it then stores the record set beside the ledger. ``before`` runs first,
+    under the lock (a resume's correction of crashed attempts). Returns the records' charges with the new entry.
+    """
+    with led.lock():  # concurrent runs cannot both pass the checks
+        if before is not None:
+            before()
+        entry = make(None)
+        others = [e for e in led.entries() if e.attempt_id != entry.attempt_id]
+        charges = record_charges(led, others, current, delta=delta, accountant=accountant, extra=entry,
+                                 absent=False, conservative=not per_record)
+        held = [c for c in charges.charges if c.records]
+        where = (f"{charges.records} {noun}s" if per_record else "records (unknown to the ledger: every run counted)")
+        if planned and entry.dp:
+            clash = {a.attempt_id: a for c in held for a in c.attempts
+                     if a is not entry and a.dp and a.steps > 0 and a.privacy_unit != unit}
+            if clash:
+                other = next(iter(clash.values())).privacy_unit
+                hit = sum(c.records for c in held if any(a.attempt_id in clash for a in c.attempts))
+                raise UserError(
+                    f"privacy.unit={unit}: {hit if per_record else 'the'} of {what}'s {where} were already "
+                    f"trained on per {other} by {len(clash)} DP run(s) (ledger {led.path}); a per-{unit} and a "
+                    f"per-{other} guarantee do not compose into either (removing one image of a multi-image user "
+                    f"replaces that user's unit), so no total could be stated. Keep privacy.unit={other} for this "
+                    "data, or, only if the data owner accepts group-privacy reasoning across the two units, "
+                    "account this run in a separate ledger with privacy.dataset_ledger=PATH")
+        worst = charges.worst
+        if planned and budget is not None and worst.epsilon > budget:
+            spent = compose_runs([a for a in worst.attempts if a is not entry], delta=delta, accountant=accountant)
+            over = sum(c.records for c in held if c.epsilon > budget)
+            shown = "inf" if worst.epsilon == float("inf") else f"{worst.epsilon:.3f}"
+            raise UserError(
+                f"privacy.dataset_budget={budget:g}: {what} would bring its most-charged {noun} to epsilon {shown} "
+                f"at delta {delta:.3g} ({spent['epsilon']:.3f} already spent on it by {spent['runs']} run(s); "
+                f"{over if per_record else 'the'} of its {where} would pass the budget; ledger {led.path}"
+                + (f"; {worst.total['note']}" if worst.total.get("note") else "")
+                + f"); lower {what}'s epsilon, leave those records out, or raise the budget knowingly")
+        if planned and per_record:
+            entry = make(led.store_records(entry.attempt_id, current, users=unit == "user"))
+        led.record(entry)
+    return charges
 
 
 # ------------------------------------------------------------------------------ per-record charges

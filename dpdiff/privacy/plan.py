@@ -34,7 +34,7 @@ from dpdiff.privacy.accountants import (
     get_accountant,
     max_steps_within,
 )
-from dpdiff.privacy.dataset_ledger import DatasetLedger, compose_runs, ledger_location, make_entry
+from dpdiff.privacy.dataset_ledger import DatasetLedger, ledger_location, make_entry
 from dpdiff.privacy.ledger import PrivacyLedger, slice_segments
 from dpdiff.privacy.randomness import PrivacyRandomness
 from dpdiff.privacy.settings import PrivacySettings, default_delta
@@ -394,7 +394,7 @@ class PrivacyPlan:
         any of its records, or that would bring any of its records past ``privacy.dataset_budget``."""
         if not self.is_main:
             return None
-        from dpdiff.privacy.dataset_ledger import RecordIds, charges_summary, record_charges
+        from dpdiff.privacy.dataset_ledger import RecordIds, charge_attempt, charges_summary
 
         s = self.settings
         led = self.dataset_ledger = DatasetLedger(ledger_location(data_root=self.dataset.root,
@@ -409,51 +409,22 @@ class PrivacyPlan:
         current = ids if per_record else [b"\0" * 32]  # unknown records: one stand-in, charged every attempt
         delta = float(s.dataset_delta or (self.mechanism.delta if self.mechanism else 1e-5))
         fps = {self.dataset.fingerprint, self.dataset.source_fingerprint}
-        with led.lock():  # from reading the ledger to appending to it: concurrent runs cannot both pass the checks
-            if status == "planned":
-                self._correct_crashed_attempts(fps)
-                own = ([MechanismSegment(self.mechanism.noise_multiplier, self.mechanism.sample_rate,
-                                         max(self.mechanism.steps - self.ledger_start, 0))] if self.mechanism else [])
-            else:
-                own = slice_segments(self.ledger.segments, self.ledger_start, self.ledger.steps) if self.ledger else []
-            entry = self._entry(status=status, segments=own)
-            others = [e for e in led.entries() if e.attempt_id != self.attempt_id]
-            charges = record_charges(led, others, current, delta=delta, accountant=s.accountant, extra=entry,
-                                     absent=False, conservative=not per_record)
-            held = [c for c in charges.charges if c.records]
-            n = charges.records
-            where = f"{n} training records" if per_record else "records (unknown to the ledger: every run counted)"
-            if status == "planned" and self.enabled:
-                clash = {a.attempt_id: a for c in held for a in c.attempts
-                         if a is not entry and a.dp and a.steps > 0 and a.privacy_unit != s.unit}
-                if clash:
-                    other = next(iter(clash.values())).privacy_unit
-                    hit = sum(c.records for c in held if any(a.attempt_id in clash for a in c.attempts))
-                    raise UserError(
-                        f"privacy.unit={s.unit}: {hit if per_record else 'the'} of this run's {where} were already "
-                        f"trained on per {other} by {len(clash)} DP run(s) (ledger {led.path}); a per-{s.unit} and a "
-                        f"per-{other} guarantee do not compose into either (removing one image of a multi-image user "
-                        f"replaces that user's unit), so no total could be stated. Keep privacy.unit={other} for this "
-                        "data, or, only if the data owner accepts group-privacy reasoning across the two units, "
-                        "account this run in a separate ledger with privacy.dataset_ledger=PATH")
-            worst = charges.worst
-            if status == "planned" and s.dataset_budget is not None and worst.epsilon > s.dataset_budget:
-                before = compose_runs([a for a in worst.attempts if a is not entry], delta=delta,
-                                      accountant=s.accountant)
-                over = sum(c.records for c in held if c.epsilon > s.dataset_budget)
-                shown = "inf" if worst.epsilon == float("inf") else f"{worst.epsilon:.3f}"
-                raise UserError(
-                    f"privacy.dataset_budget={s.dataset_budget:g}: this run would bring its most-charged training "
-                    f"record to epsilon {shown} at delta {delta:.3g} ({before['epsilon']:.3f} already spent on it "
-                    f"by {before['runs']} run(s); {over if per_record else 'the'} of its {where} would pass the "
-                    f"budget; ledger {led.path}"
-                    + (f"; {worst.total['note']}" if worst.total.get("note") else "")
-                    + "); lower the run's epsilon, leave those records out, or raise the budget knowingly")
-            if status == "planned" and per_record:
-                self._record_set = led.store_records(self.attempt_id, ids, users=s.unit == "user")
-                entry = self._entry(status=status, segments=own)
-            led.record(entry)
-            self._charged = True
+        if status == "planned":
+            own = ([MechanismSegment(self.mechanism.noise_multiplier, self.mechanism.sample_rate,
+                                     max(self.mechanism.steps - self.ledger_start, 0))] if self.mechanism else [])
+        else:
+            own = slice_segments(self.ledger.segments, self.ledger_start, self.ledger.steps) if self.ledger else []
+
+        def make(record_set: dict | None):
+            if record_set is not None:
+                self._record_set = record_set
+            return self._entry(status=status, segments=own)
+
+        charges = charge_attempt(led, make, current, delta=delta, accountant=s.accountant, unit=s.unit,
+                                 planned=status == "planned" and self.enabled, budget=s.dataset_budget,
+                                 per_record=per_record,
+                                 before=(lambda: self._correct_crashed_attempts(fps)) if status == "planned" else None)
+        self._charged = True
         self.dataset_total = {**charges_summary(charges, per_record=per_record), "path": str(led.path)}
         return self.dataset_total
 

@@ -35,26 +35,28 @@ class PrivacySettings:
     max_images_per_user: int | None
     noise_multiplier: float | None  # None: calibrated to target_epsilon
     reproducible_noise: bool  # noise and masks from train.seed: debugging only, no guarantee across runs
-    secure_rng: bool = False  # noise and masks from a ChaCha20 keystream (randomness.py), not PCG64DXSM/Philox
+    secure_rng: bool  # noise and masks from a ChaCha20 keystream (randomness.py), not PCG64DXSM/Philox
     dataset_budget: float | None  # cap on the dataset's composed epsilon over all runs
     dataset_delta: float | None  # delta at which the dataset's total is stated
     dataset_ledger: str | None  # ledger file; None = next to the data (or under DPDIFF_HOME)
 
     @classmethod
     def from_config(cls, cfg) -> PrivacySettings:
-        get = (lambda k, d=None: cfg.get(k, d)) if hasattr(cfg, "get") else (lambda k, d=None: getattr(cfg, k, d))
+        from dpdiff.schema import required
+
+        get = lambda k: required(cfg, k)  # noqa: E731 (every key required: the defaults are the YAML's alone)
         s = cls(
-            enabled=bool(get("enabled", True)),
+            enabled=bool(get("enabled")),
             target_epsilon=_num(get("target_epsilon"), "target_epsilon"),
             delta=_num(get("delta"), "delta"),
-            max_grad_norm=_num(get("max_grad_norm", 1.0), "max_grad_norm"),
-            accountant=str(get("accountant", "prv")),
-            augmult=_int(get("augmult", 1), "augmult"),
-            unit=str(get("unit", "example")),
+            max_grad_norm=_num(get("max_grad_norm"), "max_grad_norm"),
+            accountant=str(get("accountant")),
+            augmult=_int(get("augmult"), "augmult"),
+            unit=str(get("unit")),
             max_images_per_user=_int(get("max_images_per_user"), "max_images_per_user"),
             noise_multiplier=_num(get("noise_multiplier"), "noise_multiplier"),
-            reproducible_noise=_bool(get("reproducible_noise", False), "reproducible_noise"),
-            secure_rng=_bool(get("secure_rng", False), "secure_rng"),
+            reproducible_noise=_bool(get("reproducible_noise"), "reproducible_noise"),
+            secure_rng=_bool(get("secure_rng"), "secure_rng"),
             dataset_budget=_num(get("dataset_budget"), "dataset_budget"),
             dataset_delta=_num(get("dataset_delta"), "dataset_delta"),
             dataset_ledger=None if get("dataset_ledger") in (None, "") else str(get("dataset_ledger")),

@@ -284,7 +284,20 @@ def _settings_digest(cfg) -> dict:
     return {k: plain.get(k) for k in ("extraction", "mia", "audit") if isinstance(plain.get(k), dict)}
 
 
-def load_run_canaries(run_dir: Path) -> dict | None:
+def build_probe_context(*, run_dir: Path, base, denoiser, data, cfg, probes, privacy: dict, resolution: int, device,
+                        schedule: dict | None, embedding=None) -> ProbeContext:
+    """The probes' view of a trained run, as ``dpdiff finetune`` (after training) and ``dpdiff probe`` (later, from
+    the run dir) both build it: ``data`` the run's ``PreparedData`` (its members and held-out units), ``cfg`` the
+    run's composed config (LiRA's shadows train as it did), ``probes`` the probes group in force, ``schedule``
+    privacy.json's schedule record, ``embedding`` the embedding adapter's settings (prompts carry its token)."""
     from dpdiff.probes.canaries import load_canaries
+    from dpdiff.probes.lira import ShadowRecipe
 
-    return load_canaries(run_dir)
+    return ProbeContext(run_dir=Path(run_dir), base=base, denoiser=denoiser, adapter_kind=str(cfg.adapter.kind),
+                        records=data.records, member_records=data.member_records(),
+                        nonmember_records=data.holdout_records(), resolution=int(resolution), device=device,
+                        privacy=privacy, canaries=load_canaries(run_dir), seed=int(probes.seed or 0), demo=data.demo,
+                        unit_of_record=data.unit_of_record(), max_sequence_length=cfg.model.max_sequence_length,
+                        shadow_recipe=ShadowRecipe.from_config(cfg, schedule=schedule),
+                        prompt_template=(embedding.template.replace("{token}", embedding.token)
+                                         if embedding is not None else None))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import shutil
 from pathlib import Path
 
 from dpdiff.errors import UserError
@@ -101,22 +102,6 @@ def budget_command(dataset: str, *, ledger: str | None = None, delta: float | No
     print(f"ledger-known records absent from the folder now: {absent}")
 
 
-def compose_finetune(overrides: list[str]):
-    """The finetune config composed with ``overrides`` exactly as ``dpdiff finetune`` composes it (Hydra's
-    compose API over the shipped configs), so planning and training read the same keys and defaults."""
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    from dpdiff.paths import config_dir
-
-    try:
-        with initialize_config_dir(config_dir=str(config_dir()), version_base=None):
-            return compose("finetune", overrides=list(overrides))
-    except (HydraException, OmegaConfBaseException) as err:
-        raise UserError(f"bad override: {str(err).splitlines()[0]}") from None
-
-
 def plan_command(*, overrides: list[str], units: int | None = None, trainable: int | None = None,
                  minutes: float | None = None, rows_per_second: float = 60.0, search_scale: int | None = None) -> None:
     """``dpdiff plan [--units N] [--trainable D] [--minutes M [--rows-per-second R]] [--search-scale K]
@@ -127,8 +112,9 @@ def plan_command(*, overrides: list[str], units: int | None = None, trainable: i
     from dpdiff.models.adapters import count_trainable
     from dpdiff.privacy.planning import assess, plan_grid, units_per_prompt
     from dpdiff.privacy.settings import default_delta
+    from dpdiff.schema import compose
 
-    cfg = compose_finetune(overrides)
+    cfg = compose(overrides)
     priv, tr, ad, data = cfg.privacy, cfg.train, cfg.adapter, cfg.data
     if not priv.get("enabled", True):
         raise UserError("privacy=none adds no noise: there is no mechanism to plan (drop privacy=none)")
@@ -267,3 +253,42 @@ def _suggest_embedding(cfg, *, n: int, eps: float, delta: float, rows: int, c: f
               f"{nsr_run:.3g} at this budget: dpdiff finetune experiment=private_look ... (prompt with its token). "
               "Measured beside DP-LoRA on 100 images of the tiny base it did no better "
               "(benchmarks/results/small_data.md): try both")
+
+
+def clean_command(run_dirs: list[str], *, cache_only: bool = False, yes: bool = False, ask=None) -> list[str]:
+    """Remove the cached private features (encoded training images) and, for each run dir given, its checkpoints
+    (and a run-local cache). Everything to delete is listed first; without ``yes`` the user is asked (``ask``:
+    a function of the question returning the answer, default ``input`` on a terminal) and a non-interactive
+    call without ``yes`` deletes nothing. Returns what was removed."""
+    import sys
+
+    from dpdiff.training.encode import FeatureCache
+
+    targets: list[Path] = []
+    cache = FeatureCache.default().root  # what every run caches unless data.cache_dir says otherwise
+    if cache.exists():
+        targets.append(cache)
+    if not cache_only:
+        for a in run_dirs:
+            run = Path(a).expanduser()
+            if not (run / "privacy.json").exists() and not list(run.glob("checkpoint-*")):
+                raise UserError(f"{run} is not a dpdiff run dir (no privacy.json or checkpoints); nothing deleted")
+            targets += sorted(run.glob("checkpoint-*")) + sorted(run.glob("cache"))
+    elif run_dirs:
+        raise UserError("--cache deletes only the feature cache: drop the run dirs, or --cache")
+    if not targets:
+        print("removed: nothing to remove")
+        return []
+    print("to delete:\n  " + "\n  ".join(str(t) for t in targets))
+    if not yes:
+        if ask is None:
+            if not sys.stdin.isatty():
+                raise UserError("dpdiff clean deletes files: pass --yes to confirm (nothing deleted)")
+            ask = input
+        if str(ask("delete these? [y/N] ")).strip().lower() not in ("y", "yes"):
+            print("nothing deleted")
+            return []
+    for t in targets:
+        shutil.rmtree(t)
+    print("removed: " + ", ".join(str(t) for t in targets))
+    return [str(t) for t in targets]

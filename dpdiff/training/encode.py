@@ -518,3 +518,53 @@ def encode_to_store(records: list[ImageRecord], path, *, base, resolution: int, 
         os.replace(writer.path, path)
         shutil.rmtree(progress_dir, ignore_errors=True)
     barrier()
+
+
+@dataclass(frozen=True)
+class FeatureCache:
+    """The user-only disk cache of frozen-encoder features: one memory-mapped store per (images and captions,
+    frozen encoders, transform), named by ``cache_key``, so a changed image, caption, encoder file, resolution,
+    crop, flip or dtype encodes anew and an unchanged one is read back without encoding. The features are derived
+    from private images: the folder is 0700 (``_private_dir``) and ``dpdiff clean`` deletes it
+    (:meth:`entries`)."""
+
+    root: Path
+
+    @classmethod
+    def default(cls) -> FeatureCache:
+        from dpdiff.paths import home
+
+        return cls(home() / "cache")
+
+    @classmethod
+    def for_data(cls, cache_dir: str | None) -> FeatureCache:
+        """``data.cache_dir`` (None: ``$DPDIFF_HOME/cache``)."""
+        return cls(Path(cache_dir).expanduser()) if cache_dir else cls.default()
+
+    def path(self, records: list[ImageRecord], *, base, resolution: int, center_crop: bool, flips: bool,
+             frozen_dtype: str, feature_dtype: str, max_sequence_length: int | None, text: bool) -> Path:
+        key = cache_key(records=records, base_path=base.path, parts=base.text_parts(),
+                        dtype=f"{frozen_dtype}/{feature_dtype}", max_sequence_length=max_sequence_length, text=text,
+                        resolution=resolution, center_crop=center_crop, flips=flips)
+        return self.root / f"features-{key}.safetensors"
+
+    def features(self, records: list[ImageRecord], *, base, device, resolution: int, center_crop: bool,
+                 flips: bool, frozen_dtype: str, feature_dtype: str, max_sequence_length: int | None = None,
+                 text: bool = True, progress: bool = True, proc=None) -> tuple[EncodedData, Path]:
+        """The records' features and the store holding them: read back when the store for exactly these inputs
+        exists, else encoded into it first (every process a share, resumably: ``encode_to_store``). Collective:
+        every rank calls it, also when the store exists."""
+        path = self.path(records, base=base, resolution=resolution, center_crop=center_crop, flips=flips,
+                         frozen_dtype=frozen_dtype, feature_dtype=feature_dtype,
+                         max_sequence_length=max_sequence_length, text=text)
+        encode_to_store(records, path, base=base, resolution=resolution, center_crop=center_crop, flips=flips,
+                        device=device, dtype=feature_dtype, progress=progress, max_sequence_length=max_sequence_length,
+                        proc=proc, text=text)
+        enc = load_encoded(path)
+        if enc is None:
+            raise RuntimeError(f"feature cache {path} could not be read back")
+        return enc, path
+
+    def entries(self) -> list[Path]:
+        """What the cache holds (stores, partial stores and their progress notes); [] when there is none."""
+        return sorted(self.root.iterdir()) if self.root.is_dir() else []

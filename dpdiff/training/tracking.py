@@ -221,24 +221,31 @@ class NullTracker:
         pass
 
 
-def build_tracker(cfg, run_dir: Path, *, config: dict, is_main: bool):
-    if not is_main:
-        return NullTracker()
-    kind = cfg.get("kind", "local")
-    local = LocalTracker(run_dir)
-    if kind == "local":
-        return local
+def check_tracker(cfg) -> str:
+    """``tracker.*`` checked before any private data is read: the kind, wandb's mode, and that wandb is installed.
+    Returns the kind."""
+    from dpdiff.errors import UserError
+
+    kind = str(cfg.kind)
+    if kind not in ("local", "wandb"):
+        raise UserError(f"tracker={kind}: must be local or wandb")
     if kind == "wandb":
+        if str(cfg.mode) not in ("offline", "online", "disabled"):
+            raise UserError(f"tracker.mode={cfg.mode}: must be offline, online or disabled")
         try:
             import wandb  # noqa: F401
         except ImportError:
-            from dpdiff.errors import UserError
-
             raise UserError("tracker=wandb needs the wandb package: pip install 'dpdiff[wandb]'") from None
-        return MultiTracker([local, WandbTracker(run_dir, config=config, project=cfg.get("project", "dpdiff"),
-                                                 mode=cfg.get("mode", "offline"), name=cfg.get("name"),
-                                                 tags=list(cfg.get("tags") or []),
-                                                 log_private_data=bool(cfg.get("log_private_data", False)))])
-    from dpdiff.errors import UserError
+    return kind
 
-    raise UserError(f"tracker={kind}: must be local or wandb")
+
+def build_tracker(cfg, run_dir: Path, *, config: dict, is_main: bool):
+    if not is_main:
+        return NullTracker()
+    kind = check_tracker(cfg)
+    local = LocalTracker(run_dir)
+    if kind == "local":
+        return local
+    return MultiTracker([local, WandbTracker(run_dir, config=config, project=str(cfg.project), mode=str(cfg.mode),
+                                             name=cfg.name, tags=list(cfg.tags or []),
+                                             log_private_data=bool(cfg.log_private_data))])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -105,9 +104,10 @@ def test_auto_schedule_keeps_the_demos_batch_and_steps_within_the_data(n, batch)
 def test_train_settings_resolve_auto_and_keep_explicit_values():
     from omegaconf import OmegaConf
 
+    from dpdiff.schema import compose
     from dpdiff.settings import TrainSettings
 
-    base = OmegaConf.load(Path(__file__).parents[2] / "configs" / "train" / "default.yaml")
+    base = compose([]).train
     auto = TrainSettings.from_config(base, privacy_enabled=True)
     assert auto.batch_size is None and auto.max_steps is None  # the shipped defaults are auto
     t, rec = auto.resolved(num_units=900)

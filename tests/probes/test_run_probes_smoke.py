@@ -13,6 +13,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from dpdiff.schema import compose
+
 pytestmark = pytest.mark.slow
 
 
@@ -21,7 +23,6 @@ def test_every_probe_writes_a_three_way_verdict(tmp_path):
     from dpdiff.data.formats import read_dataset
     from dpdiff.io import write_json_atomic
     from dpdiff.models.loading import load_base
-    from dpdiff.paths import config_dir
     from dpdiff.probes.canaries import GradientCanaries, canary_caption, canary_image, load_canaries
     from dpdiff.probes.context import ProbeContext
     from dpdiff.probes.run import REQUIRED, probe_history, run_probes
@@ -42,7 +43,7 @@ def test_every_probe_writes_a_three_way_verdict(tmp_path):
         grad.observe(torch.randn(1000), noise_multiplier=1.0, sample_rate=0.5, clip_norm=1.0, rng=rng)
     grad.save(run)
 
-    cfg = OmegaConf.merge(OmegaConf.load(config_dir() / "probes" / "default.yaml"), OmegaConf.from_dotlist([
+    cfg = OmegaConf.merge(compose([]).probes, OmegaConf.from_dotlist([
         "confidence=0.9", "budget_images=null", "extraction.captions=4", "extraction.per_caption=2",
         "extraction.steps=2", "extraction.units=3", "extraction.vae_floor_images=4", "mia.members=8",
         "mia.timesteps=[200]", "mia.noise_draws=1", "mia.bootstrap=20",

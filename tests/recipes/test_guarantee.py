@@ -19,9 +19,8 @@ import pytest
 import torch
 from dp_accounting import pld, rdp
 from helpers import write_image_folder
-from hydra import compose, initialize_config_dir
 
-from dpdiff.paths import config_dir
+from dpdiff.schema import compose
 
 FAST = ["debug=fast", "train.checkpoint_every=0", "data.holdout_fraction=0", "data.resolution=32"]
 
@@ -29,8 +28,7 @@ FAST = ["debug=fast", "train.checkpoint_every=0", "data.holdout_fraction=0", "da
 def _recipe(run_dir: Path, overrides: list[str]):
     from recipes.finetune import FinetuneRecipe
 
-    with initialize_config_dir(config_dir=str(config_dir()), version_base=None):
-        cfg = compose("finetune", overrides=overrides)
+    cfg = compose(overrides)
     run_dir.mkdir(parents=True)
     return FinetuneRecipe(cfg, run_dir)
 

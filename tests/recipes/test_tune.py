@@ -31,6 +31,17 @@ def test_tune_runs_a_random_number_of_candidates_and_publishes_the_procedures_gu
     priv = json.loads((best / "privacy.json").read_text())
     assert priv["selection"]["epsilon"] == pytest.approx(sel["epsilon"]) and "tuning procedure" in priv["guarantee"]
     assert priv["epsilon"] <= 2 and priv["epsilon"] < sel["epsilon"]  # the run alone vs the procedure
+    # the dataset ledger: each candidate charged its training records, the scores their held-out records
+    from dpdiff.privacy.dataset_ledger import DatasetLedger, ledger_location
+
+    entries = DatasetLedger(ledger_location(data_root=data)).entries()
+    score = [e for e in entries if e.attempt_id.startswith("tune-score-")]
+    runs = [e for e in entries if not e.attempt_id.startswith("tune-score-")]
+    assert len(score) == 1 and len(runs) == len(cands) and score[0].status == "finished"
+    (seg,) = score[0].segments
+    assert (seg.noise_multiplier, seg.sample_rate, seg.steps) == (4.0, 1.0, len(cands))
+    trained = runs[0].record_set["records"]
+    assert score[0].record_set["records"] == min(16 - trained, 8) > 0  # every held-out record, at most 8 units
 
 
 def test_tune_refuses_a_grid_over_the_privacy_settings(tmp_path):

@@ -288,3 +288,52 @@ def test_string_table_reads_like_a_list_of_strings():
     assert [t[i] for i in range(4)] == words and t[1:3] == words[1:3] and StringTable.of(t) is t
     with pytest.raises(IndexError):
         t[4]
+
+
+def test_feature_cache_reuses_a_store_and_invalidates_on_every_input(tmp_path, monkeypatch):
+    """FeatureCache: the same records, encoders and transform read the store back without encoding; another
+    image, caption, resolution, flip, feature dtype or an edited encoder file names a new store; dpdiff clean's
+    listing sees them."""
+    import dataclasses
+    import os
+    from pathlib import Path
+
+    import dpdiff.training.encode as encode
+    from dpdiff.models.loading import load_base
+
+    base, recs = load_base(None), _demo_records(6)
+    cache = encode.FeatureCache(tmp_path / "cache")
+    kw = dict(base=base, device="cpu", resolution=32, center_crop=True, flips=False, frozen_dtype="float32",
+              feature_dtype="float16", progress=False)
+    real, calls = encode._encode_image_batch, []
+    monkeypatch.setattr(encode, "_encode_image_batch", lambda records, **k: (calls.append(len(records)),
+                                                                            real(records, **k))[1])
+    enc, path = cache.features(recs, **kw)
+    assert calls and path.parent == cache.root and enc.latent_mean.shape[0] == 6
+    calls.clear()
+    again, same = cache.features(recs, **kw)
+    assert same == path and calls == []  # read back, nothing encoded
+    torch.testing.assert_close(again.latent_mean, enc.latent_mean, rtol=0, atol=0)
+    others = {
+        "another image": (recs[:5] + [recs[4]], {}),
+        "another caption": ([*recs[:5], dataclasses.replace(recs[5], text=recs[5].text + " x")], {}),
+        "resolution": (recs, {"resolution": 16}),
+        "flips": (recs, {"flips": True}),
+        "feature dtype": (recs, {"feature_dtype": "float32"}),
+    }
+    paths = {path}
+    for what, (r, change) in others.items():
+        p = cache.path(r, **{**{k: v for k, v in kw.items() if k not in ("device", "progress")}, **change,
+                             "max_sequence_length": None, "text": True})
+        assert p not in paths, what
+        paths.add(p)
+    vae_file = next((Path(base.path) / "vae").iterdir())
+    st = vae_file.stat()
+    try:
+        os.utime(vae_file, (st.st_atime, st.st_mtime + 5))  # an edited encoder file
+        p = cache.path(recs, **{k: v for k, v in kw.items() if k not in ("device", "progress")},
+                       max_sequence_length=None, text=True)
+        assert p not in paths
+    finally:
+        os.utime(vae_file, (st.st_atime, st.st_mtime))
+    assert path in cache.entries()
