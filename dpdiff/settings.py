@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dpdiff.errors import UserError
+from dpdiff.models.families import FAMILIES
 from dpdiff.privacy.plan import ENGINES
 from dpdiff.privacy.settings import PrivacySettings
 from dpdiff.schema import required
@@ -357,16 +358,18 @@ class ModelSettings:
         allow = _bool("model", "allow_download", _get(m, "allow_download"))
         path = resolve_pretrained(_get(m, "pretrained"), allow_download=allow)
         total = family = None
+        fam = None
         sched = Path(path) / "scheduler" / "scheduler_config.json"
         if sched.exists():
             total = int(json.loads(sched.read_text()).get("num_train_timesteps", 1000))
         if Path(path).is_dir():
-            family = detect_family(path).name
+            fam = detect_family(path)
+            family = fam.name
         if expected is not None and family is not None and family != expected:
             raise UserError(f"model.family={expected} (model={expected}) but {path} holds a "
                             f"{detect_family(path).pipeline} ({family}); use model={family}")
         msl = _int("model", "max_sequence_length", _get(m, "max_sequence_length"), lo=1, allow_none=True)
-        if msl is not None and family in ("sd", "sdxl"):
+        if msl is not None and fam is not None and not fam.t5_text:
             raise UserError(f"model.max_sequence_length={msl}: {family} pipelines have no T5 encoder (CLIP prompts are "
                             "always padded to the tokenizer's model_max_length); set it to null")
         return cls(pretrained=path, allow_download=allow,
@@ -399,7 +402,7 @@ class RunSettings:
         model = ModelSettings.from_config(cfg.model)
         train = TrainSettings.from_config(cfg.train, privacy_enabled=privacy.enabled,
                                           num_train_timesteps=model.num_train_timesteps)
-        if model.family in ("sd3", "flux") and train.snr_gamma is not None:
+        if model.family is not None and FAMILIES[model.family].objective == "flow" and train.snr_gamma is not None:
             raise UserError(f"train.snr_gamma={train.snr_gamma}: min-SNR weighting is for DDPM models; {model.family} "
                             "is trained by flow matching (set train.snr_gamma=null)")
         return cls(privacy=privacy, train=train, data=DataSettings.from_config(cfg.data),

@@ -145,7 +145,7 @@ class FinetuneRecipe:
                                         source_fingerprint=self.data.source_fingerprint,
                                         record_ids=self.data.train_record_ids))  # hashed once, by the main process
             self.plan.check_ranks_agree()  # collective: every rank read the same data and resolved one mechanism
-            self.plan.charge_dataset(status="planned")
+            self.plan.dataset_charge.charge(status="planned")
         # 4. models: base pipeline, trainable part, frozen features (private pixels are read from here on)
         self._setup_model()
         with self.clock.phase("training setup"):
@@ -379,7 +379,7 @@ class FinetuneRecipe:
         else:
             self.weights_dir = adapters.save(self.denoiser, kind=s.adapter.kind, out_dir=self.run_dir,
                                              family=self.base.family)
-        dataset_total = self.plan.charge_dataset(status="finished")
+        dataset_total = self.plan.dataset_charge.charge(status="finished")
         # privacy.json and the model card are published with the weights: the mechanism and the guarantee only;
         # what was computed from the data beyond N goes to data_owner.json (0600)
         self.privacy_record = privacy_record(plan=self.plan, data=self.data, world_size=self.proc.world_size,
@@ -501,7 +501,7 @@ def run(cfg: DictConfig) -> None:
     except UserError:
         if not started:  # nothing was trained: no charge to the dataset, no half-written run dir
             if recipe.plan is not None:
-                recipe.plan.release_charge()
+                recipe.plan.dataset_charge.release()
             recipe.cleanup()
             run_dir.discard_if_fresh()
         raise

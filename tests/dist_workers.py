@@ -71,7 +71,8 @@ def plans_agree(rank: int, world: int, port: int, out_dir: str, differ: bool) ->
     try:
         s = PrivacySettings(enabled=True, target_epsilon=8.0, delta=1e-4, max_grad_norm=1.0, accountant="rdp",
                             augmult=1, unit="example", max_images_per_user=None, noise_multiplier=None,
-                            reproducible_noise=False, dataset_budget=None, dataset_delta=None, dataset_ledger=None)
+                            reproducible_noise=False, secure_rng=False, dataset_budget=None,
+                            dataset_delta=None, dataset_ledger=None)
         root = Path(out_dir) / "data"
         root.mkdir(parents=True, exist_ok=True)
         n = 200 + (1 if differ and rank == 1 else 0)

@@ -132,3 +132,15 @@ def engine_clipped_sum(engine: str, model, objective, rows, *, C: float, expecte
     eng.finalize()
     eng.close()
     return torch.cat([p.grad.flatten() for p in params]), eng
+
+
+def probe_section(name: str, changes: dict | None = None) -> dict:
+    """The shipped ``probes.<name>`` group (configs/probes/default.yaml) with ``changes``, plus the group's
+    ``confidence``: what the probe functions read (their keys have no defaults of their own)."""
+    from omegaconf import OmegaConf
+
+    from dpdiff.schema import compose
+
+    probes = compose([]).probes
+    section = OmegaConf.to_container(probes[name])
+    return OmegaConf.to_container(OmegaConf.merge({**section, "confidence": probes.confidence}, changes or {}))

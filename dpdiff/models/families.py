@@ -31,6 +31,10 @@ from dpdiff.errors import UserError
 
 @dataclass(frozen=True)
 class Family:
+    """A model family as a strategy: what differs between SD, SDXL, SD3 and Flux lives in these classes (how the
+    denoiser is called, how prompts and images condition it, the latent layout, the pipeline's extras), so no code
+    outside them branches on a family's name."""
+
     name: str
     pipeline: str  # diffusers pipeline class in model_index.json
     denoiser: str  # "unet" | "transformer": the component that is fine-tuned
@@ -40,20 +44,99 @@ class Family:
     image_added: tuple[str, ...] = ()  # the part of ``added`` that depends on the image (not the caption)
     # one CLIP text encoder whose input embeddings a learned token can extend (``adapter=embedding``)
     single_clip_text: bool = False
+    t5_text: bool = False  # a T5 encoder whose token count ``model.max_sequence_length`` sets
+    latent_patch: int = 1  # latents are packed in patch x patch tiles (Flux: 2)
+    pipeline_extras: tuple[tuple[str, object], ...] = ()  # from_pretrained keywords the pipeline class needs
+
+    def call(self, model, noisy, timesteps, encoder_hidden_states, added, guidance):
+        """The denoiser's prediction in the latents' layout (``predict`` checks ``added`` first)."""
+        raise NotImplementedError
+
+    def encode_chunk(self, pipe, chunk: list[str], *, device, msl: dict):
+        """(token embeddings, added per-caption conditioning) of one chunk of captions."""
+        raise NotImplementedError
+
+    def image_conditioning(self, *, original_size: tuple[int, int], crop_top_left: tuple[int, int],
+                           resolution: int) -> dict[str, torch.Tensor]:
+        """Per-image added conditioning (none but SDXL's)."""
+        return {}
+
+
+@dataclass(frozen=True)
+class SDFamily(Family):
+    def call(self, model, noisy, timesteps, encoder_hidden_states, added, guidance):
+        return model(noisy, timesteps, encoder_hidden_states, return_dict=False)[0]
+
+    def encode_chunk(self, pipe, chunk, *, device, msl):
+        # one CLIP's last hidden state, padded to model_max_length (train_text_to_image_lora.py)
+        ids = pipe.tokenizer(chunk, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids.to(device)
+        return pipe.text_encoder(ids)[0], {}
+
+
+@dataclass(frozen=True)
+class SDXLFamily(Family):
+    def call(self, model, noisy, timesteps, encoder_hidden_states, added, guidance):
+        return model(noisy, timesteps, encoder_hidden_states, return_dict=False,
+                     added_cond_kwargs={"text_embeds": added["text_embeds"], "time_ids": added["time_ids"]})[0]
+
+    def encode_chunk(self, pipe, chunk, *, device, msl):
+        emb, _, pooled, _ = pipe.encode_prompt(prompt=chunk, device=device, do_classifier_free_guidance=False)
+        return emb, {"text_embeds": pooled}
+
+    def image_conditioning(self, *, original_size, crop_top_left, resolution):
+        """The six micro-conditioning ids (original height and width, crop top and left, target height and width:
+        ``compute_time_ids`` of ``train_text_to_image_sdxl.py``)."""
+        h, w = original_size
+        top, left = crop_top_left
+        return {"time_ids": torch.tensor([h, w, top, left, resolution, resolution], dtype=torch.float32)}
+
+
+@dataclass(frozen=True)
+class SD3Family(Family):
+    def call(self, model, noisy, timesteps, encoder_hidden_states, added, guidance):
+        return model(hidden_states=noisy, encoder_hidden_states=encoder_hidden_states,
+                     pooled_projections=added["pooled_projections"], timestep=timesteps, return_dict=False)[0]
+
+    def encode_chunk(self, pipe, chunk, *, device, msl):
+        emb, _, pooled, _ = pipe.encode_prompt(prompt=chunk, prompt_2=None, prompt_3=None, device=device,
+                                               do_classifier_free_guidance=False, **msl)
+        return emb, {"pooled_projections": pooled}
+
+
+@dataclass(frozen=True)
+class FluxFamily(Family):
+    def call(self, model, noisy, timesteps, encoder_hidden_states, added, guidance):
+        r, _, h, w = noisy.shape
+        g = None
+        if getattr(model.config, "guidance_embeds", False):
+            g = torch.full((r,), float(guidance), device=noisy.device, dtype=noisy.dtype)
+        out = model(hidden_states=pack_latents(noisy), encoder_hidden_states=encoder_hidden_states,
+                    pooled_projections=added["pooled_projections"], timestep=timesteps / 1000, guidance=g,
+                    img_ids=latent_ids(h, w, device=noisy.device, dtype=noisy.dtype),
+                    txt_ids=torch.zeros(encoder_hidden_states.shape[1], 3, device=noisy.device, dtype=noisy.dtype),
+                    return_dict=False)[0]
+        return unpack_latents(out, h, w)
+
+    def encode_chunk(self, pipe, chunk, *, device, msl):
+        emb, pooled, _ = pipe.encode_prompt(prompt=chunk, prompt_2=None, device=device, **msl)
+        return emb, {"pooled_projections": pooled}
 
 
 FAMILIES = {f.name: f for f in (
-    Family("sd", "StableDiffusionPipeline", "unet", "ddpm", ("to_q", "to_k", "to_v", "to_out.0"),
-           single_clip_text=True),
-    Family("sdxl", "StableDiffusionXLPipeline", "unet", "ddpm", ("to_q", "to_k", "to_v", "to_out.0"),
-           added=("text_embeds", "time_ids"), image_added=("time_ids",)),
-    Family("sd3", "StableDiffusion3Pipeline", "transformer", "flow",
-           ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"),
-           added=("pooled_projections",)),
-    Family("flux", "FluxPipeline", "transformer", "flow",
-           ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
-            "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"),
-           added=("pooled_projections",)),
+    SDFamily("sd", "StableDiffusionPipeline", "unet", "ddpm", ("to_q", "to_k", "to_v", "to_out.0"),
+             single_clip_text=True,
+             pipeline_extras=(("safety_checker", None), ("feature_extractor", None),
+                              ("requires_safety_checker", False))),
+    SDXLFamily("sdxl", "StableDiffusionXLPipeline", "unet", "ddpm", ("to_q", "to_k", "to_v", "to_out.0"),
+               added=("text_embeds", "time_ids"), image_added=("time_ids",)),
+    SD3Family("sd3", "StableDiffusion3Pipeline", "transformer", "flow",
+              ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"),
+              added=("pooled_projections",), t5_text=True),
+    FluxFamily("flux", "FluxPipeline", "transformer", "flow",
+               ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+                "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"),
+               added=("pooled_projections",), t5_text=True, latent_patch=2),
 )}
 _BY_PIPELINE = {f.pipeline: f for f in FAMILIES.values()}
 
@@ -104,25 +187,7 @@ def predict(model: torch.nn.Module, *, family: Family, noisy: torch.Tensor, time
     missing = [k for k in family.added if k not in added]
     if missing:
         raise ValueError(f"{family.name} needs the added conditioning {', '.join(missing)}")
-    if family.name == "sd":
-        return model(noisy, timesteps, encoder_hidden_states, return_dict=False)[0]
-    if family.name == "sdxl":
-        return model(noisy, timesteps, encoder_hidden_states, return_dict=False,
-                     added_cond_kwargs={"text_embeds": added["text_embeds"], "time_ids": added["time_ids"]})[0]
-    if family.name == "sd3":
-        return model(hidden_states=noisy, encoder_hidden_states=encoder_hidden_states,
-                     pooled_projections=added["pooled_projections"], timestep=timesteps, return_dict=False)[0]
-    # flux
-    r, _, h, w = noisy.shape
-    g = None
-    if getattr(model.config, "guidance_embeds", False):
-        g = torch.full((r,), float(guidance), device=noisy.device, dtype=noisy.dtype)
-    out = model(hidden_states=pack_latents(noisy), encoder_hidden_states=encoder_hidden_states,
-                pooled_projections=added["pooled_projections"], timestep=timesteps / 1000, guidance=g,
-                img_ids=latent_ids(h, w, device=noisy.device, dtype=noisy.dtype),
-                txt_ids=torch.zeros(encoder_hidden_states.shape[1], 3, device=noisy.device, dtype=noisy.dtype),
-                return_dict=False)[0]
-    return unpack_latents(out, h, w)
+    return family.call(model, noisy, timesteps, encoder_hidden_states, added, guidance)
 
 
 @torch.no_grad()
@@ -140,20 +205,7 @@ def encode_prompts(pipe, family: Family, captions: list[str], *, device, max_seq
     added: dict[str, list[torch.Tensor]] = {}
     for i in range(0, len(captions), batch_size):
         chunk = list(captions[i : i + batch_size])
-        if family.name == "sd":
-            ids = pipe.tokenizer(chunk, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                                 truncation=True, return_tensors="pt").input_ids.to(device)
-            emb, extra = pipe.text_encoder(ids)[0], {}
-        elif family.name == "sdxl":
-            emb, _, pooled, _ = pipe.encode_prompt(prompt=chunk, device=device, do_classifier_free_guidance=False)
-            extra = {"text_embeds": pooled}
-        elif family.name == "sd3":
-            emb, _, pooled, _ = pipe.encode_prompt(prompt=chunk, prompt_2=None, prompt_3=None, device=device,
-                                                   do_classifier_free_guidance=False, **msl)
-            extra = {"pooled_projections": pooled}
-        else:  # flux
-            emb, pooled, _ = pipe.encode_prompt(prompt=chunk, prompt_2=None, device=device, **msl)
-            extra = {"pooled_projections": pooled}
+        emb, extra = family.encode_chunk(pipe, chunk, device=device, msl=msl)
         embs.append(emb.float().cpu())
         for k, v in extra.items():
             added.setdefault(k, []).append(v.float().cpu())
@@ -166,8 +218,5 @@ def image_conditioning(family: Family, *, original_size: tuple[int, int], crop_t
                        resolution: int) -> dict[str, torch.Tensor]:
     """Per-image added conditioning: SDXL's six micro-conditioning ids (original height and width, crop top and
     left, target height and width: ``compute_time_ids`` of ``train_text_to_image_sdxl.py``); none for the others."""
-    if family.name != "sdxl":
-        return {}
-    h, w = original_size
-    top, left = crop_top_left
-    return {"time_ids": torch.tensor([h, w, top, left, resolution, resolution], dtype=torch.float32)}
+    return family.image_conditioning(original_size=original_size, crop_top_left=crop_top_left,
+                                     resolution=resolution)

@@ -48,11 +48,12 @@ class BaseModel:
 
     def check_resolution(self, resolution: int) -> None:
         """Latents must tile the VAE's downsampling, and Flux's 2x2 packing on top of it."""
-        mult = self.pipe.vae_scale_factor * (2 if self.family.name == "flux" else 1)
+        patch = self.family.latent_patch
+        mult = self.pipe.vae_scale_factor * patch
         if resolution % mult:
             raise UserError(f"data.resolution={resolution}: a {self.family.name} model needs a multiple of {mult} "
                             f"(its VAE downsamples by {self.pipe.vae_scale_factor}"
-                            f"{', then latents are packed 2x2' if self.family.name == 'flux' else ''})")
+                            f"{f', then latents are packed {patch}x{patch}' if patch > 1 else ''})")
 
     def text_parts(self) -> list[str]:
         """The pipeline's text encoders and tokenizers present in its dir (the feature cache depends on them)."""
@@ -134,8 +135,7 @@ def load_base(pretrained: str | None, *, device: torch.device | str = "cpu", all
     path = resolve_pretrained(pretrained, allow_download=allow_download)
     family = family_of(path, allow_download=allow_download)
     cls = getattr(diffusers, family.pipeline)
-    extra = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False) if family.name == "sd" \
-        else {}
+    extra = dict(family.pipeline_extras)
     try:
         with _quiet_loading():
             pipe = cls.from_pretrained(path, use_safetensors=True, local_files_only=not allow_download, **extra)
@@ -166,8 +166,7 @@ def build_pipeline(base: BaseModel, denoiser=None):
         parts["scheduler"] = diffusers.DPMSolverMultistepScheduler.from_config(base.pipe.scheduler.config)
     else:
         parts["scheduler"] = type(base.pipe.scheduler).from_config(base.pipe.scheduler.config)
-    if base.family.name == "sd":
-        parts.update(requires_safety_checker=False)
+    parts.update({k: v for k, v in base.family.pipeline_extras if k == "requires_safety_checker"})
     pipe = type(base.pipe)(**parts)
     pipe.set_progress_bar_config(disable=True)
     return pipe

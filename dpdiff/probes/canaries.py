@@ -42,6 +42,7 @@ from PIL import Image
 
 from dpdiff.errors import UserError
 from dpdiff.io import write_json_atomic
+from dpdiff.schema import required
 
 
 def canary_image(rng: np.random.Generator, size: int) -> Image.Image:
@@ -73,12 +74,12 @@ class CanarySettings:
     @classmethod
     def from_config(cls, probes_cfg) -> CanarySettings:
         audit = probes_cfg.get("audit") or {}
-        m = audit.get("canaries", 0) or 0
+        m = required(audit, "canaries") or 0
         if not isinstance(m, int) or m < 0:
             raise UserError(f"probes.audit.canaries={m}: must be an integer >= 0")
         if m == 1:
             raise UserError("probes.audit.canaries=1: an audit needs many canaries (hundreds for a useful bound)")
-        return cls(count=m, seed=int(audit.get("seed", 0) or 0))
+        return cls(count=m, seed=int(required(audit, "seed") or 0))
 
     def insert(self, data, *, run_dir: Path, seed: int, resolution: int | None = None):
         """Return a copy of ``data`` (PreparedData) with the included canaries added as training units."""

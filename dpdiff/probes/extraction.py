@@ -50,6 +50,7 @@ import torch
 from dpdiff.probes.cliques import largest_clique
 from dpdiff.probes.context import ProbeContext, pil_to_float
 from dpdiff.probes.metrics import cross_l2, cross_tiled_l2, pairwise_tiled_l2, phash_distance, ssim, tiled_l2
+from dpdiff.schema import required
 
 
 def expected_distinct_captions(captions: list[str], draws: int) -> float:
@@ -238,27 +239,27 @@ def run_extraction(ctx: ProbeContext, cfg, *, budget_images: int | None = None, 
     from dpdiff.probes.verdict import three_way_verdict, to_detect_twice_the_claim, verdict_fields
 
     t0 = time.time()
-    per = int(cfg.get("per_caption", 16))
+    per = int(required(cfg, "per_caption"))
     warnings: list[str] = []
-    max_caps = int(cfg.get("captions", 0) or 0) or None
+    max_caps = int(required(cfg, "captions") or 0) or None
     if budget_images:
         allowed = max(1, int(budget_images) // max(per, 1))
         max_caps = allowed if max_caps is None else min(max_caps, allowed)
     thr_cfg = float(cfg.get("l2_threshold", 0.15))
-    clique_thr = float(cfg.get("clique_threshold", thr_cfg))
-    grid = int(cfg.get("tile_grid", 4))
-    max_fmr = float(cfg.get("max_heldout_false_match_rate", 0.05))
-    size = min(int(ctx.resolution), int(cfg.get("match_resolution", 64) or ctx.resolution))
-    batch = int(cfg.get("batch_images", 256))
+    clique_thr = float(required(cfg, "clique_threshold"))
+    grid = int(required(cfg, "tile_grid"))
+    max_fmr = float(required(cfg, "max_heldout_false_match_rate"))
+    size = min(int(ctx.resolution), int(required(cfg, "match_resolution") or ctx.resolution))
+    batch = int(required(cfg, "batch_images"))
     dp = bool(ctx.privacy.get("dp"))
     claimed = ctx.privacy.get("epsilon") if dp else None
-    delta = float(ctx.privacy["delta"]) if dp else float(cfg.get("delta_if_no_dp", 1e-5))
+    delta = float(ctx.privacy["delta"]) if dp else float(required(cfg, "delta_if_no_dp"))
     alpha = 1.0 - confidence
 
     # one record per privacy unit (one coin each), a stratified uniform draw of each side
     members = ctx.one_record_per_unit(list(ctx.member_records))
     held = ctx.one_record_per_unit(list(ctx.nonmember_records))
-    want = int(cfg.get("units", 32))
+    want = int(required(cfg, "units"))
     fit = units_for_budget(ctx, members + held, units=want, max_captions=max_caps)
     if fit < want:
         warnings.append(f"the generation budget ({max_caps} captions x {per} generations) allows about {fit} of the "
@@ -274,9 +275,9 @@ def run_extraction(ctx: ProbeContext, cfg, *, budget_images: int | None = None, 
         pipe = ctx.pipeline()
         prompts = [ctx.prompt(c) for c in captions for _ in range(per)]
         seeds = [ctx.seed * 100003 + j for _ in captions for j in range(per)]
-        images = generate(pipe, prompts, seeds=seeds, steps=int(cfg.get("steps", 20)),
-                          guidance_scale=float(cfg.get("guidance_scale", 3.0)),
-                          batch_size=int(cfg.get("batch_size", 64)), progress=True)
+        images = generate(pipe, prompts, seeds=seeds, steps=int(required(cfg, "steps")),
+                          guidance_scale=float(required(cfg, "guidance_scale")),
+                          batch_size=int(required(cfg, "batch_size")), progress=True)
         gen = _area_resize(pil_to_float(images), size)
     gen_seconds = time.time() - t0
 
@@ -297,8 +298,8 @@ def run_extraction(ctx: ProbeContext, cfg, *, budget_images: int | None = None, 
 
     # does the threshold separate? up to calibration_heldout held-out images against every training image
     rng = np.random.default_rng([int(ctx.seed), 0xCA1])
-    calib = held if len(held) <= int(cfg.get("calibration_heldout", 512)) else sorted(
-        rng.choice(held, size=int(cfg.get("calibration_heldout", 512)), replace=False).tolist())
+    calib = held if len(held) <= int(required(cfg, "calibration_heldout")) else sorted(
+        rng.choice(held, size=int(required(cfg, "calibration_heldout")), replace=False).tolist())
     all_train = list(ctx.member_records)
     heldout_nearest = (nearest_training(ctx, _load_images(ctx, calib, size), all_train, size=size, batch=batch)[0]
                        if calib and all_train else None)
@@ -307,14 +308,14 @@ def run_extraction(ctx: ProbeContext, cfg, *, budget_images: int | None = None, 
                   else np.zeros(0))
 
     # the base VAE's floor on the probed training images (at the matching resolution)
-    floor_ids = mem_ids[: int(cfg.get("vae_floor_images", 32))]
-    floor = vae_floor(ctx, floor_ids, size=size) if floor_ids and cfg.get("vae_floor", True) else np.zeros(0)
+    floor_ids = mem_ids[: int(required(cfg, "vae_floor_images"))]
+    floor = vae_floor(ctx, floor_ids, size=size) if floor_ids and required(cfg, "vae_floor") else np.zeros(0)
     floor_median = float(np.median(floor)) if floor.size else None
 
     # optional independent detector
     feat_path = cfg.get("feature_extractor")
     item_feat = None
-    feat_thr = float(cfg.get("feature_threshold", 0.5))
+    feat_thr = float(required(cfg, "feature_threshold"))
     if feat_path and item_ids:
         sim = feature_similarity(feat_path, gen, item_imgs, ctx.device)
         item_feat = np.array([sim[cap_index[ctx.records[i].text] * per : (cap_index[ctx.records[i].text] + 1) * per,
@@ -391,14 +392,14 @@ def run_extraction(ctx: ProbeContext, cfg, *, budget_images: int | None = None, 
         per_caption.append({"caption_index": ci, "caption": c, "kind": kind, "training_items": n_m,
                             "heldout_items": len(ks) - n_m, "largest_clique": len(clique),
                             "extracted": int(extracted[ks].sum()), "control_matches": int(control_match[ks].sum())})
-    size_thr = clique_size_threshold(control_cliques, minimum=int(cfg.get("clique_min_size", 3)))
+    size_thr = clique_size_threshold(control_cliques, minimum=int(required(cfg, "clique_min_size")))
     for pc in per_caption:
         pc["clique_flagged"] = bool(size_thr is not None and pc["kind"] != "control"
                                     and pc["largest_clique"] >= size_thr)
 
     details = []
     flagged = np.flatnonzero(extracted | control_match)
-    for k in flagged[: int(cfg.get("max_flagged", 32))]:
+    for k in flagged[: int(required(cfg, "max_flagged"))]:
         g = int(item_gen[k])
         d = {"item": ctx.records[item_ids[k]].key, "member": bool(is_member[k]), "generation": g,
              "caption_index": g // per, "l2": float(item_l2[k]), "tiled_l2": float(tiled_l2(gen[g], item_imgs[k],

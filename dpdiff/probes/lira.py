@@ -38,6 +38,7 @@ import torch
 
 from dpdiff.errors import UserError
 from dpdiff.probes.context import ProbeContext, denoising_losses, encode_captions, encode_images
+from dpdiff.schema import required
 
 log = logging.getLogger("dpdiff")
 
@@ -50,64 +51,79 @@ MIN_POOL = 8
 class ShadowRecipe:
     """How the run was trained (read from its config): what each shadow repeats."""
 
-    adapter_kind: str = "lora"
-    rank: int = 4
-    alpha: float | None = None
-    target_modules: tuple[str, ...] | None = None
-    optimizer: str = "adamw"
-    lr: float = 2e-2
-    betas: tuple[float, float] = (0.9, 0.999)
-    weight_decay: float = 0.0
-    adam_epsilon: float = 1e-8
-    lr_scheduler: str = "constant_with_warmup"
-    warmup_steps: int = 10
-    steps: int = 75
-    batch_size: int = 512
-    micro_batch_size: int = 128
-    mixed_precision: str = "no"  # the run's train.mixed_precision: shadows run their forward the same way
+    adapter_kind: str
+    rank: int
+    alpha: float | None
+    target_modules: tuple[str, ...] | None
+    optimizer: str
+    lr: float
+    betas: tuple[float, float]
+    weight_decay: float
+    adam_epsilon: float
+    lr_scheduler: str
+    warmup_steps: int
+    steps: int
+    batch_size: int
+    micro_batch_size: int
+    mixed_precision: str  # the run's train.mixed_precision: shadows run their forward the same way
+
+    @classmethod
+    def shipped(cls, adapter_kind: str = "lora", **changes) -> ShadowRecipe:
+        """The recipe of a run trained with the shipped defaults (configs/, ``auto`` schedule at the demo's size),
+        with ``changes``: for a context that does not say how its run was trained."""
+        from dataclasses import replace
+
+        from dpdiff.privacy.planning import AUTO_BATCH, AUTO_STEPS
+        from dpdiff.schema import compose
+
+        r = cls.from_config(compose([f"adapter={adapter_kind}"]),
+                            schedule={"batch_size": AUTO_BATCH, "max_steps": AUTO_STEPS})
+        return replace(r, **changes)
 
     @classmethod
     def from_config(cls, cfg, *, schedule: dict | None = None) -> ShadowRecipe:
         """From a run's composed config (its ``adapter`` and ``train`` groups) and the batch size and steps it
         trained with (``schedule``, privacy.json's record: what ``auto`` resolved to)."""
-        a, t = cfg.get("adapter") or {}, dict(cfg.get("train") or {})
+        a, t = required(cfg, "adapter"), dict(required(cfg, "train"))
         for k in ("batch_size", "max_steps"):
             if schedule is not None and schedule.get(k) is not None:
                 t[k] = schedule[k]
             elif t.get(k) == "auto":
                 raise ValueError(f"train.{k}=auto: the run's resolved schedule (privacy.json) is needed")
-        tm = a.get("target_modules")
-        return cls(adapter_kind=str(a.get("kind", "lora")), rank=int(a.get("rank", 4) or 4),
-                   alpha=None if a.get("alpha") is None else float(a.get("alpha")),
+        tm = required(a, "target_modules")
+        alpha = required(a, "alpha")
+        return cls(adapter_kind=str(required(a, "kind")), rank=int(required(a, "rank") or 4),
+                   alpha=None if alpha is None else float(alpha),
                    target_modules=None if tm is None else tuple(str(x) for x in tm),
-                   optimizer=str(t.get("optimizer", "adamw")), lr=float(t.get("lr", 2e-2)),
-                   betas=(float(t.get("adam_beta1", 0.9)), float(t.get("adam_beta2", 0.999))),
-                   weight_decay=float(t.get("weight_decay", 0.0) or 0.0),
-                   adam_epsilon=float(t.get("adam_epsilon", 1e-8)),
-                   lr_scheduler=str(t.get("lr_scheduler", "constant_with_warmup")),
-                   warmup_steps=int(t.get("lr_warmup_steps", 0) or 0), steps=int(t.get("max_steps", 75)),
-                   batch_size=int(float(t.get("batch_size", 512))),
-                   micro_batch_size=int(t.get("micro_batch_size", 128)),
-                   mixed_precision=str(t.get("mixed_precision", "no")))
+                   optimizer=str(required(t, "optimizer")), lr=float(required(t, "lr")),
+                   betas=(float(required(t, "adam_beta1")), float(required(t, "adam_beta2"))),
+                   weight_decay=float(required(t, "weight_decay") or 0.0),
+                   adam_epsilon=float(required(t, "adam_epsilon")),
+                   lr_scheduler=str(required(t, "lr_scheduler")),
+                   warmup_steps=int(required(t, "lr_warmup_steps") or 0), steps=int(required(t, "max_steps")),
+                   batch_size=int(float(required(t, "batch_size"))),
+                   micro_batch_size=int(required(t, "micro_batch_size")),
+                   mixed_precision=str(required(t, "mixed_precision")))
 
 
 @dataclass(frozen=True)
 class LiraSettings:
-    shadows: int = 4
-    steps: int | None = None  # None: the run's steps
-    batch_size: int | None = None  # None: the run's (expected) batch size
-    lr: float | None = None  # None: the run's
-    pool_units: int = 2048  # images the shadows draw their training sets from (encoded once)
+    """``probes.mia.lira.*`` (configs/probes/default.yaml holds the defaults and what each key means)."""
+
+    shadows: int
+    steps: int | None  # None: the run's steps
+    batch_size: int | None  # None: the run's (expected) batch size
+    lr: float | None  # None: the run's
+    pool_units: int  # images the shadows draw their training sets from (encoded once)
     # each shadow trains on this random share of the pool (Carlini et al.: half), at most as many images as the
     # run trained on (a shadow on fewer images over-fits them more than the target did its own)
-    shadow_fraction: float = 0.5
-    per_example_variance_from: int = 16  # shadows from which sigma is fitted per image rather than pooled
-    enabled: bool = True
+    shadow_fraction: float
+    per_example_variance_from: int  # shadows from which sigma is fitted per image rather than pooled
 
     @property
     def runs(self) -> bool:
-        """Whether LiRA is asked for (enabled, with the two shadows a variance needs)."""
-        return self.enabled and self.shadows >= 2
+        """Whether LiRA is asked for (the two shadows a variance needs; shadows=0 switches it off)."""
+        return self.shadows >= 2
 
     @classmethod
     def from_config(cls, cfg) -> LiraSettings:
@@ -116,7 +132,7 @@ class LiraSettings:
         unknown = sorted(set(c) - known)
         if unknown:
             raise UserError(f"probes.mia.lira: unknown key {unknown[0]!r} (known: {', '.join(sorted(known))})")
-        s = cls(**{k: v for k, v in c.items() if k in cls.__dataclass_fields__})
+        s = cls(**{k: required(c, k) for k in cls.__dataclass_fields__})
         if s.shadows < 0 or s.shadows == 1:
             raise UserError(f"probes.mia.lira.shadows must be 0 (off) or >= 2 (a variance needs two), got {s.shadows}")
         if not 0.0 < s.shadow_fraction <= 1.0:

@@ -31,6 +31,7 @@ from dpdiff.probes.context import (
 )
 from dpdiff.probes.lira import LiraSettings
 from dpdiff.probes.stats import mia_summary, roc_points
+from dpdiff.schema import required
 
 
 def _subsample(indices: list[int], n: int, seed: int) -> list[int]:
@@ -147,10 +148,10 @@ def run_mia(ctx: ProbeContext, cfg, *, confidence: float | None = None) -> dict:
     (``split_dp_check``), Bonferroni-corrected over the attacks.
     """
     from dpdiff.probes.audit import detectable_epsilon
-    from dpdiff.probes.stats import DEFAULT_MIN_NONMEMBERS, split_dp_check
+    from dpdiff.probes.stats import split_dp_check
     from dpdiff.probes.verdict import POWER_FACTOR, three_way_verdict, to_detect_twice_the_claim, verdict_fields
 
-    confidence = float(confidence if confidence is not None else cfg.get("confidence", 0.95))
+    confidence = float(confidence if confidence is not None else required(cfg, "confidence"))
     claimed = ctx.privacy.get("epsilon") if ctx.privacy.get("dp") else None
     if not ctx.nonmember_records:
         v = three_way_verdict(claimed_epsilon=claimed, eps_lower=None, ceiling=None, confidence=confidence,
@@ -159,12 +160,12 @@ def run_mia(ctx: ProbeContext, cfg, *, confidence: float | None = None) -> dict:
         return {"skipped": "no held-out non-members (data.holdout_fraction=0)", "auc": None, **verdict_fields(v)}
     member_units = ctx.one_record_per_unit(ctx.member_records)  # one coin per privacy unit
     held_units = ctx.one_record_per_unit(ctx.nonmember_records)
-    n = min(int(cfg.get("members", 256)), len(member_units), len(held_units))
+    n = min(int(required(cfg, "members")), len(member_units), len(held_units))
     members = _subsample(member_units, n, ctx.seed)
     nonmembers = _subsample(held_units, n, ctx.seed + 1)
-    timesteps = [int(t) for t in cfg.get("timesteps", [50, 100, 200, 300, 500])]
-    draws = int(cfg.get("noise_draws", 4))
-    calibrated = bool(cfg.get("calibrated", True))
+    timesteps = [int(t) for t in required(cfg, "timesteps")]
+    draws = int(required(cfg, "noise_draws"))
+    calibrated = bool(required(cfg, "calibrated"))
     lira = LiraSettings.from_config(cfg.get("lira"))
     run_lira_now = lira.runs
     lira_info = None
@@ -180,8 +181,8 @@ def run_mia(ctx: ProbeContext, cfg, *, confidence: float | None = None) -> dict:
             lira_info = {"skipped": f"only {pool} images outside the {2 * n} probed units to train shadow models on "
                                     f"(LiRA needs {MIN_POOL}); probe fewer members (probes.mia.members) or hold "
                                     "out more units"}
-    primary = _primary_attack(str(cfg.get("primary_attack", "auto")), calibrated=calibrated,
-                              pia=bool(cfg.get("pia", True)), lira=run_lira_now)
+    primary = _primary_attack(str(required(cfg, "primary_attack")), calibrated=calibrated,
+                              pia=bool(required(cfg, "pia")), lira=run_lira_now)
     pia_diag = None
     keep_m, keep_n = {}, {}
     sm = loss_scores(ctx, members, timesteps=timesteps, draws=draws, calibrated=calibrated, keep=keep_m)
@@ -189,7 +190,7 @@ def run_mia(ctx: ProbeContext, cfg, *, confidence: float | None = None) -> dict:
     if run_lira_now:
         from dpdiff.probes.lira import ShadowRecipe, run_lira
 
-        recipe = ctx.shadow_recipe if ctx.shadow_recipe is not None else ShadowRecipe(adapter_kind=ctx.adapter_kind)
+        recipe = ctx.shadow_recipe if ctx.shadow_recipe is not None else ShadowRecipe.shipped(ctx.adapter_kind)
         cat = lambda k: torch.cat([keep_m[k], keep_n[k]])
         scores, lira_info = run_lira(
             ctx, lira, recipe, probed=members + nonmembers, latents=cat("latents"),
@@ -198,18 +199,18 @@ def run_mia(ctx: ProbeContext, cfg, *, confidence: float | None = None) -> dict:
         lira_info["trained_like"] = ("the run (its adapter and train settings)" if ctx.shadow_recipe is not None
                                      else "dpdiff's default recipe: the run's training settings were not known")
         sm["lira"], sn["lira"] = scores[: len(members)], scores[len(members):]
-    if cfg.get("pia", True):
-        t_pia = int(cfg.get("pia_timestep", 200))
-        lp = float(cfg.get("pia_lp", 4))
+    if required(cfg, "pia"):
+        t_pia = int(required(cfg, "pia_timestep"))
+        lp = float(required(cfg, "pia_lp"))
         sm["pia"], rms_m = pia_scores(ctx, members, timestep=t_pia, lp=lp)
         sn["pia"], rms_n = pia_scores(ctx, nonmembers, timestep=t_pia, lp=lp)
         pia_diag = pia_diagnostic(rms_m, rms_n)
     dp = bool(ctx.privacy.get("dp"))
-    delta = float(ctx.privacy["delta"]) if dp else float(cfg.get("delta_if_no_dp", 1e-5))
-    min_n = int(cfg.get("min_nonmembers", DEFAULT_MIN_NONMEMBERS))
+    delta = float(ctx.privacy["delta"]) if dp else float(required(cfg, "delta_if_no_dp"))
+    min_n = int(required(cfg, "min_nonmembers"))
     attacks = {}
     for name in sm:
-        summ = mia_summary(sm[name], sn[name], n_boot=int(cfg.get("bootstrap", 500)), seed=ctx.seed,
+        summ = mia_summary(sm[name], sn[name], n_boot=int(required(cfg, "bootstrap")), seed=ctx.seed,
                            alpha=1.0 - confidence, min_nonmembers=min_n)
         summ["auc_p_value_corrected"] = min(1.0, summ["auc_p_value"] * len(sm))  # Bonferroni over attacks
         summ["roc"] = roc_points(sm[name], sn[name])

@@ -17,6 +17,7 @@ from dpdiff.probes.context import (
     encode_images,
     shared_noises,
 )
+from dpdiff.schema import required
 
 log = logging.getLogger("dpdiff")
 
@@ -32,8 +33,8 @@ def canary_loss_scores(ctx: ProbeContext, cfg) -> tuple[np.ndarray, np.ndarray]:
     images = [Image.open(canary_dir / f"{c['key']}.png").convert("RGB") for c in items]
     latents = encode_images(ctx, images)
     cond = encode_captions(ctx, [c["caption"] for c in items], images)
-    timesteps = [int(t) for t in cfg.get("timesteps", [50, 100, 200, 300, 500])]
-    noises = shared_noises(tuple(latents.shape[1:]), int(cfg.get("noise_draws", 4)), ctx.seed + 29)
+    timesteps = [int(t) for t in required(cfg, "timesteps")]
+    noises = shared_noises(tuple(latents.shape[1:]), int(required(cfg, "noise_draws")), ctx.seed + 29)
     obj = ctx.objective()
     ft = denoising_losses(ctx.denoiser, obj, latents, cond, timesteps=timesteps, noises=noises, device=ctx.device)
     with ctx.base_model() as base_model:
@@ -89,8 +90,8 @@ def run_audit(ctx: ProbeContext, cfg, *, confidence: float | None = None) -> dic
                 "eps_lower": None, "verdict": None}
     dp = bool(ctx.privacy.get("dp"))
     claimed = ctx.privacy.get("epsilon") if dp else None
-    delta = float(ctx.privacy["delta"]) if dp else float(cfg.get("delta_if_no_dp", 1e-5))
-    conf = float(confidence if confidence is not None else cfg.get("confidence", 0.95))
+    delta = float(ctx.privacy["delta"]) if dp else float(required(cfg, "delta_if_no_dp"))
+    conf = float(confidence if confidence is not None else required(cfg, "confidence"))
     sets = int(bool(ctx.canaries)) + int(bool(grad))
     per_set = 1.0 - (1.0 - conf) / sets
     k_plus, k_minus = cfg.get("k_plus"), cfg.get("k_minus")
@@ -178,14 +179,14 @@ def check_probe_settings(cfg) -> None:
     from dpdiff.probes.lira import LiraSettings
     from dpdiff.probes.mia import _primary_attack
 
-    conf = float(cfg.get("confidence", 0.95))
+    conf = float(required(cfg, "confidence"))
     if not 0.0 < conf < 1.0:
         raise UserError(f"probes.confidence must be in (0, 1), got {conf}")
     mia = cfg.get("mia") or {}
-    if mia.get("enabled", True):
+    if required(mia, "enabled"):
         lira = LiraSettings.from_config(mia.get("lira"))
-        _primary_attack(str(mia.get("primary_attack", "auto")), calibrated=bool(mia.get("calibrated", True)),
-                        pia=bool(mia.get("pia", True)),
+        _primary_attack(str(required(mia, "primary_attack")), calibrated=bool(required(mia, "calibrated")),
+                        pia=bool(required(mia, "pia")),
                         lira=lira.runs)
 
 
@@ -193,12 +194,12 @@ def _probes_that_run(ctx: ProbeContext, cfg) -> tuple[list[str], list[str]]:
     """(the probes to run, those of them that can reach a verdict: the family the error rate is split over). An
     audit asked for without canaries in the run runs only to say so."""
     names = []
-    if (cfg.get("extraction") or {}).get("enabled", True):
+    if required(required(cfg, "extraction"), "enabled"):
         names.append("extraction")
-    if (cfg.get("mia") or {}).get("enabled", True):
+    if required(required(cfg, "mia"), "enabled"):
         names.append("mia")
     has_canaries = bool(ctx.canaries) or (ctx.run_dir / "gradient_canaries.json").exists()
-    if has_canaries or (cfg.get("audit") or {}).get("canaries", 0):
+    if has_canaries or required(required(cfg, "audit"), "canaries"):
         names.append("audit")
     return names, [n for n in names if n != "audit" or has_canaries]
 
@@ -221,7 +222,7 @@ def run_probes(ctx: ProbeContext, cfg) -> dict:
     budget = cfg.get("budget_images")
     torch.manual_seed(ctx.seed)
     ctx.denoiser.eval()
-    family_conf = float(cfg.get("confidence", 0.95))
+    family_conf = float(required(cfg, "confidence"))
     if not 0.0 < family_conf < 1.0:
         from dpdiff.errors import UserError
 

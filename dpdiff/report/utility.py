@@ -17,6 +17,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from dpdiff.schema import required
+
 UtilityFn = Callable[..., dict]
 _REGISTRY: dict[str, UtilityFn] = {}
 
@@ -37,14 +39,14 @@ def available() -> list[str]:
 def heldout_loss(ctx, cfg) -> dict:
     from dpdiff.probes.context import denoising_losses, encode_captions, encode_images, shared_noises
 
-    ids = list(ctx.nonmember_records)[: int(cfg.get("heldout_images", 256))]
+    ids = list(ctx.nonmember_records)[: int(required(cfg, "heldout_images"))]
     if not ids:
         return {"skipped": "no held-out images"}
     recs = [ctx.records[i] for i in ids]
     lat = encode_images(ctx, recs)
     cond = encode_captions(ctx, [r.text for r in recs], recs)
-    ts = [int(t) for t in cfg.get("timesteps", [100, 300, 500, 700, 900])]
-    noises = shared_noises(tuple(lat.shape[1:]), int(cfg.get("noise_draws", 2)), 4242)
+    ts = [int(t) for t in required(cfg, "timesteps")]
+    noises = shared_noises(tuple(lat.shape[1:]), int(required(cfg, "noise_draws")), 4242)
     obj = ctx.objective()
     ft = denoising_losses(ctx.denoiser, obj, lat, cond, timesteps=ts, noises=noises, device=ctx.device)
     with ctx.base_model() as base_model:
@@ -126,8 +128,8 @@ def digit_accuracy(ctx, cfg) -> dict:
     from dpdiff.models.pipeline import generate
 
     demo = get_demo(demo_name)
-    per = int(cfg.get("per_digit", 20))
-    steps, gs = int(cfg.get("steps", 20)), float(cfg.get("guidance_scale", 3.0))
+    per = int(required(cfg, "per_digit"))
+    steps, gs = int(required(cfg, "steps")), float(required(cfg, "guidance_scale"))
     prompts = [demo.caption(d) for d in demo.digits for _ in range(per)]
     keep = [demo.retention_prompt(d) for d in demo.retention_digits for _ in range(per)]
     seeds = [10_000 + i for i in range(max(len(prompts), len(keep)))]
@@ -173,7 +175,7 @@ def fid(ctx, cfg) -> dict:
     from dpdiff.models.pipeline import generate
 
     ids = list(ctx.nonmember_records) or list(ctx.member_records)
-    n = min(int(cfg.get("fid_images", 500)), len(ids))
+    n = min(int(required(cfg, "fid_images")), len(ids))
     recs = [ctx.records[i] for i in ids[:n]]
     imgs = generate(ctx.pipeline(), [r.text for r in recs], seeds=list(range(n)))
     with tempfile.TemporaryDirectory() as tmp:

@@ -22,7 +22,7 @@ N, B = 200, 20  # q = 0.1
 def settings(**kw) -> PrivacySettings:
     base = dict(enabled=True, target_epsilon=8.0, delta=1e-4, max_grad_norm=1.0, accountant="rdp", augmult=1,
                 unit="example", max_images_per_user=None, noise_multiplier=None, reproducible_noise=False,
-                dataset_budget=None, dataset_delta=None, dataset_ledger=None)
+                secure_rng=False,                dataset_budget=None, dataset_delta=None, dataset_ledger=None)
     base.update(kw)
     return PrivacySettings(**base)
 
@@ -60,7 +60,7 @@ def resume_point(plan: PrivacyPlan, *, checkpoint_step: int, ledger_on_disk: boo
 def test_crash_resume_message_gives_the_steps_that_work(tmp_path):
     """Killed at step 29 of 60 with a checkpoint at 20: all 29 spent steps count, so 51 steps fit, not 60."""
     a = build(tmp_path, "a")
-    a.charge_dataset(status="planned")
+    a.dataset_charge.charge(status="planned")
     train(a, 29)
     rp = resume_point(a, checkpoint_step=20)
     assert rp.ledger.steps == 29 and rp.discarded_steps == 9
@@ -106,31 +106,31 @@ def test_dataset_ledger_counts_every_attempt_once(tmp_path):
     # two fresh attempts into the same run dir (each is its own spend)
     for _ in range(2):
         p = build(tmp_path, "same", s=fixed, max_steps=5, data=data)
-        p.charge_dataset(status="planned")
+        p.dataset_charge.charge(status="planned")
         train(p, 5)
-        p.charge_dataset(status="finished")
+        p.dataset_charge.charge(status="finished")
     assert _total(tmp_path, data)["steps"] == 10
     # a run of 10 steps, then two resumes from its checkpoint into different dirs, 5 steps each
     a = build(tmp_path, "a", s=fixed, max_steps=10, data=data)
-    a.charge_dataset(status="planned")
+    a.dataset_charge.charge(status="planned")
     train(a, 10)
-    a.charge_dataset(status="finished")
+    a.dataset_charge.charge(status="finished")
     rp = resume_point(a, checkpoint_step=10)
     for d in ("x", "y"):
         b = build(tmp_path, d, s=fixed, max_steps=15, data=data, resume=rp)
-        b.charge_dataset(status="planned")
+        b.dataset_charge.charge(status="planned")
         train(b, 5)
-        b.charge_dataset(status="finished")
+        b.dataset_charge.charge(status="finished")
     assert _total(tmp_path, data)["steps"] == 10 + 10 + 5 + 5
     # a crash: planned 60, killed after 29 (checkpoint at 20); the resume corrects the planned entry to 29
     c = build(tmp_path, "c", s=fixed, max_steps=60, data=data)
-    c.charge_dataset(status="planned")
+    c.dataset_charge.charge(status="planned")
     train(c, 29)
     assert _total(tmp_path, data)["steps"] == 30 + 60  # until then the crashed attempt counts as planned
     d = build(tmp_path, "d", s=fixed, max_steps=30, data=data, resume=resume_point(c, checkpoint_step=20))
-    d.charge_dataset(status="planned")
+    d.dataset_charge.charge(status="planned")
     train(d, 10)
-    d.charge_dataset(status="finished")
+    d.dataset_charge.charge(status="finished")
     t = _total(tmp_path, data)
     assert t["steps"] == 30 + 29 + 10
     assert t["epsilon"] == pytest.approx(_eps(69, 1.0), rel=1e-9)
@@ -143,7 +143,7 @@ def test_budget_finds_runs_by_the_folder_as_listed(tmp_path):
     fingerprint of the folder as listed, and finds it."""
     data = dataset(tmp_path / "data", fp="a" * 64, source="b" * 64)
     p = build(tmp_path, "r", data=data)
-    p.charge_dataset(status="planned")
+    p.dataset_charge.charge(status="planned")
     loc = ledger_location(data_root=data.root, source_fingerprint="b" * 64)
     assert [e.attempt_id for e in DatasetLedger(loc).entries({"b" * 64})] == [p.attempt_id]
 
@@ -157,7 +157,7 @@ def test_read_only_dataset_ledger_lives_in_home_and_is_found(tmp_path, monkeypat
     data = dataset(tmp_path / "ro")
     monkeypatch.setattr(dataset_ledger.os, "access", lambda p, mode: os.path.realpath(p) != str(data.root))
     p = build(tmp_path, "r", data=data)
-    p.charge_dataset(status="planned")
+    p.dataset_charge.charge(status="planned")
     loc = ledger_location(data_root=data.root, source_fingerprint=data.source_fingerprint)
     assert loc.write.is_relative_to(tmp_path / "home")
     assert len(DatasetLedger(loc).entries({data.fingerprint})) == 1
@@ -166,20 +166,20 @@ def test_read_only_dataset_ledger_lives_in_home_and_is_found(tmp_path, monkeypat
 def test_dataset_budget_refused_before_training(tmp_path):
     data = dataset(tmp_path / "data")
     a = build(tmp_path, "a", data=data)
-    a.charge_dataset(status="planned")
+    a.dataset_charge.charge(status="planned")
     b = build(tmp_path, "b", data=data, s=settings(dataset_budget=10.0))
     with pytest.raises(UserError, match="privacy.dataset_budget=10"):
-        b.charge_dataset(status="planned")
+        b.dataset_charge.charge(status="planned")
 
 
 def test_non_private_and_reproducible_runs_leave_no_finite_total(tmp_path):
     data = dataset(tmp_path / "data")
-    build(tmp_path, "a", data=data, s=settings(reproducible_noise=True)).charge_dataset(status="planned")
+    build(tmp_path, "a", data=data, s=settings(reproducible_noise=True)).dataset_charge.charge(status="planned")
     assert _total(tmp_path, data)["epsilon"] < math.inf  # one seeded run alone: its own epsilon
-    build(tmp_path, "b", data=data).charge_dataset(status="planned")
+    build(tmp_path, "b", data=data).dataset_charge.charge(status="planned")
     assert _total(tmp_path, data)["epsilon"] == math.inf  # seeded noise does not compose as independent
     data2 = dataset(tmp_path / "data2")
-    build(tmp_path, "c", data=data2, s=replace(settings(), enabled=False)).charge_dataset(status="planned")
+    build(tmp_path, "c", data=data2, s=replace(settings(), enabled=False)).dataset_charge.charge(status="planned")
     assert _total(tmp_path, data2)["epsilon"] == math.inf
 
 

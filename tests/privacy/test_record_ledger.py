@@ -33,7 +33,7 @@ N, B, SIGMA, DELTA = 200, 20, 1.0, 1e-4  # q = 0.1
 def settings(**kw) -> PrivacySettings:
     base = dict(enabled=True, target_epsilon=None, delta=DELTA, max_grad_norm=1.0, accountant="rdp", augmult=1,
                 unit="example", max_images_per_user=None, noise_multiplier=SIGMA, reproducible_noise=False,
-                dataset_budget=None, dataset_delta=None, dataset_ledger=None)
+                secure_rng=False,                dataset_budget=None, dataset_delta=None, dataset_ledger=None)
     base.update(kw)
     return PrivacySettings(**base)
 
@@ -56,13 +56,13 @@ def run(tmp_path, name: str, records: RecordIds, *, steps: int = 5, finish: bool
                              run_dir=tmp_path / name,
                              dataset=DatasetIdentity(root=root, fingerprint=name, source_fingerprint=name,
                                                      record_ids=records))
-    plan.charge_dataset(status="planned")
+    plan.dataset_charge.charge(status="planned")
     if finish:
         plan.run_dir.mkdir(parents=True, exist_ok=True)
         for _ in range(steps):
             assert plan.may_step()
             plan.record_step()
-        plan.charge_dataset(status="finished")
+        plan.dataset_charge.charge(status="finished")
     return plan
 
 
@@ -92,7 +92,7 @@ def test_growing_dataset_old_records_carry_both_runs_new_ones_one(tmp_path):
         B / N, dp_accounting.GaussianDpEvent(SIGMA)), 10)
     assert both == pytest.approx(dp_accounting.rdp.RdpAccountant().compose(event).get_epsilon(DELTA), rel=0.03)
     # what the run's report gets: the worst record, and the records carrying each charge
-    total = b.dataset_total
+    total = b.dataset_charge.total
     assert total["epsilon"] == pytest.approx(both) and total["runs"] == 2 and total["records"] == 15
     assert [(h["records"], h["runs"]) for h in total["records_charged"]] == [(10, 2), (5, 1)]
     assert total["records_charged"][1]["epsilon"] == pytest.approx(eb.epsilon)
@@ -145,8 +145,8 @@ def test_old_entries_without_a_record_set_charge_every_record(tmp_path):
     assert ch.worst.epsilon == pytest.approx(eps(10))
     # a run on records A never touched is still charged the old entry
     b = run(tmp_path, "b", ids(range(20, 25)))
-    assert b.dataset_total["epsilon"] == pytest.approx(eps(10))
-    assert "conservatively" in b.dataset_total["note"] and b.dataset_total["legacy_attempts"] == 1
+    assert b.dataset_charge.total["epsilon"] == pytest.approx(eps(10))
+    assert "conservatively" in b.dataset_charge.total["note"] and b.dataset_charge.total["legacy_attempts"] == 1
 
 
 def test_dataset_budget_is_per_record(tmp_path):
@@ -154,7 +154,7 @@ def test_dataset_budget_is_per_record(tmp_path):
     run(tmp_path, "a", ids(range(10)))
     budget = (eps(5) + eps(10)) / 2  # above one run, below two composed
     c = run(tmp_path, "c", ids(range(10, 20)), dataset_budget=budget)
-    assert c.dataset_total["epsilon"] == pytest.approx(eps(5))
+    assert c.dataset_charge.total["epsilon"] == pytest.approx(eps(5))
     with pytest.raises(UserError) as err:
         run(tmp_path, "d", ids(range(15, 25)), dataset_budget=budget)  # 5 of c's records
     msg = str(err.value)
@@ -186,14 +186,14 @@ def test_user_level_runs_charge_every_record_of_their_users(tmp_path):
     ch = charges(tmp_path, ids([0, 1, 2], users))
     assert [(c.records, len(c.attempts)) for c in ch.charges] == [(1, 2), (2, 1)]
     assert ch.worst.epsilon == pytest.approx(eps(8))
-    assert b.dataset_total["epsilon"] == pytest.approx(eps(8))
+    assert b.dataset_charge.total["epsilon"] == pytest.approx(eps(8))
 
 
 def test_failed_and_crashed_attempts(tmp_path):
     # a non-private run that failed before training charges nothing (no infinite total left behind)
     p = run(tmp_path, "none", ids(range(10)), finish=False, enabled=False)
-    assert p.dataset_total["epsilon"] == float("inf")
-    p.release_charge()
+    assert p.dataset_charge.total["epsilon"] == float("inf")
+    p.dataset_charge.release()
     ch = charges(tmp_path, ids(range(10)))
     assert ch.new_records == 10 and ch.worst.epsilon == 0
     # a crash after 3 of 8 planned steps: until corrected, 8 count
@@ -207,7 +207,7 @@ def test_failed_and_crashed_attempts(tmp_path):
     d = PrivacyPlan.build(settings=settings(), num_units=N, batch_size=B, max_steps=5, seed=0,
                           run_dir=tmp_path / "d", dataset=c.dataset,
                           resume=ResumePoint.from_checkpoint(path=c.run_dir / "checkpoint-3", state=state))
-    d.charge_dataset(status="planned")
+    d.dataset_charge.charge(status="planned")
     e = {x.attempt_id: x for x in ledger(tmp_path).entries()}[c.attempt_id]
     assert e.status == "ended" and e.steps == 3 and e.record_set["records"] == 10  # corrected, same record set
     assert charges(tmp_path, ids(range(12))).worst.epsilon == pytest.approx(eps(5))  # 3 + 2 planned
@@ -262,10 +262,12 @@ def test_prepared_data_train_record_ids(tmp_path):
     from dataclasses import replace
 
     from dpdiff.data.prepare import prepare
+    from dpdiff.schema import compose
     from dpdiff.settings import DataSettings
 
     root = write_image_folder(tmp_path / "data", 10, users=3)
-    data = prepare(DataSettings.from_config({"path": str(root), "holdout_fraction": 0.2}), unit="example")
+    data = prepare(DataSettings.from_config(compose([f"data.path={root}", "data.holdout_fraction=0.2"]).data),
+                   unit="example")
     rid = data.train_record_ids()
     members = data.member_records()
     assert len(rid) == len(members) == 8 and rid is data.train_record_ids()  # computed once
@@ -279,16 +281,18 @@ def test_prepared_data_train_record_ids(tmp_path):
 def test_budget_command_reports_records_per_charge(tmp_path, capsys):
     from dpdiff.data.prepare import prepare
     from dpdiff.report.cli import budget_command
+    from dpdiff.schema import compose
     from dpdiff.settings import DataSettings
 
     def data_run(name: str):
-        data = prepare(DataSettings.from_config({"path": str(root)}), unit="example")
+        data = prepare(DataSettings.from_config(compose([f"data.path={root}", "data.holdout_fraction=0"]).data),
+                       unit="example")
         plan = PrivacyPlan.build(settings=settings(), num_units=N, batch_size=B, max_steps=5, seed=0,
                                  run_dir=tmp_path / name,
                                  dataset=DatasetIdentity(root=data.root, fingerprint=data.fingerprint,
                                                          source_fingerprint=data.source_fingerprint,
                                                          record_ids=data.train_record_ids))
-        plan.charge_dataset(status="planned")
+        plan.dataset_charge.charge(status="planned")
         return plan
 
     root = write_image_folder(tmp_path / "data", 10)

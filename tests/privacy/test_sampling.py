@@ -63,6 +63,7 @@ def test_sampling_stream_differs_per_rank_and_from_the_shared_seed():
 
 
 def test_secure_sampler_is_not_reproducible():
+    """Two fresh-entropy masks of 1000 units at q = 0.5 coincide with probability 2^-1000 (the false failure)."""
     a = PoissonSampler(1000, 0.5, seed=0, secure=True).sample()
     b = PoissonSampler(1000, 0.5, seed=0, secure=True).sample()
     assert a != b

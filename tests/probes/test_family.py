@@ -9,6 +9,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from dpdiff.probes.verdict import attempt_alpha, overall_verdict
+from dpdiff.schema import compose
 
 
 def test_attempts_never_spend_more_than_the_family_error_rate():
@@ -56,7 +57,8 @@ def test_each_attempt_is_counted_and_spends_its_share(monkeypatch, tmp_path):
     monkeypatch.setattr(extraction, "run_extraction", fake)
     monkeypatch.setattr(mia, "run_mia", fake)
     ctx = SimpleNamespace(run_dir=tmp_path, seed=0, denoiser=SimpleNamespace(eval=lambda: None), canaries=None)
-    cfg = OmegaConf.create({"confidence": 0.9, "extraction": {"enabled": True}, "mia": {"enabled": True}})
+    cfg = OmegaConf.merge(compose([]).probes, {"confidence": 0.9, "extraction": {"enabled": True},
+                                                "mia": {"enabled": True}})
     outs = [run_probes(ctx, cfg) for _ in range(3)]
     for j, out in enumerate(outs, start=1):
         per = 1 - attempt_alpha(0.1, j) / 2  # two probes ran

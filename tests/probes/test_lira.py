@@ -8,12 +8,13 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from helpers import make_tiny_lora_unet
+from helpers import make_tiny_lora_unet, probe_section
 from scipy import stats
 
 from dpdiff.errors import UserError
 from dpdiff.probes.context import ProbeContext
 from dpdiff.probes.lira import LiraSettings, ShadowRecipe, _shadow_denoiser, lira_scores, shadow_pool
+from dpdiff.schema import compose
 
 
 def _ctx(n_members=30, n_held=20, users=None, denoiser=None):
@@ -90,7 +91,7 @@ def test_a_lora_shadow_trains_its_own_adapter_and_leaves_the_target_as_it_was():
     h = torch.randn(2, 8, 64, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         y0 = unet(x, t, encoder_hidden_states=h).sample
-    recipe = ShadowRecipe(rank=2)
+    recipe = ShadowRecipe.shipped(rank=2)
     with _shadow_denoiser(ctx, recipe) as (model, params):
         assert model is unet and params and all("dpdiff_lira_shadow" in n for n, p in unet.named_parameters()
                                                 if p.requires_grad)
@@ -117,15 +118,18 @@ def test_a_lora_shadow_trains_its_own_adapter_and_leaves_the_target_as_it_was():
 
 
 def test_settings_refuse_typos_and_a_single_shadow():
-    assert LiraSettings.from_config({"shadows": 8, "enabled": True}).shadows == 8
+    lira = dict(compose([]).probes.mia.lira)
+    assert LiraSettings.from_config({**lira, "shadows": 8}).shadows == 8
     with pytest.raises(UserError, match="unknown key 'shadow'"):
-        LiraSettings.from_config({"shadow": 8})
+        LiraSettings.from_config({**lira, "shadow": 8})
     with pytest.raises(UserError, match="at least|>= 2"):
-        LiraSettings.from_config({"shadows": 1})
+        LiraSettings.from_config({**lira, "shadows": 1})
     with pytest.raises(UserError, match="shadow_fraction"):
-        LiraSettings.from_config({"shadow_fraction": 0})
-    r = ShadowRecipe.from_config({"adapter": {"kind": "lora", "rank": 8, "target_modules": ["to_q"]},
-                                  "train": {"lr": 1e-3, "max_steps": 30, "batch_size": 16}})
+        LiraSettings.from_config({**lira, "shadow_fraction": 0})
+    with pytest.raises(UserError, match="config key 'pool_units' is missing"):
+        LiraSettings.from_config({k: v for k, v in lira.items() if k != "pool_units"})
+    r = ShadowRecipe.from_config(compose(["adapter.rank=8", "adapter.target_modules=[to_q]", "train.lr=1e-3",
+                                          "train.max_steps=30", "train.batch_size=16"]))
     assert (r.rank, r.target_modules, r.lr, r.steps, r.batch_size) == (8, ("to_q",), 1e-3, 30, 16)
 
 
@@ -166,13 +170,14 @@ def test_lira_is_the_declared_headline_and_one_more_attack_in_the_verdict(monkey
     seen = _fake_mia(monkeypatch, leak_loss=0.0, leak_lira=8.0)
     ctx = _ctx(n_members=600, n_held=400)
     ctx.privacy["epsilon"] = 1.0
-    out = mia.run_mia(ctx, {"bootstrap": 50, "members": 200}, confidence=0.95)
+    out = mia.run_mia(ctx, probe_section("mia", {"bootstrap": 50, "members": 200}), confidence=0.95)
     assert set(out["attacks"]) == {"loss", "calibrated", "pia", "lira"} and out["primary_attack"] == "lira"
     assert out["split_audit"]["best_attack"] == "lira" and out["verdict"] == "FAIL", out["verdict_reason"]
     assert out["split_audit"]["confidence_per_attack"] == pytest.approx(1 - 0.05 / 4)
     assert out["attacks"]["lira"]["auc"] > 0.99 and out["lira"]["shadows"] == 4
     assert len(seen["probed"]) == 400 and isinstance(seen["recipe"], ShadowRecipe)
-    off = mia.run_mia(ctx, {"bootstrap": 50, "members": 200, "lira": {"shadows": 0}}, confidence=0.95)
+    off = mia.run_mia(ctx, probe_section("mia", {"bootstrap": 50, "members": 200, "lira": {"shadows": 0}}),
+                      confidence=0.95)
     assert "lira" not in off["attacks"] and off["primary_attack"] == "calibrated" and off["lira"] is None
 
 
@@ -182,10 +187,10 @@ def test_a_headline_attack_that_does_not_run_or_does_not_exist_is_refused(monkey
     _fake_mia(monkeypatch, 0.0, 0.0)
     ctx = _ctx(n_members=60, n_held=40)
     with pytest.raises(UserError, match="primary_attack must be auto or one of"):
-        mia.run_mia(ctx, {"primary_attack": "calbrated"})
+        mia.run_mia(ctx, probe_section("mia", {"primary_attack": "calbrated"}))
     with pytest.raises(UserError, match="does not run"):
-        mia.run_mia(ctx, {"primary_attack": "lira", "lira": {"shadows": 0}})
-    assert mia.run_mia(ctx, {"primary_attack": "pia", "bootstrap": 20})["primary_attack"] == "pia"
+        mia.run_mia(ctx, probe_section("mia", {"primary_attack": "lira", "lira": {"shadows": 0}}))
+    assert mia.run_mia(ctx, probe_section("mia", {"primary_attack": "pia", "bootstrap": 20}))["primary_attack"] == "pia"
 
 
 def test_too_few_unprobed_images_for_shadows_skip_lira_with_the_reason(monkeypatch):
@@ -193,11 +198,11 @@ def test_too_few_unprobed_images_for_shadows_skip_lira_with_the_reason(monkeypat
 
     _fake_mia(monkeypatch, 0.0, 0.0)
     ctx = _ctx(n_members=12, n_held=12)  # every unit probed: nothing left to train shadows on
-    out = mia.run_mia(ctx, {"bootstrap": 20})
+    out = mia.run_mia(ctx, probe_section("mia", {"bootstrap": 20}))
     assert "lira" not in out["attacks"] and out["primary_attack"] == "calibrated"
     assert "only 0 images outside the 24 probed units" in out["lira"]["skipped"]
     with pytest.raises(UserError, match="does not run"):
-        mia.run_mia(ctx, {"primary_attack": "lira"})
+        mia.run_mia(ctx, probe_section("mia", {"primary_attack": "lira"}))
 
 
 @pytest.mark.parametrize("precision", ["no", "bf16"])
@@ -217,7 +222,7 @@ def test_train_shadow_moves_only_the_shadow_adapter(precision):
                        member_records=[0, 1, 2], nonmember_records=[3, 4, 5], resolution=32, device="cpu",
                        privacy={"dp": False})
     before = {n: p.detach().clone() for n, p in base.denoiser.named_parameters()}
-    recipe = ShadowRecipe(rank=2, lr=1e-2, warmup_steps=0, micro_batch_size=2, mixed_precision=precision)
+    recipe = ShadowRecipe.shipped(rank=2, lr=1e-2, warmup_steps=0, micro_batch_size=2, mixed_precision=precision)
     with _shadow_denoiser(ctx, recipe) as (model, params):
         init = {n: p.detach().clone() for n, p in model.named_parameters()}
         curve = train_shadow(ctx, model, params, latents=encode_images(ctx, recs[:4]), records=[0, 1, 2, 3],

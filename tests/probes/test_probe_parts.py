@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from helpers import probe_section
 
 from dpdiff.probes.extraction import (
     calibrated_threshold,
@@ -206,7 +207,7 @@ def test_run_audit_verdicts_from_recorded_gradient_canaries(tmp_path, count, shi
     privacy = {"dp": claimed is not None, "epsilon": claimed, "delta": 1e-5}
     ctx = ProbeContext(run_dir=tmp_path, base=None, denoiser=None, adapter_kind="lora", records=[], member_records=[],
                        nonmember_records=[], resolution=8, device="cpu", privacy=privacy)
-    out = run_audit(ctx, {"confidence": 0.9})
+    out = run_audit(ctx, probe_section("audit", {"confidence": 0.9}))
     assert out["verdict"] == expected, out["verdict_reason"]
     assert out["claimed_epsilon"] == claimed and out["confidence"] == 0.9
     assert out["gradient_canaries"]["m"] == count and out["ceiling"] >= out["eps_lower"]
@@ -245,8 +246,8 @@ def test_run_mia_verdicts_from_synthetic_scores(monkeypatch, n_members, n_held, 
     monkeypatch.setattr(mia, "loss_scores", fake_loss_scores)
     monkeypatch.setattr(mia, "pia_scores", lambda ctx, ids, **kw: (-np.arange(len(ids), dtype=float),
                                                                     np.full(len(ids), 1.02)))
-    out = mia.run_mia(_mia_ctx(n_members, n_held, claimed), {"bootstrap": 50, "lira": {"shadows": 0}},
-                      confidence=0.95)
+    out = mia.run_mia(_mia_ctx(n_members, n_held, claimed),
+                      probe_section("mia", {"bootstrap": 50, "lira": {"shadows": 0}}), confidence=0.95)
     assert out["verdict"] == expected, out["verdict_reason"]
     assert out["members"] == out["nonmembers"] == min(n_members, n_held, 256)
     assert set(out["attacks"]) == {"loss", "calibrated", "pia"} and out["primary_attack"] == "calibrated"
@@ -306,7 +307,8 @@ def _extraction_setup(monkeypatch, *, memorise: bool | int, floor: float, heldou
         ctx.pipeline = lambda: None
         return ctx
 
-    cfg = {"units": 20, "captions": 40, "per_caption": 2, "vae_floor_images": 8, "match_resolution": 16}
+    cfg = probe_section("extraction", {"units": 20, "captions": 40, "per_caption": 2, "vae_floor_images": 8,
+                                       "match_resolution": 16})
     return ctx_for, cfg
 
 

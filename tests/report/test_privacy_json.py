@@ -23,6 +23,7 @@ from dpdiff.report.privacy_json import (
     write_model_card,
     write_owner_json,
 )
+from dpdiff.schema import compose
 from dpdiff.settings import DataSettings
 
 CONTRACT = ("epsilon", "delta", "target_epsilon", "accountant", "noise_multiplier", "max_grad_norm", "sample_rate",
@@ -31,9 +32,10 @@ CONTRACT = ("epsilon", "delta", "target_epsilon", "accountant", "noise_multiplie
 
 def _setup(tmp_path, **privacy):
     root = write_image_folder(tmp_path / "data", 20)
-    data = prepare(DataSettings.from_config({"path": str(root), "holdout_fraction": 0.1}), unit="example")
-    s = PrivacySettings.from_config({"enabled": True, "target_epsilon": 4.0, "max_grad_norm": 0.5,
-                                     "accountant": "rdp", **privacy})
+    data = prepare(DataSettings.from_config(compose([f"data.path={root}", "data.holdout_fraction=0.1"]).data),
+                   unit="example")
+    s = PrivacySettings.from_config({**compose(["privacy.target_epsilon=4", "privacy.max_grad_norm=0.5",
+                                                "privacy.accountant=rdp"]).privacy, **privacy})
     plan = PrivacyPlan.build(settings=s, num_units=data.num_train_units, batch_size=6, max_steps=10, seed=0,
                              run_dir=tmp_path / "run",
                              dataset=DatasetIdentity(root=data.root, fingerprint=data.fingerprint,

@@ -18,6 +18,7 @@ from dpdiff.models.loading import load_base
 from dpdiff.paths import TINY_BASE_DIR
 from dpdiff.privacy.engine import DPSGDEngine, NonPrivateEngine
 from dpdiff.privacy.randomness import GaussianNoise
+from dpdiff.schema import compose
 from dpdiff.settings import EmbeddingSettings
 from dpdiff.training.concept import ConceptToken, ConceptTrainer
 from dpdiff.training.encode import encode_dataset
@@ -36,8 +37,16 @@ def setup(tmp_path_factory):
                          device="cpu", progress=False)
     units = PrivacyUnits("user", ((0, 1), (2,), (3, 4, 5)), ("a", "b", "c"))
     rb = RowBuilder(enc, units, augmult=2, random_flip=False, num_train_timesteps=1000, key=KEY)
-    concept = ConceptToken(base.pipe, FAMILIES["sd"], EmbeddingSettings())
+    concept = ConceptToken(base.pipe, FAMILIES["sd"], embedding())
     return SimpleNamespace(base=base, enc=enc, rb=rb, concept=concept, records=records)
+
+
+# the shipped adapter=embedding keys (configs/adapter/embedding.yaml): the settings have no defaults of their own
+_EMB = {k: v for k, v in compose(["adapter=embedding"]).adapter.items()}
+
+
+def embedding(**kw) -> EmbeddingSettings:
+    return EmbeddingSettings.from_config({**_EMB, **kw})
 
 
 def _trainer(s, vector, *, mechanism="dpsgd", unit_steps=3, micro=3):
@@ -103,17 +112,17 @@ def test_saved_file_loads_with_diffusers_textual_inversion(setup, tmp_path):
 def test_settings_and_refusals(setup):
     pipe = load_base(str(TINY_BASE_DIR)).pipe
     with pytest.raises(UserError, match="SD 1.x/2.x"):
-        ConceptToken(pipe, FAMILIES["sdxl"], EmbeddingSettings(token="<other>"))
+        ConceptToken(pipe, FAMILIES["sdxl"], embedding(token="<other>"))
     with pytest.raises(UserError, match="already a token"):
-        ConceptToken(pipe, FAMILIES["sd"], EmbeddingSettings(token="digit"))
+        ConceptToken(pipe, FAMILIES["sd"], embedding(token="digit"))
     with pytest.raises(UserError, match="one token"):
-        ConceptToken(pipe, FAMILIES["sd"], EmbeddingSettings(token="<x2>", init_word="xyzzyplugh"))
+        ConceptToken(pipe, FAMILIES["sd"], embedding(token="<x2>", init_word="xyzzyplugh"))
     with pytest.raises(RuntimeError, match="already"):
-        ConceptToken(setup.base.pipe, FAMILIES["sd"], EmbeddingSettings(token="<x3>"))
+        ConceptToken(setup.base.pipe, FAMILIES["sd"], embedding(token="<x3>"))
     with pytest.raises(UserError, match="template"):
-        EmbeddingSettings.from_config({"template": "{caption} only"})
+        EmbeddingSettings.from_config({**_EMB, "template": "{caption} only"})
     with pytest.raises(UserError, match="mechanism"):
-        EmbeddingSettings.from_config({"mechanism": "magic"})
+        EmbeddingSettings.from_config({**_EMB, "mechanism": "magic"})
 
 
 def test_add_unit_vectors_clips_and_noises_like_the_hooks():
