@@ -116,8 +116,7 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device)
     cuda = device.type == "cuda"
-    from dpdiff.privacy.bookkeeping import BookKeepingDPSGDEngine
-    from dpdiff.privacy.engine import DPSGDEngine, NonPrivateEngine
+    from dpdiff.privacy.engines import BookKeepingDPSGDEngine, DPSGDEngine, NonPrivateEngine
     from dpdiff.training.trainer import split_units
 
     unet, params, obj, shape, text, family = build(a.model, a.adapter, a.resolution)

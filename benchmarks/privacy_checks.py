@@ -30,7 +30,7 @@ from test_distributed import _run as run_processes  # noqa: E402
 from test_engine import _linear_step, _objective, _rows, clip_sum, engine_gradient, naive_unit_gradients  # noqa: E402
 
 from dpdiff.privacy.accountants import MechanismSegment, get_accountant  # noqa: E402
-from dpdiff.privacy.engine import expected_noise_std  # noqa: E402
+from dpdiff.privacy.engines import expected_noise_std  # noqa: E402
 
 
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:

@@ -246,12 +246,13 @@ class FinetuneRecipe:
             text_encoder=None if s.data.text_features == "cache" else self._encode_captions)
         self.sampler = self.plan.sampler(num_units=len(units), batch_size=t.batch_size, rank=proc.rank,
                                          world_size=proc.world_size, seed=t.seed)
+        self.gradient_canaries = self._gradient_canaries()
         self.engine = self.plan.engine(self.denoiser, params=self.params, device=proc.device,
                                        per_sample="given" if self.embedding else t.per_sample,
-                                       micro_batch_size=t.micro_batch_size, memory_gb=t.per_sample_memory_gb)
-        self.engine.param_groups = ({"embedding": [0]} if self.embedding else
-                                    adapters.parameter_groups(self.denoiser, self.params))
-        self.gradient_canaries = self._gradient_canaries()
+                                       micro_batch_size=t.micro_batch_size, memory_gb=t.per_sample_memory_gb,
+                                       param_groups=({"embedding": [0]} if self.embedding else
+                                                     adapters.parameter_groups(self.denoiser, self.params)),
+                                       gradient_canaries=self.gradient_canaries if proc.is_main else None)
         self.objective = make_objective(self.base.family, self.base.noise_scheduler, snr_gamma=t.snr_gamma)
         if t.optimizer == "sgd":
             self.optimizer = torch.optim.SGD(self.params, lr=t.lr, momentum=t.adam_beta1, weight_decay=t.weight_decay)
@@ -299,8 +300,6 @@ class FinetuneRecipe:
         hook = GradientCanaryHook(canaries, shapes=[tuple(p.shape) for p in self.params],
                                   noise_multiplier=mech.noise_multiplier, sample_rate=mech.sample_rate,
                                   clip_norm=self.settings.privacy.max_grad_norm, rng=self.plan.randomness.canary_rng())
-        if self.proc.is_main:
-            self.engine.gradient_canaries = hook
         return hook
 
     def _restore_training_state(self) -> None:

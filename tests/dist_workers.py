@@ -21,7 +21,7 @@ def engine_step(rank: int, world: int, port: int, out_dir: str, sigma: float, ze
     """One DP step of a Linear model; units 0..7 are split over ranks by index parity."""
     from torch import nn
 
-    from dpdiff.privacy.engine import DPSGDEngine
+    from dpdiff.privacy.engines import DPSGDEngine
 
     init(rank, world, port)
     try:

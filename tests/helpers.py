@@ -101,8 +101,7 @@ ENGINES = ["hooks", "bookkeeping_never", "bookkeeping_always", "bookkeeping_auto
 
 def make_engine(engine: str, model, **kw):
     """``hooks`` or ``bookkeeping_<ghost>`` (ghost: never | always | auto)."""
-    from dpdiff.privacy.bookkeeping import BookKeepingDPSGDEngine
-    from dpdiff.privacy.engine import DPSGDEngine
+    from dpdiff.privacy.engines import BookKeepingDPSGDEngine, DPSGDEngine
 
     if engine == "hooks":
         return DPSGDEngine(model, **kw)

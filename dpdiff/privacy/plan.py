@@ -349,28 +349,26 @@ class PrivacyPlan:
         return PoissonSampler(num_units, self.mechanism.sample_rate, rng=self.randomness.sampling_rng(), rank=rank,
                               world_size=world_size)
 
-    def engine(self, model, *, params, device, per_sample: str, micro_batch_size: int, memory_gb: float):
-        """The clipping engine for this plan (hooks or book-keeping, both exact), its noise from fresh entropy.
-        ``per_sample="given"``: the caller computes each unit's vector itself (``DPSGDEngine.add_unit_vectors``)."""
-        from dpdiff.privacy.bookkeeping import BookKeepingDPSGDEngine
-        from dpdiff.privacy.engine import DPSGDEngine, NonPrivateEngine
+    def engine(self, model, *, params, device, per_sample: str, micro_batch_size: int, memory_gb: float,
+               param_groups: dict[str, list[int]] | None = None, gradient_canaries=None):
+        """The clipping engine for this plan (``dpdiff.privacy.engines``: hooks or book-keeping, both exact), its
+        noise from fresh entropy, with its observers (``param_groups`` for the SNR statistics, the opt-in
+        ``gradient_canaries`` audit). ``per_sample="given"``: the caller computes each unit's vector itself
+        (``DPSGDEngine.add_unit_vectors``)."""
+        from dpdiff.privacy.engines import DPSGDEngine, NonPrivateEngine, get_engine_class
 
         if self.mechanism is None:
             self.engine_kind = "none"
             return NonPrivateEngine(model, params=params)
+        kw = dict(noise_multiplier=self.mechanism.noise_multiplier, max_grad_norm=self.settings.max_grad_norm,
+                  expected_batch_size=self.mechanism.expected_batch_size, noise=self.randomness.noise(device),
+                  params=params, param_groups=param_groups, gradient_canaries=gradient_canaries)
         if per_sample == "given":
             self.engine_kind = "unit_vectors"
-            return DPSGDEngine(model, noise_multiplier=self.mechanism.noise_multiplier,
-                               max_grad_norm=self.settings.max_grad_norm,
-                               expected_batch_size=self.mechanism.expected_batch_size,
-                               noise=self.randomness.noise(device), params=params, hooks=False)
+            return DPSGDEngine(model, hooks=False, **kw)
         self.engine_kind = choose_engine(per_sample, trainable_numel=sum(p.numel() for p in params),
                                          micro_batch_size=micro_batch_size, memory_gb=memory_gb)
-        cls = {"hooks": DPSGDEngine, "bookkeeping": BookKeepingDPSGDEngine}[self.engine_kind]
-        return cls(model, noise_multiplier=self.mechanism.noise_multiplier,
-                   max_grad_norm=self.settings.max_grad_norm,
-                   expected_batch_size=self.mechanism.expected_batch_size,
-                   noise=self.randomness.noise(device), params=params)
+        return get_engine_class(self.engine_kind)(model, **kw)
 
     # -------------------------------------------------------------------------- description
     def describe(self) -> str:

@@ -130,7 +130,7 @@ def test_per_unit_gradients_match_a_per_unit_loop(family, kind, engine):
 def test_a_layer_without_a_per_unit_rule_is_refused_in_one_line():
     """SD3.5's query/key RMSNorm is diffusers' own class with a weight: fully fine-tuned, no exact per-unit rule
     exists, so the engine refuses before any step; LoRA on the attention projections is fine."""
-    from dpdiff.privacy.engine import DPSGDEngine
+    from dpdiff.privacy.engines import DPSGDEngine
 
     model = tiny.family_denoiser("sd3", qk_norm="rms_norm", dual_attention_layers=(0,))
     model.requires_grad_(True)
@@ -186,7 +186,7 @@ def _generate(pipe, family: str):
 def test_saved_lora_loads_into_the_family_pipeline_and_changes_its_output(tmp_path, family):
     """A DP step on LoRA, saved as dpdiff saves it, loads with the family pipeline's load_lora_weights: the loaded
     weights are the trained ones and the pipeline's output changes."""
-    from dpdiff.privacy.engine import DPSGDEngine
+    from dpdiff.privacy.engines import DPSGDEngine
 
     model = tiny.family_denoiser(family).train()
     params = adapters.attach(model, kind="lora", rank=4, target_modules=list(FAMILIES[family].lora_targets))

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from dpdiff.privacy.engine import DPSGDEngine, NonPrivateEngine, expected_noise_std
+from dpdiff.privacy.engines import DPSGDEngine, NonPrivateEngine, expected_noise_std
 from dpdiff.privacy.randomness import GaussianNoise
 from dpdiff.training.loss import DiffusionObjective, RowBatch
 
@@ -510,7 +510,7 @@ def test_bookkeeping_runs_one_backward_pass(monkeypatch, engine, passes):
     (nn.Linear(320, 4), (2, 4096, 320), False),  # a LoRA factor: tiny gradient, instantiate
 ])
 def test_mixed_rule_picks_ghost_norms_where_they_are_cheaper(layer, out_shape, ghost):
-    from dpdiff.privacy.fast_clip import ghost_is_cheaper
+    from dpdiff.privacy.engines.ghost import ghost_is_cheaper
 
     assert ghost_is_cheaper(layer, torch.empty(out_shape), num_units=2) is ghost
 

@@ -244,7 +244,7 @@ def test_noise_keeps_every_bit_of_its_seed():
     with pytest.raises(TypeError, match="32 bits"):
         from torch import nn
 
-        from dpdiff.privacy.engine import DPSGDEngine
+        from dpdiff.privacy.engines import DPSGDEngine
 
         DPSGDEngine(nn.Linear(2, 2), noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=1.0,
                     noise=torch.Generator().manual_seed(0))

@@ -15,7 +15,7 @@ from dpdiff.privacy.randomness import GaussianNoise
 
 def test_noise_norm_matches_the_engine():
     """nsr_step * C is the norm of the noise the DP engine adds to the averaged gradient (zero gradients)."""
-    from dpdiff.privacy.engine import DPSGDEngine
+    from dpdiff.privacy.engines import DPSGDEngine
 
     lin = torch.nn.Linear(300, 100)
     d = sum(p.numel() for p in lin.parameters())

@@ -8,15 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from dpdiff.privacy.engine import DPSGDEngine
+from dpdiff.privacy.engines import DPSGDEngine
 from dpdiff.privacy.randomness import GaussianNoise
 
 
 def _step(model, x, *, sigma, c, b, groups=None, seed=0):
     eng = DPSGDEngine(model, noise_multiplier=sigma, max_grad_norm=c, expected_batch_size=b,
-                      noise=GaussianNoise.seeded(seed))
-    if groups:
-        eng.param_groups = groups
+                      noise=GaussianNoise.seeded(seed), param_groups=groups)
     eng.start_step()
     loss = model(x).pow(2).mean(dim=1)
     eng.backward(loss, unit_pos=torch.arange(len(x)), row_weight=torch.ones(len(x)), num_units=len(x))

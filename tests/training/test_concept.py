@@ -16,7 +16,7 @@ from dpdiff.errors import UserError
 from dpdiff.models.families import FAMILIES
 from dpdiff.models.loading import load_base
 from dpdiff.paths import TINY_BASE_DIR
-from dpdiff.privacy.engine import DPSGDEngine, NonPrivateEngine
+from dpdiff.privacy.engines import DPSGDEngine, NonPrivateEngine
 from dpdiff.privacy.randomness import GaussianNoise
 from dpdiff.schema import compose
 from dpdiff.settings import EmbeddingSettings

@@ -9,7 +9,7 @@ import pytest
 import torch
 from helpers import make_tiny_lora_unet
 
-from dpdiff.privacy.engine import DPSGDEngine
+from dpdiff.privacy.engines import DPSGDEngine
 from dpdiff.privacy.randomness import GaussianNoise
 from dpdiff.training.loss import DiffusionObjective, RowBatch
 

@@ -1,4 +1,5 @@
-"""Ghost norms per layer: the helpers and the base engine that the book-keeping engine (``bookkeeping.py``) builds on.
+"""Ghost norms per layer: the helpers and the base engine that the book-keeping engine (``bookkeeping.py``)
+builds on.
 
 Materialising per-unit gradients of every UNet weight at once (the single-pass ``hooks`` engine) needs
 ``units x parameters`` floats: impossible for a full SD UNet. Opacus' fast gradient clipping (Lee & Kifer
@@ -25,7 +26,7 @@ import torch
 from torch import nn
 
 from dpdiff.privacy import clipping
-from dpdiff.privacy.engine import DPSGDEngine, reduce_rows_to_units, refuse_shared
+from dpdiff.privacy.engines.hooks import DPSGDEngine, reduce_rows_to_units, refuse_shared
 from dpdiff.privacy.randomness import GaussianNoise
 
 
@@ -135,9 +136,11 @@ class GhostNormEngine(DPSGDEngine):
 
     def __init__(self, model: nn.Module, *, noise_multiplier: float, max_grad_norm: float,
                  expected_batch_size: float, noise: GaussianNoise,
-                 params: list[nn.Parameter] | None = None, ghost: str = "auto"):
+                 params: list[nn.Parameter] | None = None, ghost: str = "auto",
+                 param_groups: dict[str, list[int]] | None = None, gradient_canaries=None):
         super().__init__(model, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
-                         expected_batch_size=expected_batch_size, noise=noise, params=params)
+                         expected_batch_size=expected_batch_size, noise=noise, params=params,
+                         param_groups=param_groups, gradient_canaries=gradient_canaries)
         if ghost not in ("auto", "always", "never"):
             raise ValueError("ghost must be auto, always or never")
         self.ghost = ghost

@@ -76,7 +76,7 @@ class StepStats:
         return out
 
 
-def _dist_ready() -> bool:
+def dist_ready() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
@@ -224,7 +224,8 @@ class DPSGDEngine:
 
     def __init__(self, model: nn.Module, *, noise_multiplier: float, max_grad_norm: float,
                  expected_batch_size: float, noise: GaussianNoise,
-                 params: list[nn.Parameter] | None = None, hooks: bool = True):
+                 params: list[nn.Parameter] | None = None, hooks: bool = True,
+                 param_groups: dict[str, list[int]] | None = None, gradient_canaries=None):
         if max_grad_norm <= 0:
             raise ValueError("max_grad_norm must be > 0")
         if expected_batch_size <= 0:
@@ -240,8 +241,10 @@ class DPSGDEngine:
             raise TypeError("noise must be a dpdiff.privacy.randomness.GaussianNoise (a torch.Generator on the CPU "
                             "keeps only 32 bits of its seed)")
         self.noise = noise
-        self.param_groups: dict[str, list[int]] = {}  # name -> indices into params, for the SNR statistics
-        self.gradient_canaries = None  # an opt-in audit (dpdiff.probes.canaries.GradientCanaryHook)
+        # observers, fixed at construction: name -> indices into params for the SNR statistics, and an opt-in
+        # audit (dpdiff.probes.canaries.GradientCanaryHook) that sees each step's clipped sum, never changes it
+        self.param_groups: dict[str, list[int]] = dict(param_groups or {})
+        self.gradient_canaries = gradient_canaries
         self._slices: dict[int, tuple[int, int]] = {}  # id(param) -> [start, end) in the flat buffers
         start = 0
         for p in self.params:
@@ -415,7 +418,7 @@ class DPSGDEngine:
         if self.hooks is not None:
             self.hooks.enabled = False
         std = self.noise_multiplier * self.max_grad_norm
-        distributed = _dist_ready()
+        distributed = dist_ready()
         if distributed:  # the noise-free global sum, identical on every rank: one collective for all weights
             dist.all_reduce(self._flat_sum, op=dist.ReduceOp.SUM)
         main = not distributed or dist.get_rank() == 0
@@ -477,60 +480,6 @@ def signal_to_noise(signal_sq: list[float], noise_sq: list[float], *, groups: di
     for name, idx in groups.items():
         out[f"snr/{name}"] = ratio(sum(signal_sq[i] for i in idx), sum(noise_sq[i] for i in idx))
     return out
-
-
-class NonPrivateEngine:
-    """The same interface without privacy: the plain mean gradient over the batch's units.
-
-    Used for ``privacy=none`` baselines so that DP and non-DP runs share one training loop.
-    """
-
-    def __init__(self, model: nn.Module, params: list[nn.Parameter] | None = None):
-        self.model = model
-        self.params = params if params is not None else [p for p in model.parameters() if p.requires_grad]
-        self.stats = StepStats()
-        self.max_grad_norm = None
-
-    def close(self) -> None:
-        pass
-
-    def start_step(self) -> None:
-        self.stats = StepStats()
-        for p in self.params:
-            p.grad = None
-
-    def backward(self, row_loss: torch.Tensor, *, unit_pos: torch.Tensor, row_weight: torch.Tensor,
-                 num_units: int) -> None:
-        if row_loss.numel() == 0:
-            return
-        (row_loss * row_weight).sum().backward()  # sum over units of each unit's mean loss
-        self.stats.add(row_loss=row_loss, norms=None, num_units=num_units)
-
-    def add_unit_vectors(self, unit_vectors: torch.Tensor, *, row_loss: torch.Tensor | None = None) -> None:
-        """Per-unit vectors computed by the caller ([units, numel] in ``params`` order), summed unclipped."""
-        if len(unit_vectors) == 0:
-            return
-        total = unit_vectors.detach().sum(0)
-        start = 0
-        for p in self.params:
-            part = total[start : start + p.numel()].view(p.shape).to(p.dtype)
-            p.grad = part.clone() if p.grad is None else p.grad + part
-            start += p.numel()
-        self.stats.add(row_loss=row_loss if row_loss is not None else torch.zeros(0), norms=None,
-                       num_units=len(unit_vectors))
-
-    def finalize(self) -> dict:
-        units = torch.tensor([float(self.stats.units)])
-        if _dist_ready():
-            dist.all_reduce(units)
-        total = max(float(units.item()), 1.0)
-        for p in self.params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            if _dist_ready():
-                dist.all_reduce(p.grad)
-            p.grad /= total
-        return self.stats.summary(None)
 
 
 def expected_noise_std(*, noise_multiplier: float, max_grad_norm: float, expected_batch_size: float) -> float:

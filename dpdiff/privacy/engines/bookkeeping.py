@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from dpdiff.privacy import clipping
-from dpdiff.privacy.fast_clip import GhostNormEngine, select_rows, weight_gradient
+from dpdiff.privacy.engines.ghost import GhostNormEngine, select_rows, weight_gradient
 from dpdiff.privacy.precision import exact_float32
 
 
