@@ -31,11 +31,25 @@ import math
 import os
 import subprocess
 import sys
+import uuid
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
+
 from dpdiff.cli import user_errors_exit
+from dpdiff.data.prepare import prepare
+from dpdiff.data.records import RecordIds, record_ids
 from dpdiff.errors import UserError
+from dpdiff.io import write_json_atomic
+from dpdiff.privacy.accountants import MechanismSegment
+from dpdiff.privacy.dataset_ledger import DatasetLedger, charge_attempt, ledger_location, make_entry
+from dpdiff.privacy.plan import resolve_mechanism
+from dpdiff.privacy.selection import TruncatedNegativeBinomial, candidate_rdp, selection_from_rdp
+from dpdiff.probes.context import record_losses
+from dpdiff.schema import compose
+from dpdiff.settings import RunSettings
+from recipes.probe import ProbeRecipe
 
 log = logging.getLogger("dpdiff")
 
@@ -62,14 +76,7 @@ def parse_grid(specs: list[str]) -> list[list[str]]:
 def grid_worst_rdp(base_overrides: list[str], grid: list[list[str]], *, score_noise: float):
     """(worst RDP curve over the grid, delta, the prepared data, the base settings): every grid point's mechanism
     as the finetune recipe would resolve it, before anything trains."""
-    import numpy as np
 
-    from dpdiff.data.prepare import prepare
-    from dpdiff.privacy.accountants import MechanismSegment
-    from dpdiff.privacy.plan import resolve_mechanism
-    from dpdiff.privacy.selection import candidate_rdp
-    from dpdiff.schema import compose
-    from dpdiff.settings import RunSettings
 
     s0 = RunSettings.from_config(compose(base_overrides + grid[0]))
     if not s0.privacy.enabled:
@@ -110,10 +117,7 @@ class ScoreCharge:
     held-out record: the candidates' training never reads one."""
 
     def __init__(self, out: Path, data, settings, units: list[int], *, score_noise: float, delta: float):
-        import uuid
 
-        from dpdiff.data.records import RecordIds, record_ids
-        from dpdiff.privacy.dataset_ledger import DatasetLedger, ledger_location
 
         recs = [data.records[i] for u in units for i in data.units.members[u]]
         users = tuple(str(r.user_id) if r.user_id else None for r in recs)
@@ -126,8 +130,6 @@ class ScoreCharge:
         self.record_set: dict | None = None
 
     def _entry(self, status: str, scores: int):
-        from dpdiff.privacy.accountants import MechanismSegment
-        from dpdiff.privacy.dataset_ledger import make_entry
 
         return make_entry(attempt_id=self.attempt_id, run_id=self.attempt_id, run_dir=str(self.out.resolve()),
                           fingerprint=self.data.fingerprint, source_fingerprint=self.data.source_fingerprint,
@@ -136,7 +138,6 @@ class ScoreCharge:
                           record_set=self.record_set)
 
     def charge(self, status: str, scores: int) -> None:
-        from dpdiff.privacy.dataset_ledger import charge_attempt
 
         def make(record_set):
             if record_set is not None:
@@ -151,10 +152,7 @@ class ScoreCharge:
 def noisy_score(run_dir: Path, *, units: list[int], clip: float, noise: float, rng) -> dict:
     """The candidate's DP score: the sum over the held-out ``units`` (``score_units``) of each unit's denoising
     loss clipped to [0, clip], plus N(0, (noise x clip)^2). Lower is better."""
-    import numpy as np
 
-    from dpdiff.probes.context import denoising_losses, encode_captions, encode_images, shared_noises
-    from recipes.probe import ProbeRecipe
 
     recipe = ProbeRecipe(run_dir, [])
     recipe.setup()
@@ -167,12 +165,9 @@ def noisy_score(run_dir: Path, *, units: list[int], clip: float, noise: float, r
         raise UserError(f"{run_dir}: the candidate's held-out units are not those the tuning scores were charged "
                         "for (the data folder changed during tuning?)")
     ids = [i for k in keys for i in by_unit[k]]
-    recs = [ctx.records[i] for i in ids]
-    lat = encode_images(ctx, recs)
-    cond = encode_captions(ctx, [r.text for r in recs], recs)
-    noises = shared_noises(tuple(lat.shape[1:]), 2, 4242)  # public, the same for every candidate
-    loss = denoising_losses(ctx.denoiser, ctx.objective(), lat, cond, timesteps=[100, 300, 500, 700, 900],
-                            noises=noises, device=ctx.device).mean(dim=tuple(range(1, 3)))
+    # the held-out loss of the utility metrics (the shipped eval group's timesteps and noise draws)
+    ev = compose([]).eval
+    loss = record_losses(ctx, ids, timesteps=ev.timesteps, noise_draws=ev.noise_draws)["model"]
     per_record = dict(zip(ids, loss.tolist()))
     unit_loss = np.array([np.mean([per_record[i] for i in by_unit[k]]) for k in keys])
     clipped = np.clip(unit_loss, 0.0, clip)
@@ -192,10 +187,7 @@ def run_candidate(out: Path, i: int, overrides: list[str]) -> Path:
 
 
 def tune(args) -> dict:
-    import numpy as np
 
-    from dpdiff.io import write_json_atomic
-    from dpdiff.privacy.selection import TruncatedNegativeBinomial, selection_from_rdp
 
     out = Path(args.out_dir).expanduser()
     if out.exists() and any(out.iterdir()):
@@ -217,7 +209,6 @@ def tune(args) -> dict:
                                                       "clip": args.score_clip, "noise_multiplier": args.score_noise,
                                                       "max_units": args.score_units}}
     # (the scored units' count stays with the owner: it is drawn from the private held-out split's size)
-    from dpdiff.schema import compose
 
     budget = compose(base + grid[0]).privacy.get("dataset_budget")
     if budget is not None and eps > float(budget):

@@ -160,3 +160,22 @@ def shared_noises(shape: tuple[int, ...], draws: int, seed: int) -> torch.Tensor
 def pil_to_float(images) -> np.ndarray:
     """PIL images -> float array [N, H, W, 3] in [0, 1]."""
     return np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0 for im in images])
+
+
+def record_losses(ctx: ProbeContext, ids: list[int], *, timesteps: list[int], noise_draws: int,
+                  models: dict | None = None) -> dict[str, torch.Tensor]:
+    """Each record's denoising loss, averaged over ``timesteps`` and ``noise_draws`` shared noise draws (public,
+    the same for every model and every run: seed 4242), under each of ``models`` (name -> denoiser; default the
+    context's fine-tuned one as ``"model"``): one [len(ids)] tensor per model. The held-out loss of the utility
+    metrics and of ``dpdiff tune``'s score."""
+    recs = [ctx.records[i] for i in ids]
+    lat = encode_images(ctx, recs)
+    cond = encode_captions(ctx, [r.text for r in recs], recs)
+    noises = shared_noises(tuple(lat.shape[1:]), int(noise_draws), 4242)
+    obj = ctx.objective()
+    out = {}
+    for name, model in (models or {"model": ctx.denoiser}).items():
+        loss = denoising_losses(model, obj, lat, cond, timesteps=[int(t) for t in timesteps], noises=noises,
+                                device=ctx.device)
+        out[name] = loss.reshape(len(ids), -1).mean(dim=1)
+    return out

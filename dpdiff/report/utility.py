@@ -37,20 +37,15 @@ def available() -> list[str]:
 
 @register("heldout_loss")
 def heldout_loss(ctx, cfg) -> dict:
-    from dpdiff.probes.context import denoising_losses, encode_captions, encode_images, shared_noises
+    from dpdiff.probes.context import record_losses
 
     ids = list(ctx.nonmember_records)[: int(required(cfg, "heldout_images"))]
     if not ids:
         return {"skipped": "no held-out images"}
-    recs = [ctx.records[i] for i in ids]
-    lat = encode_images(ctx, recs)
-    cond = encode_captions(ctx, [r.text for r in recs], recs)
-    ts = [int(t) for t in required(cfg, "timesteps")]
-    noises = shared_noises(tuple(lat.shape[1:]), int(required(cfg, "noise_draws")), 4242)
-    obj = ctx.objective()
-    ft = denoising_losses(ctx.denoiser, obj, lat, cond, timesteps=ts, noises=noises, device=ctx.device)
     with ctx.base_model() as base_model:
-        base = denoising_losses(base_model, obj, lat, cond, timesteps=ts, noises=noises, device=ctx.device)
+        losses = record_losses(ctx, ids, timesteps=required(cfg, "timesteps"), noise_draws=required(cfg, "noise_draws"),
+                               models={"ft": ctx.denoiser, "base": base_model})
+    ft, base = losses["ft"], losses["base"]
     return {"heldout_loss": float(ft.mean()), "heldout_loss_base": float(base.mean()), "images": len(ids),
             "better_than_base": bool(ft.mean() < base.mean())}
 
