@@ -36,7 +36,7 @@ from dpdiff.models import adapters
 from dpdiff.models.loading import load_base, sampling_pipeline
 from dpdiff.models.pipeline import sample_grid
 from dpdiff.paths import config_dir
-from dpdiff.privacy.plan import DatasetIdentity, PrivacyPlan, ResumePoint
+from dpdiff.privacy.plan import AuditCanaries, DatasetIdentity, PrivacyPlan, ResumePoint
 from dpdiff.privacy.planning import run_plan
 from dpdiff.probes.canaries import CanarySettings, GradientCanaries, GradientCanaryHook
 from dpdiff.probes.run import build_probe_context, check_probe_settings, run_probes
@@ -129,7 +129,6 @@ class FinetuneRecipe:
             self.data = self.canaries.insert(self.data, run_dir=self.run_dir, seed=s.train.seed)
         # 3. the privacy plan: resume reconciliation, calibration, refusal past the target, dataset budget
         self.resume = self._load_resume()
-        rate_units = user_units + self.canaries.count * self.canaries.inclusion_prob if self.canaries.count else None
         batch_size, max_steps = s.train.batch_size, s.train.max_steps
         if self.aggregate:  # one Gaussian mechanism: every unit once (q = 1), one step
             batch_size, max_steps = self.data.num_train_units, 1
@@ -140,7 +139,8 @@ class FinetuneRecipe:
                 settings=s.privacy, num_units=self.data.num_train_units, batch_size=batch_size,
                 max_steps=max_steps, seed=s.train.seed, run_dir=self.run_dir, resume=self.resume,
                 rank=self.proc.rank, world_size=self.proc.world_size,
-                rate_units=rate_units,
+                canaries=AuditCanaries(user_units=user_units, count=self.canaries.count,
+                                       inclusion_prob=self.canaries.inclusion_prob),
                 dataset=DatasetIdentity(root=self.data.root, fingerprint=self.data.fingerprint,
                                         source_fingerprint=self.data.source_fingerprint,
                                         record_ids=self.data.train_record_ids))  # hashed once, by the main process

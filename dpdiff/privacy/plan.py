@@ -77,6 +77,22 @@ class DatasetIdentity:
 
 
 @dataclass(frozen=True, kw_only=True)
+class AuditCanaries:
+    """Audit canaries inserted among the training units (``dpdiff.probes.canaries``), each drawn in with probability
+    ``inclusion_prob``: the mechanism's q and default delta are computed from the *expected* unit count
+    ``user_units + count * inclusion_prob``, so the mechanism does not depend on the audit's coins (which canaries
+    were drawn in)."""
+
+    user_units: int
+    count: int
+    inclusion_prob: float
+
+    @property
+    def rate_units(self) -> float:
+        return self.user_units + self.count * self.inclusion_prob
+
+
+@dataclass(frozen=True, kw_only=True)
 class ResumePoint:
     """What a checkpoint brings to the plan."""
 
@@ -207,13 +223,13 @@ class PrivacyPlan:
     @classmethod
     def build(cls, *, settings: PrivacySettings, dataset: DatasetIdentity, num_units: int, batch_size: float,
               max_steps: int, seed: int, run_dir: Path, resume: ResumePoint | None = None, rank: int = 0,
-              world_size: int = 1, rate_units: float | None = None) -> PrivacyPlan:
+              world_size: int = 1, canaries: AuditCanaries | None = None) -> PrivacyPlan:
         """Check the resume against the settings and data, resolve the mechanism, open the ledger.
 
-        ``rate_units`` (default ``num_units``) is the unit count q and the default delta are computed from.
-        With audit canaries it is the user's units plus the canaries' *expected* number, so the mechanism does
-        not depend on the audit's coins (which canaries were drawn in).
+        q and the default delta are computed from ``num_units``, or, with audit ``canaries`` among the units, from
+        the expected unit count (``AuditCanaries.rate_units``).
         """
+        rate_units = canaries.rate_units if canaries is not None and canaries.count else None
         cls._check_resume(settings, dataset, resume)
         start = resume.step if resume else 0
         run_id = (resume.run_id if resume else None) or str(Path(run_dir).resolve())
