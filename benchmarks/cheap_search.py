@@ -144,7 +144,9 @@ def markdown(res: dict) -> str:
                   f"| search compute <= 1/4 of a full-size search | rows {s['search_rows_ratio']:.3f}; train wall "
                   f"{f(s['search_train_time_ratio'], '{:.3f}')} (with the final full-size run "
                   f"{f(s['search_plus_final_time_ratio'], '{:.3f}')}) |",
-                  f"| same ranking of the grid at both sizes | {'yes' if s['rank_agreement'] else 'no'} |"]
+                  f"| same ranking of the grid at both sizes | {'yes' if s['rank_agreement'] else 'no'} |", "",
+                  "Wall times are each run's train phase (run.json); when other jobs share the machine, the rows "
+                  "ratio is the compute measure."]
     return "\n".join(lines) + "\n"
 
 

@@ -151,6 +151,16 @@ def test_embedding_adapter_both_mechanisms_end_to_end(tmp_path):
     assert r.returncode == 0 and r.stdout.count("finished") == 2, r.stdout
     total = float(re.search(r"worst-charged record: epsilon ([0-9.]+)", r.stdout).group(1))
     assert total > max(eps.values())  # the two mechanisms compose in the dataset ledger
+    # user-level units: a user's images are one unit (4 users of 4 images); the aggregate releases one offset per user
+    users = write_image_folder(tmp_path / "users", n=16, users=4)
+    run_dir = tmp_path / "user_aggregate"
+    res = run_cli("finetune", *FAST, "experiment=private_look", "adapter.mechanism=aggregate", "privacy.unit=user",
+                  f"data.path={users}", "data.holdout_fraction=0", "adapter.unit_steps=2", "privacy.target_epsilon=2",
+                  f"hydra.run.dir={run_dir}")
+    assert res.returncode == 0, res.stderr[-3000:]
+    priv = json.loads((run_dir / "privacy.json").read_text())
+    assert priv["privacy_unit"] == "user" and priv["num_units"] == 4 and priv["sample_rate"] == 1.0
+    assert "for each user" in priv["guarantee"] and 0 < priv["epsilon"] <= 2
     bad = run_cli("finetune", *FAST, "adapter=embedding", "adapter.template='{caption} only'", f"data.path={data}",
                   f"hydra.run.dir={tmp_path / 'bad'}")
     assert bad.returncode == 2 and "adapter.template" in bad.stderr and not (tmp_path / "bad").exists()
