@@ -85,13 +85,14 @@ def hydra_entry(name: str, main_fn: Callable[[], None], argv: list[str] | None =
 
         with user_errors_exit():
             refuse_reused_run_dir(run_dir)
-    if name == "finetune" and not multirun and rank == 0:
+    if name == "finetune" and rank == 0 and not any(a.startswith("-") for a in args):
         # a bad override (unknown key, wrong type against dpdiff.schema) is one error line and exit 2, not
-        # Hydra's multi-line report: the same composition Hydra is about to do
+        # Hydra's multi-line report: the same composition Hydra is about to do (Hydra's own flags, -m sweeps
+        # included, are left to Hydra)
         from dpdiff.schema import compose
 
         with user_errors_exit():
-            compose([a for a in args if not a.startswith("-")])
+            compose(args)
     if rank > 0:
         # one rank writes Hydra's files and log; the others compose the same config silently
         args += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]

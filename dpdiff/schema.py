@@ -141,7 +141,7 @@ class ModelSchema:
 class ExtractionSchema:
     enabled: bool = MISSING
     units: int = MISSING
-    captions: int = MISSING
+    captions: Optional[int] = MISSING  # 0 or null: no cap
     per_caption: int = MISSING
     steps: int = MISSING
     guidance_scale: float = MISSING
@@ -156,7 +156,7 @@ class ExtractionSchema:
     feature_extractor: Optional[str] = MISSING
     feature_threshold: float = MISSING
     max_flagged: int = MISSING
-    match_resolution: int = MISSING
+    match_resolution: Optional[int] = MISSING  # null: the run's resolution
     batch_images: int = MISSING
     calibration_heldout: int = MISSING
     delta_if_no_dp: float = MISSING
@@ -165,8 +165,8 @@ class ExtractionSchema:
 @dataclass
 class LiraSchema:
     shadows: int = MISSING
-    steps: Optional[int] = MISSING
-    batch_size: int = MISSING
+    steps: Optional[int] = MISSING  # null: the run's own (as batch_size, lr)
+    batch_size: Optional[int] = MISSING
     lr: Optional[float] = MISSING
     pool_units: int = MISSING
     shadow_fraction: float = MISSING
@@ -205,7 +205,7 @@ class AuditSchema:
 @dataclass
 class ProbesSchema:
     enabled: bool = MISSING
-    budget_images: int = MISSING
+    budget_images: Optional[int] = MISSING  # null: no cap
     seed: int = MISSING
     confidence: float = MISSING
     extraction: ExtractionSchema = field(default_factory=ExtractionSchema)

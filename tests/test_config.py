@@ -198,3 +198,17 @@ def test_the_schema_refuses_wrong_types_and_unknown_keys_at_compose(override):
 
     with pytest.raises(UserError, match="bad override"):
         _compose([override])
+
+
+def test_every_key_documented_as_nullable_accepts_null():
+    """A key whose comment says what null means (``null = no cap``) is Optional in its schema: setting it to null
+    composes (a schema typed stricter than its documentation refused probes.budget_images=null)."""
+    import re
+
+    from dpdiff.commandline import all_keys
+
+    keys = [k for k in all_keys() if k.value not in ("", "null") and re.search(r"(?<![=.\w])null\b\s*[=:)]", k.doc)
+            and "." in k.key and not k.key.startswith(("hydra", "defaults"))]
+    assert len(keys) >= 2, [k.key for k in keys]
+    for k in keys:
+        _compose([f"{k.key}=null"])  # raises UserError ("bad override") if the schema refuses null

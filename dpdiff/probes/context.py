@@ -167,7 +167,8 @@ def record_losses(ctx: ProbeContext, ids: list[int], *, timesteps: list[int], no
     """Each record's denoising loss, averaged over ``timesteps`` and ``noise_draws`` shared noise draws (public,
     the same for every model and every run: seed 4242), under each of ``models`` (name -> denoiser; default the
     context's fine-tuned one as ``"model"``): one [len(ids)] tensor per model. The held-out loss of the utility
-    metrics and of ``dpdiff tune``'s score."""
+    metrics and of ``dpdiff tune``'s score. The models are scored one after the other inside this call: pass the
+    base from ``ctx.base_model()`` in a call of its own (for LoRA it is the fine-tuned module, adapter off)."""
     recs = [ctx.records[i] for i in ids]
     lat = encode_images(ctx, recs)
     cond = encode_captions(ctx, [r.text for r in recs], recs)

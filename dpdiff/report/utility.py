@@ -42,10 +42,10 @@ def heldout_loss(ctx, cfg) -> dict:
     ids = list(ctx.nonmember_records)[: int(required(cfg, "heldout_images"))]
     if not ids:
         return {"skipped": "no held-out images"}
-    with ctx.base_model() as base_model:
-        losses = record_losses(ctx, ids, timesteps=required(cfg, "timesteps"), noise_draws=required(cfg, "noise_draws"),
-                               models={"ft": ctx.denoiser, "base": base_model})
-    ft, base = losses["ft"], losses["base"]
+    kw = dict(timesteps=required(cfg, "timesteps"), noise_draws=required(cfg, "noise_draws"))
+    ft = record_losses(ctx, ids, **kw)["model"]
+    with ctx.base_model() as base_model:  # for LoRA the same module with its adapter switched off: not at once
+        base = record_losses(ctx, ids, models={"base": base_model}, **kw)["base"]
     return {"heldout_loss": float(ft.mean()), "heldout_loss_base": float(base.mean()), "images": len(ids),
             "better_than_base": bool(ft.mean() < base.mean())}
 
