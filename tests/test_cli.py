@@ -134,7 +134,7 @@ def test_plan_search_scale_prints_a_search_config_the_finetune_settings_accept(c
     from dpdiff.schema import compose
 
     code, out, err = run(["plan", "--units", "3612", "--trainable", "20000", "--search-scale", "8",
-                          "privacy.target_epsilon=8"], capsys)
+                          "privacy.target_epsilon=8", "privacy.accountant=rdp"], capsys)
     assert code == 0, err
     full = next(ln for ln in out.splitlines() if ln.strip().startswith("full size :"))
     search = next(ln for ln in out.splitlines() if ln.strip().startswith("search    :"))
