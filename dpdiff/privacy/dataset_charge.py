@@ -92,7 +92,7 @@ class DatasetCharge:
             return self._entry(status=status, segments=own)
 
         charges = charge_attempt(led, make, current, delta=delta, accountant=s.accountant, unit=s.unit,
-                                 planned=status == "planned" and s.enabled, budget=s.dataset_budget,
+                                 planned=status == "planned", budget=s.dataset_budget,
                                  per_record=per_record,
                                  before=(lambda: self._correct_crashed_attempts(fps)) if status == "planned" else None)
         self._charged = True

@@ -33,7 +33,7 @@ N, B, SIGMA, DELTA = 200, 20, 1.0, 1e-4  # q = 0.1
 def settings(**kw) -> PrivacySettings:
     base = dict(enabled=True, target_epsilon=None, delta=DELTA, max_grad_norm=1.0, accountant="rdp", augmult=1,
                 unit="example", max_images_per_user=None, noise_multiplier=SIGMA, reproducible_noise=False,
-                secure_rng=False,                dataset_budget=None, dataset_delta=None, dataset_ledger=None)
+                secure_rng=False, dataset_budget=None, dataset_delta=None, dataset_ledger=None)
     base.update(kw)
     return PrivacySettings(**base)
 
@@ -187,6 +187,18 @@ def test_user_level_runs_charge_every_record_of_their_users(tmp_path):
     assert [(c.records, len(c.attempts)) for c in ch.charges] == [(1, 2), (2, 1)]
     assert ch.worst.epsilon == pytest.approx(eps(8))
     assert b.dataset_charge.total["epsilon"] == pytest.approx(eps(8))
+
+
+def test_a_non_private_run_charges_only_its_own_records_and_a_budget_refuses_it(tmp_path):
+    """privacy=none leaves no finite guarantee, on the records it trained on only (its record set is stored like a
+    DP run's); under privacy.dataset_budget it is refused before training."""
+    run(tmp_path, "none", ids(range(10)), enabled=False)
+    (entry,) = ledger(tmp_path).entries()
+    assert entry.record_set["records"] == 10
+    ch = charges(tmp_path, ids(range(20)))
+    assert sorted((c.records, c.epsilon) for c in ch.charges) == [(10, 0.0), (10, float("inf"))]
+    with pytest.raises(UserError, match="privacy.dataset_budget=5"):
+        run(tmp_path, "none2", ids(range(20, 30)), enabled=False, dataset_budget=5.0)
 
 
 def test_failed_and_crashed_attempts(tmp_path):
