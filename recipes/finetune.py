@@ -88,7 +88,6 @@ class FinetuneRecipe:
 
     # ---------------------------------------------------------------------------------- setup
     def setup(self) -> None:
-
         self.version = __version__
         # 1. every setting, before any private data is read
         if self.cfg.probes.get("enabled", False):
@@ -153,7 +152,6 @@ class FinetuneRecipe:
         log.info("setup done: %s", self._describe())
 
     def _load_resume(self):
-
         spec = self.settings.train.resume_from
         if not spec:
             return None
@@ -165,7 +163,6 @@ class FinetuneRecipe:
         return ResumePoint.from_checkpoint(path=path, state=ckpt["state"])
 
     def _setup_model(self) -> None:
-
         s = self.settings
         self.base = load_base(s.model.pretrained, device=self.proc.device, allow_download=s.model.allow_download,
                               dtype=frozen_dtype(s.model.frozen_dtype, self.proc.device))
@@ -208,7 +205,6 @@ class FinetuneRecipe:
             self.empty_text = self._encode_captions([""])
 
     def _encode_captions(self, captions: list[str]) -> dict:
-
         return encode_captions(self.base, captions, device=self.proc.device,
                                max_sequence_length=self.settings.model.max_sequence_length)
 
@@ -229,8 +225,6 @@ class FinetuneRecipe:
         return enc
 
     def _setup_training(self) -> None:
-
-
         s, t, proc = self.settings, self.settings.train, self.proc
         # train units, re-indexed onto the encoded (training-only) arrays
         units = self.data.units.subset(self.data.train_units).reindexed(self.train_index)
@@ -323,7 +317,6 @@ class FinetuneRecipe:
     def _caption_mitigation(self):
         """Public-pool caption replacement / public-word insertion (see training.rows.CaptionMitigation)."""
 
-
         d = self.settings.data
         rp, ip = d.caption_replace_prob, d.caption_insert_prob
         if rp == 0 and ip == 0:
@@ -355,7 +348,6 @@ class FinetuneRecipe:
 
     # ---------------------------------------------------------------------------------- train
     def train(self) -> None:
-
         with self.clock.phase("train"):
             self.trainer.run()
             self.trainer.checkpoint()
@@ -365,7 +357,6 @@ class FinetuneRecipe:
 
     # ----------------------------------------------------------------------------------- save
     def save(self) -> dict:
-
         if not self.proc.is_main:
             return {}
         s = self.settings
@@ -449,7 +440,6 @@ class FinetuneRecipe:
 
     # --------------------------------------------------------------------------------- report
     def report(self) -> None:
-
         if not self.proc.is_main:
             return
         paths = write_run_report(self.run_dir)
@@ -469,7 +459,6 @@ class FinetuneRecipe:
             lock.release()
 
     def print_summary(self) -> None:
-
         if not self.proc.is_main:
             return
         print(terminal_summary(privacy=self.privacy_record, probes=getattr(self, "probe_results", None),
@@ -486,7 +475,6 @@ def _timed(name: str, fn) -> None:
 
 def run(cfg: DictConfig) -> None:
     """Hydra task: one finetune run in Hydra's run dir."""
-
 
     run_dir = RunDir(Path(HydraConfig.get().runtime.output_dir))
     recipe = FinetuneRecipe(cfg, run_dir.path)
@@ -513,7 +501,6 @@ register_schemas()  # the config groups' typed schemas, before hydra.main compos
 
 @hydra.main(version_base=None, config_path=str(config_dir()), config_name="finetune")
 def main(cfg: DictConfig) -> None:
-
     with user_errors_exit():
         if relaunch_if_requested(cfg):
             return

@@ -35,7 +35,6 @@ class ProbeRecipe:
         self.overrides = overrides
 
     def setup(self) -> None:
-
         cfg_path = self.run_dir / ".hydra" / "config.yaml"
         for need in (cfg_path, self.run_dir / "privacy.json", self.run_dir / "run.json"):
             if not need.exists():
@@ -103,11 +102,9 @@ class ProbeRecipe:
         return type(base.denoiser).from_pretrained(path, use_safetensors=True).to(device).eval()
 
     def run(self) -> dict:
-
         return run_probes(self.ctx, self.probes_cfg)
 
     def report(self) -> None:
-
         write_run_report(self.run_dir)
 
 

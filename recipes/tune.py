@@ -77,7 +77,6 @@ def grid_worst_rdp(base_overrides: list[str], grid: list[list[str]], *, score_no
     """(worst RDP curve over the grid, delta, the prepared data, the base settings): every grid point's mechanism
     as the finetune recipe would resolve it, before anything trains."""
 
-
     s0 = RunSettings.from_config(compose(base_overrides + grid[0]))
     if not s0.privacy.enabled:
         raise UserError("dpdiff tune selects among private runs: drop privacy=none")
@@ -117,8 +116,6 @@ class ScoreCharge:
     held-out record: the candidates' training never reads one."""
 
     def __init__(self, out: Path, data, settings, units: list[int], *, score_noise: float, delta: float):
-
-
         recs = [data.records[i] for u in units for i in data.units.members[u]]
         users = tuple(str(r.user_id) if r.user_id else None for r in recs)
         self.ids = RecordIds(digests=tuple(record_ids(recs)), users=users if any(users) else None)
@@ -130,7 +127,6 @@ class ScoreCharge:
         self.record_set: dict | None = None
 
     def _entry(self, status: str, scores: int):
-
         return make_entry(attempt_id=self.attempt_id, run_id=self.attempt_id, run_dir=str(self.out.resolve()),
                           fingerprint=self.data.fingerprint, source_fingerprint=self.data.source_fingerprint,
                           status=status, dp=True, privacy_unit=self.priv.unit, delta=self.delta,
@@ -138,7 +134,6 @@ class ScoreCharge:
                           record_set=self.record_set)
 
     def charge(self, status: str, scores: int) -> None:
-
         def make(record_set):
             if record_set is not None:
                 self.record_set = record_set
@@ -152,7 +147,6 @@ class ScoreCharge:
 def noisy_score(run_dir: Path, *, units: list[int], clip: float, noise: float, rng) -> dict:
     """The candidate's DP score: the sum over the held-out ``units`` (``score_units``) of each unit's denoising
     loss clipped to [0, clip], plus N(0, (noise x clip)^2). Lower is better."""
-
 
     recipe = ProbeRecipe(run_dir, [])
     recipe.setup()
@@ -187,8 +181,6 @@ def run_candidate(out: Path, i: int, overrides: list[str]) -> Path:
 
 
 def tune(args) -> dict:
-
-
     out = Path(args.out_dir).expanduser()
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} is not empty: dpdiff tune writes a new directory")
