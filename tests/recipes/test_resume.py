@@ -23,8 +23,11 @@ def _priv(run_dir):
 
 @pytest.mark.slow  # 3 runs; the resume's ledger arithmetic is covered fast in tests/privacy/test_plan.py
 def test_resume_equals_uninterrupted_run(tmp_path):
-    """With reproducible (seeded) noise, a debugging mode, resume is bit-exact."""
-    fixed = ["privacy.noise_multiplier=1.0", "privacy.target_epsilon=50", "privacy.reproducible_noise=true"]
+    """With reproducible (seeded) noise, a debugging mode, resume is bit-exact, the EMA of the weights included
+    (train.ema.enabled: the saved weights are the EMA's; a resume that restarted the EMA from the checkpoint's
+    weights would save others)."""
+    fixed = ["privacy.noise_multiplier=1.0", "privacy.target_epsilon=50", "privacy.reproducible_noise=true",
+             "train.ema.enabled=true", "train.ema.decay=0.9"]
     a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
     r = run_cli("finetune", *FAST, *fixed, "train.max_steps=3", f"hydra.run.dir={a}")
     assert r.returncode == 0, r.stderr[-3000:]
@@ -42,6 +45,28 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     assert wb.keys() == wc.keys()
     for k in wb:
         torch.testing.assert_close(wb[k], wc[k], rtol=1e-4, atol=1e-6)
+    ema = torch.load(next(iter(sorted(a.glob("checkpoint-*")))) / "optim.pt", weights_only=False)["ema"]
+    assert ema is not None and ema["optimization_step"] == 3  # the checkpoint carries the EMA's state
+
+
+@pytest.mark.slow  # one more run; the bf16 step's norms against fp32 are tested fast in tests/training
+def test_bf16_autocast_trains_through_the_recipe(tmp_path):
+    """train.mixed_precision=bf16 through the recipe and trainer on the CPU: the run trains (finite losses, the
+    LoRA's zero-initialised up-projections moved) under the precision its saved config names; fp16 without a GPU is refused before
+    any data is read."""
+    run = tmp_path / "bf16"
+    r = run_cli("finetune", *FAST, "train.mixed_precision=bf16", "train.max_steps=3", "train.lr=0.05",
+                f"hydra.run.dir={run}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    losses = [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines()
+              if x.strip() and json.loads(x).get("loss") is not None]
+    assert losses and all(torch.isfinite(torch.tensor(losses)))
+    w = load_file(str(run / "lora" / "pytorch_lora_weights.safetensors"))
+    assert any(float(v.abs().max()) > 0 for k, v in w.items() if "lora_B" in k or "lora.up" in k)
+    assert "mixed_precision: bf16" in (run / ".hydra" / "config.yaml").read_text()
+    r = run_cli("finetune", *FAST, "train.mixed_precision=fp16", f"hydra.run.dir={tmp_path / 'fp16'}")
+    assert r.returncode == 2 and "fp16 needs a GPU" in r.stderr
+    assert "setup done" not in r.stderr and not (tmp_path / "fp16" / "privacy.json").exists()
 
 
 def test_runs_with_one_seed_draw_independent_noise_and_masks(tmp_path):
