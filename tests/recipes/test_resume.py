@@ -69,6 +69,7 @@ def test_bf16_autocast_trains_through_the_recipe(tmp_path):
     assert "setup done" not in r.stderr and not (tmp_path / "fp16" / "privacy.json").exists()
 
 
+@pytest.mark.slow  # 4 runs; the streams' independence by default is tested fast in tests/privacy/test_plan.py
 def test_runs_with_one_seed_draw_independent_noise_and_masks(tmp_path):
     """The default: noise and Poisson masks from fresh entropy, so two runs with the same config and seed are
     independent mechanisms (as the dataset ledger and sweep totals compose them); reproducible_noise=true
