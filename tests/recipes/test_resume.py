@@ -110,6 +110,7 @@ def test_raising_steps_past_the_target_is_refused(tmp_path):
     assert not b.exists()
 
 
+@pytest.mark.slow  # a killed 400-step run: 25-180 s on 2 busy cores; the correction's arithmetic is fast in test_plan
 def test_a_crash_after_the_last_checkpoint_is_still_counted(tmp_path):
     a = tmp_path / "a"
     cmd = [sys.executable, "-m", "dpdiff.cli", "finetune", *FAST, "privacy.noise_multiplier=1.0",
