@@ -39,7 +39,7 @@ import numpy as np
 
 from dpdiff.cli import user_errors_exit
 from dpdiff.data.prepare import prepare
-from dpdiff.data.records import RecordIds, record_ids
+from dpdiff.data.records import ids_of
 from dpdiff.errors import UserError
 from dpdiff.io import write_json_atomic
 from dpdiff.privacy.accountants import MechanismSegment
@@ -116,9 +116,7 @@ class ScoreCharge:
     held-out record: the candidates' training never reads one."""
 
     def __init__(self, out: Path, data, settings, units: list[int], *, score_noise: float, delta: float):
-        recs = [data.records[i] for u in units for i in data.units.members[u]]
-        users = tuple(str(r.user_id) if r.user_id else None for r in recs)
-        self.ids = RecordIds(digests=tuple(record_ids(recs)), users=users if any(users) else None)
+        self.ids = ids_of([data.records[i] for u in units for i in data.units.members[u]])
         self.priv, self.data, self.out, self.noise = settings.privacy, data, out, score_noise
         self.delta = float(self.priv.dataset_delta or delta)
         self.led = DatasetLedger(ledger_location(data_root=data.root, source_fingerprint=data.source_fingerprint,

@@ -48,13 +48,11 @@ class PreparedData:
         canaries excluded), with their user ids: what the dataset ledger charges. Computed on first use (it
         reads every trained image once more) and kept; a copy made with ``dataclasses.replace`` (canaries
         inserted) computes its own. Returns a ``dpdiff.data.records.RecordIds``."""
-        from dpdiff.data.records import RecordIds, record_ids
+        from dpdiff.data.records import ids_of
 
         cached = self.__dict__.get("_train_record_ids")
         if cached is None:
-            recs = [self.records[i] for i in self.member_records()]
-            users = tuple(str(r.user_id) if r.user_id else None for r in recs)
-            cached = RecordIds(digests=tuple(record_ids(recs)), users=users if any(users) else None)
+            cached = ids_of([self.records[i] for i in self.member_records()])
             self.__dict__["_train_record_ids"] = cached
         return cached
 

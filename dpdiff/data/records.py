@@ -19,7 +19,7 @@ import numpy as np
 
 from dpdiff.data.streams import ImageRef
 from dpdiff.errors import UserError
-from dpdiff.privacy.dataset_ledger import RecordIds  # noqa: F401  (re-exported: what the ledger charges)
+from dpdiff.privacy.dataset_ledger import RecordIds  # (re-exported: what the ledger charges)
 
 
 @dataclass(frozen=True, slots=True)
@@ -263,6 +263,12 @@ def fingerprint(records: list[ImageRecord], *, ids: list[bytes] | None = None) -
         h.update(b"\0")
         h.update(ids[i] if ids is not None else _content_digest(r))
     return h.hexdigest()
+
+
+def ids_of(records: list[ImageRecord]) -> RecordIds:
+    """The records' ids with their user ids (None for example-level data): what the dataset ledger charges."""
+    users = tuple(str(r.user_id) if r.user_id else None for r in records)
+    return RecordIds(digests=tuple(record_ids(records)), users=users if any(users) else None)
 
 
 def record_ids(records: list[ImageRecord]) -> list[bytes]:
