@@ -36,9 +36,10 @@ from dpdiff.models import adapters
 from dpdiff.models.loading import load_base, sampling_pipeline
 from dpdiff.models.pipeline import sample_grid
 from dpdiff.paths import config_dir
+from dpdiff.privacy.gradient_canaries import GradientCanaries
 from dpdiff.privacy.plan import AuditCanaries, DatasetIdentity, PrivacyPlan, ResumePoint
 from dpdiff.privacy.planning import run_plan
-from dpdiff.probes.canaries import CanarySettings, GradientCanaries, GradientCanaryHook
+from dpdiff.probes.canaries import CanarySettings
 from dpdiff.probes.run import build_probe_context, check_probe_settings, run_probes
 from dpdiff.report.privacy_json import (
     owner_record,
@@ -246,7 +247,7 @@ class FinetuneRecipe:
                                        micro_batch_size=t.micro_batch_size, memory_gb=t.per_sample_memory_gb,
                                        param_groups=({"embedding": [0]} if self.embedding else
                                                      adapters.parameter_groups(self.denoiser, self.params)),
-                                       gradient_canaries=self.gradient_canaries if proc.is_main else None)
+                                       gradient_canaries=self.gradient_canaries)
         self.objective = make_objective(self.base.family, self.base.noise_scheduler, snr_gamma=t.snr_gamma)
         if t.optimizer == "sgd":
             self.optimizer = torch.optim.SGD(self.params, lr=t.lr, momentum=t.adam_beta1, weight_decay=t.weight_decay)
@@ -279,22 +280,15 @@ class FinetuneRecipe:
         else:
             self.trainer = Trainer(params=self.params, **loop)
 
-    def _gradient_canaries(self):
-        """Opt-in white-box gradient canaries for the audit (``probes.audit.gradient_canaries=m``, DP only)."""
-        m = int((self.cfg.probes.get("audit") or {}).get("gradient_canaries", 0) or 0)
-        if m <= 0 or self.plan.mechanism is None:
+    def _gradient_canaries(self) -> GradientCanaries | None:
+        """Opt-in white-box gradient canaries for the audit (``probes.audit.gradient_canaries=m``): drawn over the
+        trainable weights here; the plan wires them to the engine under the mechanism's rules."""
+        audit = self.cfg.probes.get("audit") or {}
+        m = int(audit.get("gradient_canaries", 0) or 0)
+        if m <= 0:
             return None
-        if self.resume is not None:
-            raise UserError("probes.audit.gradient_canaries: a resumed run cannot be audited with gradient canaries "
-                            "(their scores live in the process that started the run); set it to 0 to resume")
-
-        mech = self.plan.mechanism
-        canaries = GradientCanaries(count=m, num_params=sum(p.numel() for p in self.params),
-                                    seed=int((self.cfg.probes.get("audit") or {}).get("seed", 0) or 0))
-        hook = GradientCanaryHook(canaries, shapes=[tuple(p.shape) for p in self.params],
-                                  noise_multiplier=mech.noise_multiplier, sample_rate=mech.sample_rate,
-                                  clip_norm=self.settings.privacy.max_grad_norm, rng=self.plan.randomness.canary_rng())
-        return hook
+        return GradientCanaries(count=m, num_params=sum(p.numel() for p in self.params),
+                                seed=int(audit.get("seed", 0) or 0))
 
     def _restore_training_state(self) -> None:
         ckpt, proc = self.checkpoint, self.proc
@@ -373,7 +367,9 @@ class FinetuneRecipe:
         # privacy.json and the model card are published with the weights: the mechanism and the guarantee only;
         # what was computed from the data beyond N goes to data_owner.json (0600)
         self.privacy_record = privacy_record(plan=self.plan, data=self.data, world_size=self.proc.world_size,
-                                             train_steps=self.trainer.step, schedule=self.schedule)
+                                             train_steps=self.trainer.step, engine=self.engine.kind,
+                                             stopped_for_budget=self.trainer.stopped_for_budget,
+                                             schedule=self.schedule)
         write_privacy_json(self.run_dir, self.privacy_record)
         write_owner_json(self.run_dir, owner_record(plan=self.plan, data=self.data, canaries=self.canaries.summary(),
                                                     dataset_total=dataset_total, planning=self._run_plan()))

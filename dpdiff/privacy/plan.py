@@ -10,9 +10,11 @@ It owns everything that decides or records the guarantee:
   its run dir holds after a crash), with the same unit, delta, data and sample rate, or is refused;
   a plan past the target is refused with the largest ``train.max_steps`` that fits;
 * the stop rule (``may_step``) and the ledger (``record_step``, saved after every step);
+* the DP event the run composes to (``event``, a ``dp_accounting.DpEvent``);
 * the randomness of the mechanism (fresh OS entropy per run and process; ``dpdiff.privacy.randomness``);
 * the sampler (Poisson for DP, never shuffled batches accounted as Poisson) and the clipping engine
-  (hooks or book-keeping: a performance choice, both exact; ``choose_engine``);
+  (hooks or book-keeping: a performance choice, both exact; ``choose_engine``), with its observers: the
+  gradient-canary audit (``dpdiff.privacy.gradient_canaries``) is wired here, under the mechanism's rules;
 * the dataset-ledger charge of this attempt (``dataset_charge``: ``dpdiff.privacy.dataset_charge``), with
   ``privacy.dataset_budget`` refused before training.
 
@@ -36,6 +38,7 @@ from dpdiff.privacy.accountants import (
     max_steps_within,
 )
 from dpdiff.privacy.dataset_charge import DatasetCharge
+from dpdiff.privacy.gradient_canaries import GradientCanaries, GradientCanaryHook
 from dpdiff.privacy.ledger import PrivacyLedger
 from dpdiff.privacy.randomness import PrivacyRandomness
 from dpdiff.privacy.settings import PrivacySettings, default_delta
@@ -202,22 +205,32 @@ def choose_engine(mode: str, *, trainable_numel: int, micro_batch_size: int, mem
     return "hooks" if 4 * trainable_numel * micro_batch_size <= memory_gb * 2**30 else "bookkeeping"
 
 
+@dataclass(frozen=True, kw_only=True, eq=False)
 class PrivacyPlan:
-    """One run's privacy plan: build with ``PrivacyPlan.build``."""
+    """One run's privacy plan, decided before any private pixel is encoded and never changed after: build it with
+    ``PrivacyPlan.build``.
 
-    def __init__(self, *, settings: PrivacySettings, dataset: DatasetIdentity, mechanism: Mechanism | None,
-                 ledger: PrivacyLedger | None, randomness: PrivacyRandomness, run_dir: Path, run_id: str,
-                 attempt_id: str, start_step: int, resume: ResumePoint | None, is_main: bool):
-        self.settings, self.dataset, self.mechanism, self.ledger = settings, dataset, mechanism, ledger
-        self.randomness, self.run_dir, self.run_id, self.attempt_id = randomness, Path(run_dir), run_id, attempt_id
-        self.start_step, self.resume, self.is_main = start_step, resume, is_main
-        self.ledger_start = ledger.steps if ledger is not None else 0  # where this attempt's own steps begin
-        self.stopped_for_budget = False
-        # this attempt's lines in the dataset's ledger (main process only)
-        self.dataset_charge = DatasetCharge(settings=settings, dataset=dataset, mechanism=mechanism, ledger=ledger,
-                                            run_dir=self.run_dir, run_id=run_id, attempt_id=attempt_id,
-                                            ledger_start=self.ledger_start, resumed=resume is not None,
-                                            reproducible_noise=self.reproducible_noise, is_main=is_main)
+    A frozen bundle in the style of jax_privacy's ``DPExecutionPlan`` (batch selection, clipping, noise addition and
+    the DP event together): the mechanism (``mechanism``; None without privacy), its randomness, the sampler and the
+    clipping engine it builds (``sampler``, ``engine``), the DP event it composes to (``event``), and where it
+    stands in its run (identity, resume point). Two objects it holds keep the run's *state*, and nothing else does:
+    ``ledger``, the run's privacy ledger (the accountant's state: ``record_step`` appends each step taken), and
+    ``dataset_charge``, this attempt's lines in the dataset's ledger (``dpdiff.privacy.dataset_charge``).
+    """
+
+    settings: PrivacySettings
+    dataset: DatasetIdentity
+    mechanism: Mechanism | None
+    ledger: PrivacyLedger | None
+    randomness: PrivacyRandomness
+    run_dir: Path
+    run_id: str
+    attempt_id: str
+    start_step: int
+    resume: ResumePoint | None
+    is_main: bool
+    ledger_start: int  # where this attempt's own steps begin in the ledger
+    dataset_charge: DatasetCharge
 
     # ---------------------------------------------------------------------------------- build
     @classmethod
@@ -256,9 +269,15 @@ class PrivacyPlan:
                                        seed=int(seed), rank=rank,
                                        world_size=world_size, start_step=ledger.steps if ledger else start,
                                        secure=settings.secure_rng)
+        ledger_start = ledger.steps if ledger is not None else 0
+        reproducible = bool(ledger.reproducible_noise) if ledger is not None else settings.reproducible_noise
+        charge = DatasetCharge(settings=settings, dataset=dataset, mechanism=mech, ledger=ledger,
+                               run_dir=Path(run_dir), run_id=run_id, attempt_id=attempt_id,
+                               ledger_start=ledger_start, resumed=resume is not None,
+                               reproducible_noise=reproducible, is_main=rank == 0)
         return cls(settings=settings, dataset=dataset, mechanism=mech, ledger=ledger, randomness=randomness,
-                   run_dir=run_dir, run_id=run_id, attempt_id=attempt_id, start_step=start, resume=resume,
-                   is_main=rank == 0)
+                   run_dir=Path(run_dir), run_id=run_id, attempt_id=attempt_id, start_step=start, resume=resume,
+                   is_main=rank == 0, ledger_start=ledger_start, dataset_charge=charge)
 
     @staticmethod
     def _check_resume(settings: PrivacySettings, dataset: DatasetIdentity, resume: ResumePoint | None) -> None:
@@ -330,13 +349,9 @@ class PrivacyPlan:
 
     # ------------------------------------------------------------------------- the stop rule
     def may_step(self) -> bool:
-        """False once one more step would pass the planned (target-respecting) ledger length."""
-        if self.mechanism is None:
-            return True
-        if self.ledger.steps < self.mechanism.steps:
-            return True
-        self.stopped_for_budget = True
-        return False
+        """False once one more step would pass the planned (target-respecting) ledger length. (The plan refuses a
+        schedule past the target, so a loop that runs the planned steps never meets False: this is the guard.)"""
+        return self.mechanism is None or self.ledger.steps < self.mechanism.steps
 
     def record_step(self) -> None:
         if self.ledger is not None:
@@ -345,6 +360,25 @@ class PrivacyPlan:
 
     def epsilon(self) -> EpsilonReport | None:
         return self.ledger.epsilon() if self.ledger is not None else None
+
+    @property
+    def event(self):
+        """The DP event this plan composes to when it runs its planned steps, as a ``dp_accounting.DpEvent``: the
+        ledger's earlier segments (a resumed run's) and this run's, each a self-composed Poisson-subsampled Gaussian
+        (``add or remove one unit``). Any dp_accounting accountant turns it into (epsilon, delta); composing it with
+        other releases of the same data is the user's to do. None without privacy."""
+        import dp_accounting
+
+        m = self.mechanism
+        if m is None:
+            return None
+        done = sum(g.steps for g in self.ledger.segments) if self.ledger is not None else 0
+        segments = [*(self.ledger.segments if self.ledger is not None else []),
+                    MechanismSegment(m.noise_multiplier, m.sample_rate, m.steps - done)]
+        return dp_accounting.ComposedDpEvent([
+            dp_accounting.SelfComposedDpEvent(
+                dp_accounting.PoissonSampledDpEvent(g.sample_rate, dp_accounting.GaussianDpEvent(g.noise_multiplier)),
+                int(g.steps)) for g in segments if g.steps > 0])
 
     def save_ledger(self) -> None:
         if self.ledger is not None and self.is_main:
@@ -365,26 +399,51 @@ class PrivacyPlan:
         return PoissonSampler(num_units, self.mechanism.sample_rate, rng=self.randomness.sampling_rng(), rank=rank,
                               world_size=world_size)
 
+    def engine_kind(self, per_sample: str, *, trainable_numel: int, micro_batch_size: int, memory_gb: float) -> str:
+        """The engine ``engine`` builds: ``none`` without privacy, ``unit_vectors`` for ``per_sample="given"``, else
+        ``choose_engine``'s pick."""
+        if self.mechanism is None:
+            return "none"
+        if per_sample == "given":
+            return "unit_vectors"
+        return choose_engine(per_sample, trainable_numel=trainable_numel, micro_batch_size=micro_batch_size,
+                             memory_gb=memory_gb)
+
     def engine(self, model, *, params, device, per_sample: str, micro_batch_size: int, memory_gb: float,
-               param_groups: dict[str, list[int]] | None = None, gradient_canaries=None):
-        """The clipping engine for this plan (``dpdiff.privacy.engines``: hooks or book-keeping, both exact), its
-        noise from fresh entropy, with its observers (``param_groups`` for the SNR statistics, the opt-in
-        ``gradient_canaries`` audit). ``per_sample="given"``: the caller computes each unit's vector itself
-        (``DPSGDEngine.add_unit_vectors``)."""
+               param_groups: dict[str, list[int]] | None = None, gradient_canaries: GradientCanaries | None = None):
+        """The clipping engine for this plan (``dpdiff.privacy.engines``: hooks or book-keeping, both exact; its
+        ``kind`` says which), its noise from fresh entropy, with its observers: ``param_groups`` for the SNR
+        statistics, and the opt-in ``gradient_canaries`` audit, scored beside each step's released sum on the main
+        process with this mechanism's q, sigma and C and coins from their own full-entropy stream (refused without
+        privacy and on a resumed run, whose earlier steps' scores were never seen by this process).
+        ``per_sample="given"``: the caller computes each unit's vector itself (``DPSGDEngine.add_unit_vectors``)."""
         from dpdiff.privacy.engines import DPSGDEngine, NonPrivateEngine, get_engine_class
 
+        kind = self.engine_kind(per_sample, trainable_numel=sum(p.numel() for p in params),
+                                micro_batch_size=micro_batch_size, memory_gb=memory_gb)
+        hook = self._gradient_canary_hook(gradient_canaries, params) if gradient_canaries is not None else None
         if self.mechanism is None:
-            self.engine_kind = "none"
             return NonPrivateEngine(model, params=params)
         kw = dict(noise_multiplier=self.mechanism.noise_multiplier, max_grad_norm=self.settings.max_grad_norm,
                   expected_batch_size=self.mechanism.expected_batch_size, noise=self.randomness.noise(device),
-                  params=params, param_groups=param_groups, gradient_canaries=gradient_canaries)
-        if per_sample == "given":
-            self.engine_kind = "unit_vectors"
+                  params=params, param_groups=param_groups, gradient_canaries=hook)
+        if kind == "unit_vectors":
             return DPSGDEngine(model, hooks=False, **kw)
-        self.engine_kind = choose_engine(per_sample, trainable_numel=sum(p.numel() for p in params),
-                                         micro_batch_size=micro_batch_size, memory_gb=memory_gb)
-        return get_engine_class(self.engine_kind)(model, **kw)
+        return get_engine_class(kind)(model, **kw)
+
+    def _gradient_canary_hook(self, canaries: GradientCanaries, params) -> GradientCanaryHook | None:
+        if self.mechanism is None:
+            raise UserError("probes.audit.gradient_canaries: gradient canaries audit a DP run's noisy sums; this run "
+                            "has no privacy (privacy=none): set it to 0")
+        if self.resume is not None:
+            raise UserError("probes.audit.gradient_canaries: a resumed run cannot be audited with gradient canaries "
+                            "(their scores live in the process that started the run); set it to 0 to resume")
+        if not self.is_main:  # the noise is added, and the released sum read, on the main process
+            return None
+        m = self.mechanism
+        return GradientCanaryHook(canaries, shapes=[tuple(p.shape) for p in params],
+                                  noise_multiplier=m.noise_multiplier, sample_rate=m.sample_rate,
+                                  clip_norm=self.settings.max_grad_norm, rng=self.randomness.canary_rng())
 
     # -------------------------------------------------------------------------- description
     def describe(self) -> str:

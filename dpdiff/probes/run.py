@@ -78,10 +78,10 @@ def audit_verdict(*, scores, included, claimed_epsilon, delta: float, confidence
 def run_audit(ctx: ProbeContext, cfg, *, confidence: float | None = None) -> dict:
     """The one-run audit: data canaries scored by their base-calibrated loss and, when the run recorded
     them, white-box gradient canaries scored by their likelihood ratio over all noisy gradients
-    (``gradient_canaries.json``, ``dpdiff.probes.canaries.GradientCanaries``). Both bounds of each
+    (``gradient_canaries.json``, ``dpdiff.privacy.gradient_canaries.GradientCanaries``). Both bounds of each
     (Steinke et al.; Mahloujifar et al.'s f-DP) are reported; the verdict takes the largest rigorous
     bound over the canary sets, Bonferroni-corrected over them."""
-    from dpdiff.probes.canaries import load_gradient_canaries
+    from dpdiff.privacy.gradient_canaries import load_gradient_canaries
     from dpdiff.probes.verdict import three_way_verdict, verdict_fields
 
     grad = load_gradient_canaries(ctx.run_dir)

@@ -105,12 +105,16 @@ def owner_caveats(data) -> list[str]:
     return out
 
 
-def privacy_record(*, plan, data, world_size: int, train_steps: int, schedule: dict | None = None) -> dict:
+def privacy_record(*, plan, data, world_size: int, train_steps: int, engine: str | None = None,
+                   stopped_for_budget: bool = False, schedule: dict | None = None) -> dict:
     """The content of privacy.json: the mechanism and the guarantee, nothing else computed from the data
     than N (``num_units``). ``plan`` is the run's ``PrivacyPlan`` (settings, mechanism, ledger); ``data`` its
-    ``PreparedData``. What else the run knows of the data goes to data_owner.json (``owner_record``).
+    ``PreparedData``; ``engine`` the clipping engine's ``kind``; ``stopped_for_budget`` whether the training loop
+    stopped before its planned steps. What else the run knows of the data goes to data_owner.json
+    (``owner_record``).
     """
-    record = _public_record(plan=plan, data=data, world_size=world_size, train_steps=train_steps)
+    record = _public_record(plan=plan, data=data, world_size=world_size, train_steps=train_steps, engine=engine,
+                            stopped_for_budget=stopped_for_budget)
     if schedule is not None:  # the batch size and steps trained with, and whether the plan's rule chose them
         record["schedule"] = schedule
     leaked = set(record) - PUBLIC_PRIVACY_KEYS
@@ -119,7 +123,8 @@ def privacy_record(*, plan, data, world_size: int, train_steps: int, schedule: d
     return record
 
 
-def _public_record(*, plan, data, world_size: int, train_steps: int) -> dict:
+def _public_record(*, plan, data, world_size: int, train_steps: int, engine: str | None,
+                   stopped_for_budget: bool) -> dict:
     s, mech = plan.settings, plan.mechanism
     base = {
         "dp": bool(s.enabled),
@@ -130,10 +135,10 @@ def _public_record(*, plan, data, world_size: int, train_steps: int) -> dict:
         "max_images_per_user": s.max_images_per_user,
         "world_size": int(world_size),
         "train_steps": int(train_steps),
-        "stopped_for_budget": bool(plan.stopped_for_budget),
+        "stopped_for_budget": bool(stopped_for_budget),
         "noise_source": plan.randomness.description if s.enabled else None,
         "reproducible_noise": bool(plan.reproducible_noise) if s.enabled else None,
-        "engine": getattr(plan, "engine_kind", None),
+        "engine": engine,
         "caveats": caveats(dp=s.enabled, data=data, resumed=plan.resume is not None,
                            reproducible_noise=plan.reproducible_noise),
     }

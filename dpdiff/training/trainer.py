@@ -53,6 +53,7 @@ class Trainer:
         self.progress = progress
         self.history: list[dict] = []
         self.last_lr = 0.0
+        self.stopped_for_budget = False  # the loop stopped early because the plan refused one more step
 
     # ------------------------------------------------------------------------------------------
     def _micro_step(self, rows: RowBatch) -> None:
@@ -83,10 +84,6 @@ class Trainer:
         self.step += 1
         return stats
 
-    @property
-    def stopped_for_budget(self) -> bool:
-        return self.privacy.stopped_for_budget
-
     def run(self) -> None:
         from tqdm.auto import tqdm
 
@@ -98,6 +95,7 @@ class Trainer:
         t0 = time.time()
         while self.step < self.max_steps:
             if not self.privacy.may_step():
+                self.stopped_for_budget = True
                 log.warning("stopping at step %d: one more step would exceed privacy.target_epsilon", self.step)
                 break
             stats = self.train_step()

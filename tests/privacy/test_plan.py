@@ -301,3 +301,86 @@ def test_ranks_that_prepared_other_data_or_another_mechanism_are_refused(tmp_pat
                        ("noise_multiplier", 9.0), ("max_grad_norm", 2.0), ("privacy_unit", "user")):
         with pytest.raises(UserError, match=f"process 1 disagrees with process 0 on .*{key}"):
             a.check_ranks_agree([same, {**same, key: value}])
+
+
+def test_plan_is_frozen_and_its_event_is_the_accountants_guarantee(tmp_path):
+    """The plan's fields cannot be reassigned; its DP event, composed by Google's PLD accountant called directly,
+    gives the epsilon the plan promised (within the accountants' discretisation: a wrong q, sigma or step count moves
+    it by far more than 1%), also for a resumed run whose ledger holds a crashed predecessor's discarded steps."""
+    import dataclasses
+
+    import dp_accounting
+
+    s = settings(accountant="pld")
+    plan = build(tmp_path, "a", s=s)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        plan.mechanism = None  # type: ignore[misc]
+
+    def pld(event) -> float:
+        acc = dp_accounting.pld.PLDAccountant(value_discretization_interval=1e-4)
+        return acc.compose(event).get_epsilon(plan.mechanism.delta)
+
+    assert pld(plan.event) == pytest.approx(plan.mechanism.epsilon_planned, rel=1e-2)
+    train(plan, 25)
+    rp = resume_point(plan, checkpoint_step=20)  # 5 steps after the checkpoint were spent and discarded
+    resumed = build(tmp_path, "a", s=s, max_steps=40, resume=rp)
+    assert resumed.mechanism.steps == 25 + 20
+    assert pld(resumed.event) == pytest.approx(resumed.mechanism.epsilon_planned, rel=1e-2)
+    sigma = plan.mechanism.noise_multiplier  # 45 steps cost more than the 40 the checkpoint's step count suggests
+    fewer = dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(B / N, dp_accounting.GaussianDpEvent(sigma)), 40)
+    assert pld(resumed.event) > pld(fewer) * 1.02
+    assert build(tmp_path, "n", s=settings(enabled=False)).event is None
+
+
+def test_gradient_canaries_are_wired_by_the_plan_under_the_mechanisms_rules(tmp_path):
+    """The plan builds the canary hook with its own q, sigma and C on the main process only, and refuses gradient
+    canaries without privacy and on a resumed run."""
+    import torch
+
+    from dpdiff.privacy.gradient_canaries import GradientCanaries
+
+    lin = torch.nn.Linear(4, 3)
+    params = [p for p in lin.parameters()]
+    kw = dict(params=params, device="cpu", per_sample="hooks", micro_batch_size=4, memory_gb=1.0)
+    plan = build(tmp_path, "a")
+    eng = plan.engine(lin, gradient_canaries=GradientCanaries(count=5, num_params=15, seed=0), **kw)
+    hook = eng.gradient_canaries
+    m = plan.mechanism
+    assert eng.kind == "hooks"
+    assert (hook.noise_multiplier, hook.sample_rate, hook.clip_norm) == (m.noise_multiplier, m.sample_rate, 1.0)
+    eng.close()
+    worker = PrivacyPlan.build(settings=settings(), dataset=dataset(tmp_path / "data"), num_units=N, batch_size=B,
+                               max_steps=60, seed=0, run_dir=tmp_path / "w", rank=1, world_size=2)
+    eng = worker.engine(lin, gradient_canaries=GradientCanaries(count=5, num_params=15, seed=0), **kw)
+    assert eng.gradient_canaries is None  # the noise is added, and the released sum read, on the main process
+    eng.close()
+    with pytest.raises(UserError, match="no privacy"):
+        build(tmp_path, "n", s=settings(enabled=False)).engine(
+            lin, gradient_canaries=GradientCanaries(count=5, num_params=15, seed=0), **kw)
+    train(plan, 10)
+    resumed = build(tmp_path, "a", resume=resume_point(plan, checkpoint_step=10))
+    with pytest.raises(UserError, match="resumed run"):
+        resumed.engine(lin, gradient_canaries=GradientCanaries(count=5, num_params=15, seed=0), **kw)
+
+
+def test_may_step_stops_at_the_planned_steps(tmp_path):
+    plan = build(tmp_path, "a", max_steps=3)
+    train(plan, 3)
+    assert not plan.may_step()
+    assert build(tmp_path, "n", s=settings(enabled=False)).may_step()
+
+
+@pytest.mark.parametrize("per_sample", ["hooks", "bookkeeping", "given"])
+def test_the_engine_names_itself_as_the_plan_chose(tmp_path, per_sample):
+    """privacy.json's ``engine`` is the built engine's ``kind``: the same as the plan's choice for every mode."""
+    import torch
+
+    lin = torch.nn.Linear(4, 3)
+    kw = dict(params=list(lin.parameters()), device="cpu", micro_batch_size=4, memory_gb=1.0)
+    plan = build(tmp_path, "a")
+    eng = plan.engine(lin, per_sample=per_sample, **kw)
+    assert eng.kind == plan.engine_kind(per_sample, trainable_numel=15, micro_batch_size=4, memory_gb=1.0)
+    assert eng.kind == {"given": "unit_vectors"}.get(per_sample, per_sample)
+    eng.close()
+    assert build(tmp_path, "n", s=settings(enabled=False)).engine(lin, per_sample=per_sample, **kw).kind == "none"

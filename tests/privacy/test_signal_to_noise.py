@@ -52,7 +52,7 @@ def test_signal_norm_is_the_clipped_mean_and_noise_norm_the_noise():
 def test_gradient_canary_hook_equals_the_flat_canaries():
     """Scoring through the per-tensor hook is the flat GradientCanaries on the concatenation, and neither writes
     into the released sum."""
-    from dpdiff.probes.canaries import GradientCanaries, GradientCanaryHook
+    from dpdiff.privacy.gradient_canaries import GradientCanaries, GradientCanaryHook
 
     shapes = [(3, 4), (5,), (2, 2, 2)]
     n = sum(int(np.prod(s)) for s in shapes)

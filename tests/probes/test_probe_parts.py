@@ -144,8 +144,8 @@ def test_gradient_canaries_on_a_simulated_dp_sgd_run(q, steps, count):
     canaries: 3.7-3.9 of 6.6; q = 0.01, 1000 steps, 100000 canaries: 1.13-1.18 of 1.83 (rigorous 0.93).
     With 20000 canaries at q = 0.01 the Gaussian-curve bound is only 0.8-0.9 (about 2.1x): subsampled
     runs need many canaries, which gradient canaries make cheap."""
+    from dpdiff.privacy.gradient_canaries import GradientCanaries
     from dpdiff.probes.audit import gradient_canary_k_choices, one_run_audit
-    from dpdiff.probes.canaries import GradientCanaries
 
     sigma, clip, delta = 1.0, 0.5, 1e-5
     can = GradientCanaries(count=count, num_params=count, seed=3)
@@ -166,7 +166,7 @@ def test_gradient_canaries_on_a_simulated_dp_sgd_run(q, steps, count):
 
 def test_gradient_canaries_refuse_nonsense():
     from dpdiff.errors import UserError
-    from dpdiff.probes.canaries import GradientCanaries
+    from dpdiff.privacy.gradient_canaries import GradientCanaries
 
     with pytest.raises(UserError):
         GradientCanaries(count=1, num_params=10, seed=0)

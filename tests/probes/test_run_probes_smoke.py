@@ -23,7 +23,8 @@ def test_every_probe_writes_a_three_way_verdict(tmp_path):
     from dpdiff.data.formats import read_dataset
     from dpdiff.io import write_json_atomic
     from dpdiff.models.loading import load_base
-    from dpdiff.probes.canaries import GradientCanaries, canary_caption, canary_image, load_canaries
+    from dpdiff.privacy.gradient_canaries import GradientCanaries
+    from dpdiff.probes.canaries import canary_caption, canary_image, load_canaries
     from dpdiff.probes.context import ProbeContext
     from dpdiff.probes.run import REQUIRED, probe_history, run_probes
 

@@ -34,6 +34,7 @@ def test_dp_finetune_two_steps(tmp_path):
     priv, run = _check_run_dir(run_dir)
     assert (run_dir / "lora" / "pytorch_lora_weights.safetensors").exists()
     assert priv["dp"] is True and priv["steps"] == 2
+    assert priv["engine"] == "hooks" and priv["stopped_for_budget"] is False
     assert 0 < priv["epsilon"] <= priv["target_epsilon"] == 2
     assert priv["noise_multiplier"] > 0 and priv["accountant"] == "prv"
     assert priv["expected_batch_size"] == pytest.approx(8.0)
@@ -47,7 +48,7 @@ def test_non_private_finetune_is_labelled(tmp_path):
     res = run_cli("finetune", *FAST, "privacy=none", f"hydra.run.dir={run_dir}")
     assert res.returncode == 0, res.stderr[-3000:]
     priv, _ = _check_run_dir(run_dir)
-    assert priv["dp"] is False and priv["epsilon"] is None
+    assert priv["dp"] is False and priv["epsilon"] is None and priv["engine"] == "none"
     assert "NO PRIVACY GUARANTEE" in (run_dir / "report.html").read_text()
     assert "NO PRIVACY GUARANTEE" in res.stdout
 

@@ -52,8 +52,8 @@ def test_resume_equals_uninterrupted_run(tmp_path):
 @pytest.mark.slow  # one more run; the bf16 step's norms against fp32 are tested fast in tests/training
 def test_bf16_autocast_trains_through_the_recipe(tmp_path):
     """train.mixed_precision=bf16 through the recipe and trainer on the CPU: the run trains (finite losses, the
-    LoRA's zero-initialised up-projections moved) under the precision its saved config names; fp16 without a GPU is refused before
-    any data is read."""
+    LoRA's zero-initialised up-projections moved) under the precision its saved config names; fp16 without a GPU is
+    refused before any data is read."""
     run = tmp_path / "bf16"
     r = run_cli("finetune", *FAST, "train.mixed_precision=bf16", "train.max_steps=3", "train.lr=0.05",
                 f"hydra.run.dir={run}")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import dp_accounting
 import pytest
 from dp_accounting import pld
@@ -47,9 +45,11 @@ def test_privacy_record_of_a_dp_plan(tmp_path):
     data, plan = _setup(tmp_path)
     for _ in range(7):
         plan.record_step()
-    rec = privacy_record(plan=plan, data=data, world_size=2, train_steps=7)
+    rec = privacy_record(plan=plan, data=data, world_size=2, train_steps=7, engine="bookkeeping",
+                         stopped_for_budget=True)
     assert all(k in rec for k in CONTRACT)
     assert rec["dp"] is True and rec["steps"] == 7 and rec["world_size"] == 2
+    assert rec["engine"] == "bookkeeping" and rec["stopped_for_budget"] is True  # what the run did, as told
     n = data.num_train_units  # the units not held out (each held out on its own, by a seeded hash)
     assert rec["num_units"] == n == 20 - len(data.holdout_units) and rec["sample_rate"] == pytest.approx(6 / n)
     assert rec["expected_batch_size"] == pytest.approx(6.0)
@@ -115,8 +115,7 @@ def test_model_card_holds_the_guarantee_and_a_plain_base_name(tmp_path):
     assert "differentially private" in body and rec["guarantee"] in body and N_IS_PUBLIC in body
     assert data.fingerprint not in card and "images" not in body.split("## Caveats")[0]
     assert 'base_model: "org/model"' in model_card(rec, base_name="org/model")
-    plan.settings = replace(plan.settings, enabled=False)
-    plan.mechanism, plan.ledger = None, None
+    _, plan = _setup(tmp_path / "none", enabled=False)
     card = model_card(privacy_record(plan=plan, data=data, world_size=1, train_steps=1), base_name="/m/x",
                       adapter="full-finetune")
     assert "not-differentially-private" in card and "NO PRIVACY GUARANTEE" in card
@@ -127,8 +126,7 @@ def test_privacy_record_flags_reproducible_noise_and_no_dp(tmp_path):
     rec = privacy_record(plan=plan, data=data, world_size=1, train_steps=0)
     assert rec["reproducible_noise"] is True
     assert any("no guarantee across runs" in c for c in rec["caveats"])
-    plan.settings = replace(plan.settings, enabled=False)
-    plan.mechanism, plan.ledger = None, None
+    _, plan = _setup(tmp_path / "none", enabled=False)
     rec = privacy_record(plan=plan, data=data, world_size=1, train_steps=5)
     assert rec["dp"] is False and rec["epsilon"] is None and rec["steps"] == 5
     assert rec["caveats"][0].startswith("This model was trained WITHOUT differential privacy")

@@ -46,6 +46,8 @@ class BookKeepingDPSGDEngine(GhostNormEngine):
     with per-layer book-keeping).
     """
 
+    kind = "bookkeeping"
+
     def __init__(self, model: nn.Module, **kw):
         super().__init__(model, **kw)
         self.layer_choice: dict[str, int] = {"ghost": 0, "units": 0}  # of the last micro-batch, for the logs

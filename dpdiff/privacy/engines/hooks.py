@@ -242,7 +242,8 @@ class DPSGDEngine:
                             "keeps only 32 bits of its seed)")
         self.noise = noise
         # observers, fixed at construction: name -> indices into params for the SNR statistics, and an opt-in
-        # audit (dpdiff.probes.canaries.GradientCanaryHook) that sees each step's clipped sum, never changes it
+        # audit (dpdiff.privacy.gradient_canaries.GradientCanaryHook) that sees each step's clipped sum, never
+        # changes it
         self.param_groups: dict[str, list[int]] = dict(param_groups or {})
         self.gradient_canaries = gradient_canaries
         self._slices: dict[int, tuple[int, int]] = {}  # id(param) -> [start, end) in the flat buffers
@@ -260,6 +261,12 @@ class DPSGDEngine:
         self._unit_flat: torch.Tensor | None = None
         self._seen_params: set[int] = set()  # trainable parameters whose layer ran in this micro-batch
         self.stats = StepStats()
+
+    @property
+    def kind(self) -> str:
+        """What privacy.json's ``engine`` names: this engine's registry name, or ``unit_vectors`` when the caller
+        hands it each unit's vector."""
+        return "hooks" if self.hooks is not None else "unit_vectors"
 
     def close(self) -> None:
         if self.hooks is not None:

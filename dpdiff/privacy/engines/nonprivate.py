@@ -16,6 +16,8 @@ class NonPrivateEngine:
     Used for ``privacy=none`` baselines so that DP and non-DP runs share one training loop.
     """
 
+    kind = "none"
+
     def __init__(self, model: nn.Module, params: list[nn.Parameter] | None = None):
         self.model = model
         self.params = params if params is not None else [p for p in model.parameters() if p.requires_grad]
