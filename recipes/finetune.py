@@ -36,7 +36,7 @@ from dpdiff.models import adapters
 from dpdiff.models.loading import load_base, sampling_pipeline
 from dpdiff.models.pipeline import sample_grid
 from dpdiff.paths import config_dir
-from dpdiff.privacy.gradient_canaries import GradientCanaries
+from dpdiff.privacy.gradient_canaries import GradientCanaries, check_gradient_canaries
 from dpdiff.privacy.plan import AuditCanaries, DatasetIdentity, PrivacyPlan, ResumePoint
 from dpdiff.privacy.planning import run_plan
 from dpdiff.probes.canaries import CanarySettings
@@ -95,6 +95,8 @@ class FinetuneRecipe:
             check_probe_settings(self.cfg.probes)
         if self.cfg.eval.get("enabled", False):
             check_metric_names(self.cfg.eval)
+        check_gradient_canaries(int(self.cfg.probes.audit.gradient_canaries), dp=bool(self.cfg.privacy.enabled),
+                                resuming=self.cfg.train.resume_from not in (None, ""))
         self.settings = s = RunSettings.from_config(self.cfg)
         self.canaries = CanarySettings.from_config(self.cfg.probes)
         check_tracker(self.cfg.tracker)

@@ -120,13 +120,15 @@ def test_launcher_group_is_read(monkeypatch):
     ("probes.mia.lira.shadows=1", "at least|>= 2"),
     ("probes.confidence=1.5", "probes.confidence must be in"),
     ("eval.metrics=[heldout_los]", "unknown metric 'heldout_los'"),
+    ("privacy=none probes.audit.gradient_canaries=100", "audit a DP run's noisy sums"),
+    ("train.resume_from=latest probes.audit.gradient_canaries=100", "resumed run cannot be audited"),
 ])
 def test_probe_and_eval_typos_are_refused_before_any_data_is_read(tmp_path, override, message):
     """The data folder does not exist: an error about it would mean the settings were read after the data."""
     from dpdiff.errors import UserError
     from recipes.finetune import FinetuneRecipe
 
-    cfg = _compose([override, f"data.path={tmp_path / 'no_such_folder'}"])
+    cfg = _compose([*override.split(), f"data.path={tmp_path / 'no_such_folder'}"])
     recipe = FinetuneRecipe(cfg, tmp_path / "run")
     try:
         with pytest.raises(UserError, match=message):

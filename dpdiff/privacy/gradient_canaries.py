@@ -17,6 +17,19 @@ from dpdiff.errors import UserError
 from dpdiff.io import write_json_atomic
 
 
+def check_gradient_canaries(count: int, *, dp: bool, resuming: bool) -> None:
+    """The rules for ``probes.audit.gradient_canaries=count``: checked from the settings before any private data is
+    read, and again by ``PrivacyPlan.engine`` where they are wired."""
+    if count <= 0:
+        return
+    if not dp:
+        raise UserError("probes.audit.gradient_canaries: gradient canaries audit a DP run's noisy sums; this run has "
+                        "no privacy (privacy=none): set it to 0")
+    if resuming:
+        raise UserError("probes.audit.gradient_canaries: a resumed run cannot be audited with gradient canaries "
+                        "(their scores live in the process that started the run); set it to 0 to resume")
+
+
 class GradientCanaries:
     """White-box Dirac gradient canaries (module docstring). Keyword-only, seeded, no data needed.
 

@@ -38,7 +38,7 @@ from dpdiff.privacy.accountants import (
     max_steps_within,
 )
 from dpdiff.privacy.dataset_charge import DatasetCharge
-from dpdiff.privacy.gradient_canaries import GradientCanaries, GradientCanaryHook
+from dpdiff.privacy.gradient_canaries import GradientCanaries, GradientCanaryHook, check_gradient_canaries
 from dpdiff.privacy.ledger import PrivacyLedger
 from dpdiff.privacy.randomness import PrivacyRandomness
 from dpdiff.privacy.settings import PrivacySettings, default_delta
@@ -432,12 +432,7 @@ class PrivacyPlan:
         return get_engine_class(kind)(model, **kw)
 
     def _gradient_canary_hook(self, canaries: GradientCanaries, params) -> GradientCanaryHook | None:
-        if self.mechanism is None:
-            raise UserError("probes.audit.gradient_canaries: gradient canaries audit a DP run's noisy sums; this run "
-                            "has no privacy (privacy=none): set it to 0")
-        if self.resume is not None:
-            raise UserError("probes.audit.gradient_canaries: a resumed run cannot be audited with gradient canaries "
-                            "(their scores live in the process that started the run); set it to 0 to resume")
+        check_gradient_canaries(canaries.count, dp=self.mechanism is not None, resuming=self.resume is not None)
         if not self.is_main:  # the noise is added, and the released sum read, on the main process
             return None
         m = self.mechanism
