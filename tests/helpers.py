@@ -66,12 +66,70 @@ def write_image_folder(root: Path, n: int = 12, *, users: int | None = None, siz
     return root
 
 
-def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 900):
-    """Run ``dpdiff ...`` as a user would (a fresh process), returning CompletedProcess."""
+def run_cli_subprocess(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 900):
+    """Run ``dpdiff ...`` as a user would (a fresh process), returning CompletedProcess. For the few tests that need
+    a process of their own (several processes, a kill, the console entry point itself); the rest use ``run_cli``."""
     e = dict(os.environ)
     e.update(env or {})
     return subprocess.run([sys.executable, "-m", "dpdiff.cli", *args], cwd=cwd or ROOT, env=e,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 900):
+    """Run ``dpdiff ...`` in this process (``dpdiff.cli.main``, the console entry point's function) and return what
+    ``run_cli_subprocess`` would: a CompletedProcess with the exit code, stdout and stderr. It saves each test the
+    5-10 s a fresh process spends importing torch and diffusers. What a run changes in the process is put back
+    afterwards: sys.argv, the environment, the working directory, every logger's handlers and levels (Hydra's job
+    logging adds a file handler per run and reconfigures the rest) and Hydra's global state. An exception that is
+    not a SystemExit becomes exit code 1 with its traceback on stderr, as in a process. ``timeout`` is accepted for
+    ``run_cli_subprocess``'s signature and not enforced here."""
+    import io
+    import logging
+    import traceback
+
+    from hydra.core.global_hydra import GlobalHydra
+
+    from dpdiff.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    saved_argv, saved_env, saved_cwd = list(sys.argv), dict(os.environ), os.getcwd()
+    # Hydra configures logging with dictConfig, which shuts down every handler the process ever made (absl's
+    # closes its stream: pytest's captured stderr) and may disable existing loggers: hide the handlers from it
+    # and put every logger back afterwards
+    loggers = [logging.getLogger(), *(lg for lg in logging.Logger.manager.loggerDict.values()
+                                      if isinstance(lg, logging.Logger))]
+    saved_loggers = [(lg, list(lg.handlers), lg.level, lg.propagate, lg.disabled) for lg in loggers]
+    saved_handler_list, saved_named = list(logging._handlerList), dict(logging._handlers)
+    logging._handlerList[:] = []
+    os.environ.update(env or {})
+    os.chdir(cwd or ROOT)
+    code = 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                main(list(args))
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+                if not isinstance(e.code, (int, type(None))):
+                    err.write(f"{e.code}\n")
+            except BaseException:  # noqa: BLE001 - a crash is exit 1 with its traceback, as in a process
+                traceback.print_exc(file=err)
+                code = 1
+    finally:
+        for lg, handlers, level, propagate, disabled in saved_loggers:
+            for h in lg.handlers:
+                if h not in handlers:
+                    h.close()  # the run's own (its log file)
+            lg.handlers[:], lg.level, lg.propagate, lg.disabled = handlers, level, propagate, disabled
+        logging._handlerList[:] = saved_handler_list
+        logging._handlers.clear()
+        logging._handlers.update(saved_named)
+        GlobalHydra.instance().clear()
+        sys.argv[:] = saved_argv
+        os.environ.clear()
+        os.environ.update(saved_env)
+        os.chdir(saved_cwd)
+    return subprocess.CompletedProcess(["dpdiff", *args], code, out.getvalue(), err.getvalue())
 
 
 @contextlib.contextmanager

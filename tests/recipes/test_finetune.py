@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from helpers import run_cli
+from helpers import run_cli, run_cli_subprocess
 
 FAST = ["debug=fast"]  # configs/debug/fast.yaml: 2 steps of 8, probes and eval off
 
@@ -28,8 +28,9 @@ def _check_run_dir(run_dir):
 
 
 def test_dp_finetune_two_steps(tmp_path):
+    """The README's command as a user runs it: its own process through the console entry point."""
     run_dir = tmp_path / "run"
-    res = run_cli("finetune", *FAST, "privacy.target_epsilon=2", f"hydra.run.dir={run_dir}")
+    res = run_cli_subprocess("finetune", *FAST, "privacy.target_epsilon=2", f"hydra.run.dir={run_dir}")
     assert res.returncode == 0, res.stderr[-3000:]
     priv, run = _check_run_dir(run_dir)
     assert (run_dir / "lora" / "pytorch_lora_weights.safetensors").exists()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from helpers import run_cli
+from helpers import run_cli_subprocess as run_cli  # several processes: each run in a process of its own
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiproc]
 
