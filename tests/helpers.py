@@ -15,6 +15,10 @@ from dpdiff.privacy.randomness import GaussianNoise
 
 ROOT = Path(__file__).resolve().parent.parent
 
+#: configs/debug/fast.yaml (2 steps, probes and eval off) on tiny batches of 32 px images, for the tests whose data
+#: folders hold a few images
+SMALL = ["debug=fast", "train.batch_size=4", "train.micro_batch_size=4", "privacy.augmult=1", "data.resolution=32"]
+
 
 def make_tiny_lora_unet(rank: int = 4, seed: int = 0, nonzero_b: bool = True):
     """A random-init tiny UNet with LoRA on the attention projections (B made non-zero so every

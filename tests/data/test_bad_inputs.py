@@ -6,10 +6,10 @@ import json
 
 import numpy as np
 import pytest
-from helpers import run_cli, write_image_folder
+from helpers import SMALL, run_cli, write_image_folder
 from PIL import Image
 
-FAST = ["debug=fast", "train.batch_size=4", "train.micro_batch_size=4", "privacy.augmult=1", "data.resolution=32"]
+FAST = SMALL
 
 
 def _meta(root):

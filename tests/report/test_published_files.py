@@ -12,14 +12,14 @@ import json
 import struct
 from pathlib import Path
 
-from helpers import run_cli
+from helpers import SMALL, run_cli
 
 from dpdiff.report.summary import flat_summary
 from dpdiff.training.tracking import REDACTED, WandbTracker, public_part, redact_config
 
 PEOPLE = ["Alice Smith", "Bob Jones", "Carol White", "David Brown", "Erin Garcia", "Frank Miller", "Grace Lee",
           "Henry Wilson", "Ivy Chen"]
-FAST = ["debug=fast", "train.batch_size=4", "train.micro_batch_size=4", "privacy.augmult=1", "data.resolution=32"]
+FAST = SMALL
 
 
 def _people_folder(root: Path, per_person: int = 2) -> tuple[Path, list[str]]:

@@ -6,9 +6,9 @@ import json
 import re
 from html.parser import HTMLParser
 
-from helpers import run_cli, write_image_folder
+from helpers import SMALL, run_cli, write_image_folder
 
-FAST = ["debug=fast", "train.batch_size=4", "train.micro_batch_size=4", "privacy.augmult=1", "data.resolution=32"]
+FAST = SMALL
 
 
 class _Checker(HTMLParser):
