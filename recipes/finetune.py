@@ -63,6 +63,7 @@ from dpdiff.runtime import (
     resolve_device,
 )
 from dpdiff.schema import register as register_schemas
+from dpdiff.schema import required
 from dpdiff.settings import RunSettings
 from dpdiff.training.checkpoint import load_checkpoint, resolve_checkpoint
 from dpdiff.training.concept import ConceptToken, ConceptTrainer
@@ -95,7 +96,9 @@ class FinetuneRecipe:
             check_probe_settings(self.cfg.probes)
         if self.cfg.eval.get("enabled", False):
             check_metric_names(self.cfg.eval)
-        check_gradient_canaries(int(self.cfg.probes.audit.gradient_canaries), dp=bool(self.cfg.privacy.enabled),
+        audit = self.cfg.probes.audit
+        self.gradient_canary_count = int(required(audit, "gradient_canaries"))
+        check_gradient_canaries(self.gradient_canary_count, dp=bool(self.cfg.privacy.enabled),
                                 resuming=self.cfg.train.resume_from not in (None, ""))
         self.settings = s = RunSettings.from_config(self.cfg)
         self.canaries = CanarySettings.from_config(self.cfg.probes)
@@ -111,7 +114,7 @@ class FinetuneRecipe:
             if s.data.caption_replace_prob or s.data.caption_insert_prob or s.train.caption_dropout:
                 raise UserError("adapter=embedding conditions on its own prompts (caption + token): set "
                                 "data.caption_replace_prob, data.caption_insert_prob and train.caption_dropout to 0")
-            if self.canaries.count or int((self.cfg.probes.get("audit") or {}).get("gradient_canaries", 0) or 0):
+            if self.canaries.count or self.gradient_canary_count:
                 raise UserError("adapter=embedding: the canary audit is not supported; set probes.audit.canaries=0 "
                                 "and probes.audit.gradient_canaries=0")
         self.proc = process_context(s.train.device)
@@ -285,12 +288,10 @@ class FinetuneRecipe:
     def _gradient_canaries(self) -> GradientCanaries | None:
         """Opt-in white-box gradient canaries for the audit (``probes.audit.gradient_canaries=m``): drawn over the
         trainable weights here; the plan wires them to the engine under the mechanism's rules."""
-        audit = self.cfg.probes.get("audit") or {}
-        m = int(audit.get("gradient_canaries", 0) or 0)
-        if m <= 0:
+        if self.gradient_canary_count <= 0:
             return None
-        return GradientCanaries(count=m, num_params=sum(p.numel() for p in self.params),
-                                seed=int(audit.get("seed", 0) or 0))
+        return GradientCanaries(count=self.gradient_canary_count, num_params=sum(p.numel() for p in self.params),
+                                seed=int(required(self.cfg.probes.audit, "seed")))
 
     def _restore_training_state(self) -> None:
         ckpt, proc = self.checkpoint, self.proc

@@ -205,6 +205,11 @@ def choose_engine(mode: str, *, trainable_numel: int, micro_batch_size: int, mem
     return "hooks" if 4 * trainable_numel * micro_batch_size <= memory_gb * 2**30 else "bookkeeping"
 
 
+def _reproducible(settings: PrivacySettings, ledger: PrivacyLedger | None) -> bool:
+    """Seeded noise: the ledger's flag (set once any attempt of the run used it), else the setting's."""
+    return bool(ledger.reproducible_noise) if ledger is not None else settings.reproducible_noise
+
+
 @dataclass(frozen=True, kw_only=True, eq=False)
 class PrivacyPlan:
     """One run's privacy plan, decided before any private pixel is encoded and never changed after: build it with
@@ -270,11 +275,10 @@ class PrivacyPlan:
                                        world_size=world_size, start_step=ledger.steps if ledger else start,
                                        secure=settings.secure_rng)
         ledger_start = ledger.steps if ledger is not None else 0
-        reproducible = bool(ledger.reproducible_noise) if ledger is not None else settings.reproducible_noise
         charge = DatasetCharge(settings=settings, dataset=dataset, mechanism=mech, ledger=ledger,
                                run_dir=Path(run_dir), run_id=run_id, attempt_id=attempt_id,
                                ledger_start=ledger_start, resumed=resume is not None,
-                               reproducible_noise=reproducible, is_main=rank == 0)
+                               reproducible_noise=_reproducible(settings, ledger), is_main=rank == 0)
         return cls(settings=settings, dataset=dataset, mechanism=mech, ledger=ledger, randomness=randomness,
                    run_dir=Path(run_dir), run_id=run_id, attempt_id=attempt_id, start_step=start, resume=resume,
                    is_main=rank == 0, ledger_start=ledger_start, dataset_charge=charge)
@@ -345,7 +349,7 @@ class PrivacyPlan:
 
     @property
     def reproducible_noise(self) -> bool:
-        return bool(self.ledger.reproducible_noise) if self.ledger is not None else self.settings.reproducible_noise
+        return _reproducible(self.settings, self.ledger)
 
     # ------------------------------------------------------------------------- the stop rule
     def may_step(self) -> bool:
