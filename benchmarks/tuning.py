@@ -132,7 +132,8 @@ def markdown(res: dict) -> str:
              f"(truncated negative binomial, eta {res['eta']:g}), score: clipped held-out loss plus Gaussian noise "
              f"(noise multiplier {sel['score']['noise_multiplier']:g}); `dpdiff tune` took "
              f"{res['tune_wall_seconds'] / 60:.0f} min. Utility: the requested digit in the private look (the demo's "
-             "evaluation; a cell's standard error is about 0.05). One run of the procedure (its K is random).", "",
+             "evaluation; a cell's standard error is about 0.05). One run of the procedure: its K is random "
+             "(P(K = 1) = 1/3 at mean 3), and a draw of K = 1 compares no candidates.", "",
              "| candidate | lr | noisy score (lower wins) | utility | right digit | look rate |",
              "|---|---|---|---|---|---|"]
     for c in res["candidates"]:
@@ -144,8 +145,9 @@ def markdown(res: dict) -> str:
               f"procedure's cost) | {res['epsilon_one_run']:.2f} |",
               f"| **`dpdiff tune`: the whole procedure (Papernot & Steinke, Theorem 2; selection.json)** | "
               f"**{sel['epsilon']:.2f}** |",
-              f"| the {len(res['candidates'])} candidates that ran, composed (what the dataset ledger charges each "
-              f"training record) | {res['epsilon_candidates_composed']:.2f} |",
+              f"| the {len(res['candidates'])} candidate(s) that ran, composed (what the dataset ledger charges each "
+              f"training record: K is drawn independently of the data, so the realised K's composition bounds it "
+              f"too, for the owner's own accounting) | {res['epsilon_candidates_composed']:.2f} |",
               f"| the whole grid run once each and the best kept, composed (a plain sweep, accounted) | "
               f"{res['epsilon_grid_composed']:.2f} |", ""]
     lines.append(f"Released: lr {w['lr']} at {w['accuracy_in_style']:.0%}; the best candidate by utility: lr "
