@@ -129,6 +129,3 @@ class GradientCanaryHook:
         self.canaries.observe_values(values + self.clip_norm * joined, noise_multiplier=self.noise_multiplier,
                                      sample_rate=self.sample_rate, clip_norm=self.clip_norm)
         return int(joined.sum())
-
-    def save(self, run_dir: Path) -> Path:
-        return self.canaries.save(run_dir)
