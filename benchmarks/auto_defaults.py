@@ -28,6 +28,7 @@ import small_data as sd
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
+SCORES = ("look_rate", "prompt_accuracy", "in_look_and_correct")
 SEED = 77  # the demo renders from seed 1, the classifier's reference digits from 2024
 
 
@@ -49,6 +50,9 @@ def main() -> None:
     ap.add_argument("--levers", action="store_true",
                     help="measure the levers on the auto schedule instead (results/auto_defaults_levers.*)")
     ap.add_argument("--seeds", type=int, default=2, help="--levers: seeds per lever (common random numbers)")
+    ap.add_argument("--add", action="store_true",
+                    help="--levers: keep the runs already in the results file, run only the levers (or seeds) it "
+                         "lacks (their noise is the same draw: common random numbers across invocations)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="dpdiff-auto-"))
@@ -87,6 +91,11 @@ LEVERS = {
     "shared parameters only (cross-attention to_k/to_v frozen)":
         ["adapter.target_modules=[to_q,attn1.to_k,attn1.to_v,to_out.0]"],
     "caption dropout 0.1 (guidance dropout)": ["train.caption_dropout=0.1"],
+    "shared parameters, lr 1e-2 (two levers combined)":
+        ["adapter.target_modules=[to_q,attn1.to_k,attn1.to_v,to_out.0]", "train.lr=1e-2"],
+    "shared parameters, lr 1e-2, caption dropout 0.1 (three combined)":
+        ["adapter.target_modules=[to_q,attn1.to_k,attn1.to_v,to_out.0]", "train.lr=1e-2",
+         "train.caption_dropout=0.1"],
 }
 
 
@@ -102,10 +111,21 @@ def levers(args, data: Path, work: Path) -> None:
     out = Path(args.out or RESULTS / "auto_defaults_levers")
     res = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "images": 5 * args.per_digit,
            "epsilon": args.epsilon, "per_digit": args.images, "seeds": args.seeds, "runs": [],
-           "base": sd.score_base(args.images)}
+           "base": None}
     runs = [(name, [*a, f"privacy.target_epsilon={args.epsilon}", "privacy.reproducible_noise=true"], True, seed)
             for seed in range(args.seeds) for name, a in LEVERS.items()]
     runs.append(("auto schedule, lr 2e-2, non-private", ["privacy=none"], False, 0))
+    if args.add and out.with_suffix(".json").exists():
+        old = json.loads(out.with_suffix(".json").read_text())
+        if (old["images"], old["epsilon"], old["per_digit"]) != (res["images"], res["epsilon"], res["per_digit"]):
+            raise SystemExit(f"--add: {out}.json was measured with other --per-digit/--epsilon/--images")
+        res.update(runs=old["runs"], base=old["base"], seeds=max(old["seeds"], args.seeds))
+        done = {(r["name"], r["seed"]) for r in old["runs"]}
+        # the default's first seed once more: the new rows are paired with old ones only if it draws as it drew
+        recheck = [r for r in runs if r[2] and r[3] == 0][:1]
+        runs = [r for r in runs if (r[0], r[3]) not in done] + [(f"recheck: {recheck[0][0]}", *recheck[0][1:])]
+    if res["base"] is None:
+        res["base"] = sd.score_base(args.images)
     for name, a, private, seed in runs:
         t0 = time.time()
         run_dir = sd.finetune(data, {"name": f"{name} seed {seed}", "kind": "lora", "args": [*a, f"train.seed={seed}"]},
@@ -114,9 +134,14 @@ def levers(args, data: Path, work: Path) -> None:
         r = {"name": name, "dp": private, "seed": seed, "args": a, "noise_multiplier": priv.get("noise_multiplier"),
              "steps": priv.get("train_steps"), "batch_size": priv["schedule"]["batch_size"],
              "wall_seconds": round(time.time() - t0, 1), **sd.score(run_dir, "lora", per=args.images)}
-        res["runs"].append(r)
         print(json.dumps(r), flush=True)
-    sd.write_results(out, res, levers_markdown)
+        if name.startswith("recheck: "):
+            first = next(x for x in res["runs"] if x["name"] == name.removeprefix("recheck: ") and x["seed"] == seed)
+            res["recheck"] = {"name": first["name"], "seed": seed, "then": {k: first[k] for k in SCORES},
+                              "now": {k: r[k] for k in SCORES}}
+        else:
+            res["runs"].append(r)
+        sd.write_results(out, res, levers_markdown)  # after every run: an interrupted --add keeps what it measured
 
 
 def levers_markdown(res: dict) -> str:
@@ -151,6 +176,13 @@ def levers_markdown(res: dict) -> str:
                  f"{ref['in_look_and_correct']:.2f} | - |")
     lines += ["", f"Base: look rate {res['base']['look_rate']:.2f}, right digit {res['base']['prompt_accuracy']:.2f}.",
               ""]
+    if res.get("recheck"):
+        rc = res["recheck"]
+        same = all(abs(rc["then"][k] - rc["now"][k]) < 1e-9 for k in rc["then"])
+        lines += [f"Rows added later (`--add`) are paired with the earlier ones only if one seed still draws the same "
+                  f"noise: {rc['name']}, seed {rc['seed']}, re-run then: "
+                  + ", ".join(f"{k} {rc['then'][k]:.3f} -> {rc['now'][k]:.3f}" for k in rc["then"])
+                  + (" (identical)." if same else " (NOT identical: the added rows are not paired)."), ""]
     return "\n".join(lines)
 
 
@@ -171,6 +203,13 @@ def markdown(res: dict) -> str:
                      f"{r['wall_seconds']:.0f} |")
     lines += ["", f"Base: look rate {res['base']['look_rate']:.2f}, right digit {res['base']['prompt_accuracy']:.2f}.",
               ""]
+    if res.get("recheck"):
+        rc = res["recheck"]
+        same = all(abs(rc["then"][k] - rc["now"][k]) < 1e-9 for k in rc["then"])
+        lines += [f"Rows added later (`--add`) are paired with the earlier ones only if one seed still draws the same "
+                  f"noise: {rc['name']}, seed {rc['seed']}, re-run then: "
+                  + ", ".join(f"{k} {rc['then'][k]:.3f} -> {rc['now'][k]:.3f}" for k in rc["then"])
+                  + (" (identical)." if same else " (NOT identical: the added rows are not paired)."), ""]
     return "\n".join(lines)
 
 
