@@ -144,6 +144,24 @@ class RunDirLock:
             self._fh = None
 
 
+def run_dir_locked(run_dir: Path) -> bool:
+    """Whether a live process holds the run dir's lock (a missing lock file: nobody; creates nothing)."""
+    import fcntl
+
+    path = Path(run_dir) / LOCK_NAME
+    try:
+        fh = open(path)
+    except OSError:
+        return False
+    with fh:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+        return False
+
+
 def hold_run_dir(run_dir: Path, *, resuming: bool) -> RunDirLock:
     """Refuse a reused run dir (unless resuming) and one another process is training into; lock it."""
     if not resuming:

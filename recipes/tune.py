@@ -15,15 +15,23 @@ the winner's privacy.json (``selection``), and refused if it exceeds ``privacy.d
 
 What the data owner keeps to themselves: K and every candidate (OUT_DIR/candidate-*, tuning_owner.json, 0600):
 the bound averages over K, so K must not be published; publish OUT_DIR/best (the winner) and selection.json.
-The dataset ledger charges every candidate run on the records it trains on (composition over the K runs: an upper
-bound on the procedure's cost to a training record, which selection.json states more tightly), and the K score
-releases on the held-out records they read (``ScoreCharge``), so ``dpdiff budget`` follows every record the
-procedure touched; a record charged past ``privacy.dataset_budget`` is refused before the first candidate trains.
+
+The dataset ledger follows every record the procedure touched: each candidate is a ``dpdiff finetune`` attempt
+charged on the records it trains on, and the procedure's own line charges the K score releases on the held-out
+records they read and names the procedure. Once it finished, the ledger charges a record the procedure's
+candidates and scores as one private selection: order by order the smaller of Papernot & Steinke's bound and the
+composition of what ran (K is drawn independently of the data, so the realised K's composition is also a valid
+charge, and the smaller one when few candidates ran). A procedure that ends early (a candidate failed, or the
+process died) releases no winner and leaves its candidates to their owner: they are charged as separate runs.
+Before the first candidate trains, the training records' history composed with the procedure's bound, and the
+held-out records' history with the scores, are checked against ``privacy.dataset_budget``; each candidate's own
+check counts the running procedure as the selection it is becoming.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import logging
@@ -43,10 +51,28 @@ from dpdiff.data.records import ids_of
 from dpdiff.errors import UserError
 from dpdiff.io import write_json_atomic
 from dpdiff.privacy.accountants import MechanismSegment
-from dpdiff.privacy.dataset_ledger import DatasetLedger, charge_attempt, ledger_location, make_entry
+from dpdiff.privacy.dataset_ledger import (
+    CANDIDATE_PREFIX,
+    SELECTION,
+    DatasetLedger,
+    RecordIds,
+    charge_attempt,
+    charges_summary,
+    ledger_location,
+    make_entry,
+    record_charges,
+    worst_with_curve,
+)
 from dpdiff.privacy.plan import resolve_mechanism
-from dpdiff.privacy.selection import TruncatedNegativeBinomial, candidate_rdp, selection_from_rdp
+from dpdiff.privacy.selection import (
+    TruncatedNegativeBinomial,
+    candidate_rdp,
+    rdp_of,
+    selection_from_rdp,
+    selection_rdp,
+)
 from dpdiff.probes.context import record_losses
+from dpdiff.runtime import RunDirLock
 from dpdiff.schema import compose
 from dpdiff.settings import RunSettings
 from recipes.probe import ProbeRecipe
@@ -73,27 +99,25 @@ def parse_grid(specs: list[str]) -> list[list[str]]:
     return [list(p) for p in itertools.product(*axes)]
 
 
-def grid_worst_rdp(base_overrides: list[str], grid: list[list[str]], *, score_noise: float):
-    """(worst RDP curve over the grid, delta, the prepared data, the base settings): every grid point's mechanism
-    as the finetune recipe would resolve it, before anything trains."""
+def grid_mechanisms(base_overrides: list[str], grid: list[list[str]]):
+    """(each grid point's DP-SGD mechanism as a segment, delta, the prepared data, the base settings): every grid
+    point's mechanism as the finetune recipe would resolve it, before anything trains."""
 
     s0 = RunSettings.from_config(compose(base_overrides + grid[0]))
     if not s0.privacy.enabled:
         raise UserError("dpdiff tune selects among private runs: drop privacy=none")
     data = prepare(s0.data, unit=s0.privacy.unit)
     n = data.num_train_units
-    worst, delta = None, None
+    segments, delta = [], None
     for point in grid:
         s = RunSettings.from_config(compose(base_overrides + point))
         s = replace(s, train=s.train.resolved(num_units=n)[0])  # auto batch size and steps, as finetune resolves
         aggregate = s.adapter.embedding is not None and s.adapter.embedding.mechanism == "aggregate"
         b, t = (n, 1) if aggregate else (s.train.batch_size, s.train.max_steps)
         mech = resolve_mechanism(s.privacy, num_units=n, batch_size=b, max_steps=t)
-        rdp = candidate_rdp([MechanismSegment(mech.noise_multiplier, mech.sample_rate, mech.steps)],
-                            score_noise_multiplier=score_noise)
-        worst = rdp if worst is None else np.maximum(worst, rdp)
+        segments.append(MechanismSegment(mech.noise_multiplier, mech.sample_rate, mech.steps))
         delta = mech.delta if delta is None else max(delta, mech.delta)
-    return worst, delta, data, s0
+    return segments, delta, data, s0
 
 
 def score_units(data, max_units: int, rng) -> list[int]:
@@ -108,15 +132,20 @@ def score_units(data, max_units: int, rng) -> list[int]:
 
 
 class ScoreCharge:
-    """The score releases in the dataset ledger. The candidates' runs charge the records they train on (each its
-    own ``dpdiff finetune`` attempt); the held-out records the scores read are charged here: K Gaussian releases
+    """The procedure's line in the dataset ledger. The candidates' runs charge the records they train on (each its
+    own ``dpdiff finetune`` attempt); this line charges the held-out records the scores read: K Gaussian releases
     (noise multiplier ``score_noise``, sensitivity one unit's clipped loss) on the scored units' records, planned
     for the K drawn before the first candidate trains (refused past ``privacy.dataset_budget``), corrected to
-    the scores released when the procedure ends. Their composition bounds what the released winner says about a
-    held-out record: the candidates' training never reads one."""
+    the scores released when the procedure ends. It also names the procedure (``procedure``: the TNB and every
+    grid point's mechanism), so that the ledger charges its candidates and scores, once it finished, as one
+    private selection (``dpdiff.privacy.dataset_ledger.selection_group_rdp``: the smaller of Papernot & Steinke's
+    bound and the composition of what ran), and while it runs counts it as the selection it is becoming."""
 
-    def __init__(self, out: Path, data, settings, units: list[int], *, score_noise: float, delta: float):
+    def __init__(self, out: Path, data, settings, units: list[int], *, score_noise: float, delta: float,
+                 dist: TruncatedNegativeBinomial, grid: list[MechanismSegment]):
         self.ids = ids_of([data.records[i] for u in units for i in data.units.members[u]])
+        self.procedure = {"kind": SELECTION, "eta": dist.eta, "gamma": dist.gamma,
+                          "grid": [[g.to_dict()] for g in grid]}
         self.priv, self.data, self.out, self.noise = settings.privacy, data, out, score_noise
         self.delta = float(self.priv.dataset_delta or delta)
         self.led = DatasetLedger(ledger_location(data_root=data.root, source_fingerprint=data.source_fingerprint,
@@ -129,7 +158,7 @@ class ScoreCharge:
                           fingerprint=self.data.fingerprint, source_fingerprint=self.data.source_fingerprint,
                           status=status, dp=True, privacy_unit=self.priv.unit, delta=self.delta,
                           accountant=self.priv.accountant, segments=[MechanismSegment(self.noise, 1.0, scores)],
-                          record_set=self.record_set)
+                          record_set=self.record_set, procedure=self.procedure)
 
     def charge(self, status: str, scores: int) -> None:
         def make(record_set):
@@ -140,6 +169,30 @@ class ScoreCharge:
         charge_attempt(self.led, make, self.ids, delta=self.delta, accountant=self.priv.accountant,
                        unit=self.priv.unit, planned=status == "planned", budget=self.priv.dataset_budget,
                        what="the tuning scores", noun="held-out record")
+
+    def check_training_records(self, curve) -> float:
+        """Before any candidate trains: the training records' worst epsilon once the procedure (RDP ``curve``:
+        the selection bound for training records) is composed with what the ledger already charged them; refused
+        past ``privacy.dataset_budget``. Returns that epsilon."""
+        worst = worst_with_curve(self.led, self.data.train_record_ids(), curve=curve, delta=self.delta,
+                                 accountant=self.priv.accountant)
+        budget = self.priv.dataset_budget
+        if budget is not None and worst > budget:
+            raise UserError(f"privacy.dataset_budget={budget:g}: the tuning procedure would bring its most-charged "
+                            f"training record to epsilon {worst:.3f} at delta {self.delta:.3g} (ledger "
+                            f"{self.led.path}): fewer expected candidates, a smaller target epsilon, or raise the "
+                            "budget knowingly")
+        return worst
+
+    def summary(self) -> dict:
+        """The ledger's charges, once the procedure ended, on the records it touched (training and scored)."""
+        train = self.data.train_record_ids()
+        users = (None if train.users is None and self.ids.users is None else
+                 (*(train.users or (None,) * len(train)), *(self.ids.users or (None,) * len(self.ids))))
+        ids = RecordIds(digests=(*train.digests, *self.ids.digests), users=users)
+        ch = record_charges(self.led, self.led.entries(), ids, delta=self.delta, accountant=self.priv.accountant,
+                            absent=False)
+        return {**charges_summary(ch), "path": str(self.led.path)}
 
 
 def noisy_score(run_dir: Path, *, units: list[int], clip: float, noise: float, rng) -> dict:
@@ -169,7 +222,7 @@ def noisy_score(run_dir: Path, *, units: list[int], clip: float, noise: float, r
 
 
 def run_candidate(out: Path, i: int, overrides: list[str]) -> Path:
-    run_dir = out / f"candidate-{i:03d}"
+    run_dir = out / f"{CANDIDATE_PREFIX}{i:03d}"
     cmd = [sys.executable, "-m", "dpdiff.cli", "finetune", *overrides, f"hydra.run.dir={run_dir}"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -187,8 +240,12 @@ def tune(args) -> dict:
     grid = parse_grid(args.grid)
     base = [*args.overrides, "probes=none", "eval=none"]
     dist = TruncatedNegativeBinomial.with_mean(args.mean_candidates, eta=args.eta)
-    worst, delta, data, s0 = grid_worst_rdp(base, grid, score_noise=args.score_noise)
+    segments, delta, data, s0 = grid_mechanisms(base, grid)
     n = data.num_train_units
+    # a candidate's RDP: its training plus its score (a record is trained on or scored, never both; the sum is
+    # what selection.json states for any record), and for the training records alone
+    worst = np.max([candidate_rdp([g], score_noise_multiplier=args.score_noise) for g in segments], axis=0)
+    train_curve = selection_rdp(np.max([rdp_of([g]) for g in segments], axis=0), dist)
     sel = selection_from_rdp(worst, dist, delta=delta)
     eps, order, one = sel["epsilon"], sel["order"], sel["one_candidate_epsilon"]
     public = {"epsilon": eps, "delta": delta, "rdp_order": order, "method": "private selection (Papernot & Steinke "
@@ -200,47 +257,66 @@ def tune(args) -> dict:
                                                       "max_units": args.score_units}}
     # (the scored units' count stays with the owner: it is drawn from the private held-out split's size)
 
-    budget = compose(base + grid[0]).privacy.get("dataset_budget")
+    budget = s0.privacy.dataset_budget
     if budget is not None and eps > float(budget):
         raise UserError(f"the tuning procedure would spend epsilon {eps:.3g} > privacy.dataset_budget {budget}: "
                         "fewer expected candidates, a larger --score-noise or a smaller target epsilon")
     print(f"dpdiff tune: {len(grid)} grid points, {n} training units; the whole procedure is "
           f"({eps:.3g}, {delta:.2g})-DP (one candidate: {one:.3g}); candidates: random, {dist.mean():.1f} expected",
           flush=True)
-    out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng()  # fresh OS entropy: K, the grid draws, the scored units and the score noise
     k = dist.sample(rng)
     units = score_units(data, args.score_units, rng)
-    ledger = ScoreCharge(out, data, s0, units, score_noise=args.score_noise, delta=delta)
-    ledger.charge("planned", k)  # before any candidate trains: refused past privacy.dataset_budget
-    cands = []
+    ledger = ScoreCharge(out, data, s0, units, score_noise=args.score_noise, delta=delta, dist=dist, grid=segments)
+    # before any candidate trains, both refused past privacy.dataset_budget: the training records' history with
+    # the procedure's bound, and the held-out records' history with the scores (the procedure's ledger line)
+    worst_train = ledger.check_training_records(train_curve)
+    out.mkdir(parents=True, exist_ok=True)
+    lock = RunDirLock(out)  # held while the procedure runs: the ledger counts a running procedure as a selection
+    if not lock.acquire():
+        raise UserError(f"{out} is in use by another dpdiff process")
     try:
-        for i in range(k):
-            point = grid[int(rng.integers(len(grid)))]
-            run_dir = run_candidate(out, i, base + point)
-            sc = noisy_score(run_dir, units=units, clip=args.score_clip, noise=args.score_noise, rng=rng)
-            cands.append({"run_dir": run_dir.name, "overrides": point, **sc})
-            print(f"  candidate {i}: {' '.join(point)}  noisy score {sc['score']:.4f}", flush=True)
-    finally:  # the scores actually released (a failed candidate ends the procedure)
-        ledger.charge("finished" if len(cands) == k else "ended", len(cands))
-    best = min(cands, key=lambda c: c["score"])
-    public.update(best_overrides=best["overrides"])
-    write_json_atomic(out / "selection.json", public)
-    owner = out / "tuning_owner.json"
-    write_json_atomic(owner, {"not_for_publication": "the number of candidates and their scores: the guarantee "
-                              "averages over K, which must not be published", "candidates": cands})
-    os.chmod(owner, 0o600)
-    win = out / best["run_dir"]
-    priv = json.loads((win / "privacy.json").read_text())
-    priv["selection"] = {k2: public[k2] for k2 in ("epsilon", "delta", "method", "eta", "gamma",
-                                                   "expected_candidates", "one_candidate_epsilon")}
-    priv["guarantee"] = (f"({eps:.4g}, {delta:.3g})-DP for each {priv.get('privacy_unit', 'unit')} for the tuning "
-                         f"procedure that selected this run (this run alone: {priv['guarantee']})")
-    write_json_atomic(win / "privacy.json", priv)
-    link = out / "best"
-    link.symlink_to(best["run_dir"])
-    print(f"best: {' '.join(best['overrides'])} -> {link} ; the procedure: ({eps:.3g}, {delta:.2g})-DP "
-          f"(selection.json); keep candidate-* and tuning_owner.json private", flush=True)
+        try:
+            ledger.charge("planned", k)
+        except UserError:  # refused before anything ran: leave no directory in the way of a retry
+            lock.release()
+            lock.path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                out.rmdir()
+            raise
+        print(f"dataset ledger: the most-charged training record at epsilon <= {worst_train:.3g} once the procedure "
+              f"ends (delta {ledger.delta:.2g}; {ledger.led.path})", flush=True)
+        cands = []
+        try:
+            for i in range(k):
+                point = grid[int(rng.integers(len(grid)))]
+                run_dir = run_candidate(out, i, base + point)
+                sc = noisy_score(run_dir, units=units, clip=args.score_clip, noise=args.score_noise, rng=rng)
+                cands.append({"run_dir": run_dir.name, "overrides": point, **sc})
+                print(f"  candidate {i}: {' '.join(point)}  noisy score {sc['score']:.4f}", flush=True)
+        finally:  # the scores actually released (a failed candidate ends the procedure)
+            ledger.charge("finished" if len(cands) == k else "ended", len(cands))
+        best = min(cands, key=lambda c: c["score"])
+        public.update(best_overrides=best["overrides"])
+        write_json_atomic(out / "selection.json", public)
+        owner = out / "tuning_owner.json"
+        write_json_atomic(owner, {"not_for_publication": "the number of candidates and their scores: the guarantee "
+                                  "averages over K, which must not be published", "candidates": cands,
+                                  "dataset_ledger": ledger.summary()})
+        os.chmod(owner, 0o600)
+        win = out / best["run_dir"]
+        priv = json.loads((win / "privacy.json").read_text())
+        priv["selection"] = {k2: public[k2] for k2 in ("epsilon", "delta", "method", "eta", "gamma",
+                                                       "expected_candidates", "one_candidate_epsilon")}
+        priv["guarantee"] = (f"({eps:.4g}, {delta:.3g})-DP for each {priv.get('privacy_unit', 'unit')} for the tuning "
+                             f"procedure that selected this run (this run alone: {priv['guarantee']})")
+        write_json_atomic(win / "privacy.json", priv)
+        link = out / "best"
+        link.symlink_to(best["run_dir"])
+        print(f"best: {' '.join(best['overrides'])} -> {link} ; the procedure: ({eps:.3g}, {delta:.2g})-DP "
+              f"(selection.json); keep candidate-* and tuning_owner.json private", flush=True)
+    finally:
+        lock.release()
     return public
 
 

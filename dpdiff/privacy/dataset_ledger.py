@@ -66,7 +66,7 @@ import math
 import os
 import time as _time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -152,6 +152,10 @@ class AttemptEntry:
     # ``<ledger>.records/``; {"records": 0}: none (a run that ended before training); None: unknown (an entry
     # written before per-record ledgers): charged to every record
     record_set: dict | None = None
+    # a tuning procedure's own line (``dpdiff tune``: its score releases): {"kind": "private_selection", "eta",
+    # "gamma", "grid": [segments of each grid point]}; its candidates are the fresh attempts in its run dir's
+    # candidate-* dirs (``selection_members``)
+    procedure: dict | None = None
     origin: Path | None = field(default=None, compare=False, repr=False)  # the ledger file it was read from
 
     @property
@@ -164,7 +168,8 @@ class AttemptEntry:
                 "status": self.status, "dp": self.dp, "privacy_unit": self.privacy_unit, "delta": self.delta,
                 "accountant": self.accountant, "segments": [s.to_dict() for s in self.segments],
                 "reproducible_noise": self.reproducible_noise, "parent_attempt": self.parent_attempt,
-                "epsilon": self.epsilon, "time": self.time, "seq": self.seq, "record_set": self.record_set}
+                "epsilon": self.epsilon, "time": self.time, "seq": self.seq, "record_set": self.record_set,
+                **({"procedure": self.procedure} if self.procedure else {})}
 
     @classmethod
     def from_dict(cls, d: dict) -> AttemptEntry:
@@ -179,13 +184,15 @@ class AttemptEntry:
                                                    int(s["steps"])) for s in d.get("segments", [])),
                    reproducible_noise=bool(d.get("reproducible_noise", False)),
                    parent_attempt=d.get("parent_attempt"), epsilon=d.get("epsilon"), time=d.get("time", ""),
-                   seq=int(d.get("seq", 0)), record_set=dict(rs) if isinstance(rs, dict) else None)
+                   seq=int(d.get("seq", 0)), record_set=dict(rs) if isinstance(rs, dict) else None,
+                   procedure=dict(d["procedure"]) if isinstance(d.get("procedure"), dict) else None)
 
 
 def make_entry(*, attempt_id: str, run_id: str, run_dir: str, fingerprint: str, source_fingerprint: str,
                status: str, dp: bool, privacy_unit: str, delta: float | None, accountant: str | None,
                segments: Sequence[MechanismSegment], reproducible_noise: bool = False,
-               parent_attempt: str | None = None, record_set: dict | None = None) -> AttemptEntry:
+               parent_attempt: str | None = None, record_set: dict | None = None,
+               procedure: dict | None = None) -> AttemptEntry:
     """An entry with its own epsilon computed (for display) and the current time."""
     segs = tuple(s for s in segments if s.steps > 0)
     eps = None
@@ -197,7 +204,7 @@ def make_entry(*, attempt_id: str, run_id: str, run_dir: str, fingerprint: str, 
                         source_fingerprint=source_fingerprint, status=status, dp=dp, privacy_unit=privacy_unit,
                         delta=delta, accountant=accountant, segments=segs, reproducible_noise=reproducible_noise,
                         parent_attempt=parent_attempt, epsilon=eps, time=_time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                        record_set=record_set)
+                        record_set=record_set, procedure=procedure)
 
 
 def _digests_and_users(current) -> tuple[list[bytes], tuple[str | None, ...] | None]:
@@ -366,11 +373,19 @@ def _npy(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def compose_runs(entries: Sequence, *, delta: float, accountant: str = DEFAULT_ACCOUNTANT) -> dict:
+def compose_runs(entries: Sequence, *, delta: float, accountant: str = DEFAULT_ACCOUNTANT,
+                 procedures: Mapping[str, AttemptEntry] | None = None, extra_rdp=None) -> dict:
     """Total epsilon at ``delta`` of all the given runs' (or attempts') mechanisms composed.
 
     ``entries`` are objects with ``dp``, ``segments``, ``privacy_unit`` and ``reproducible_noise``
     (``AttemptEntry``, or the sweep report's rows). The one cross-run composer of dpdiff.
+
+    ``procedures`` (``selection_procedures``): tuning procedures that released only their best candidate. The
+    entries of one (its candidates' attempts and its score releases) are charged as one mechanism whose RDP curve
+    is, order by order, the smaller of Papernot & Steinke's private-selection bound and their composition
+    (``selection_group_rdp``); the total is then the smaller of the accountant's composition of every entry and
+    the RDP composition with those curves. ``extra_rdp``: one more mechanism given by its RDP curve at
+    ``dpdiff.privacy.selection.ORDERS`` (a planned tuning procedure), composed by RDP.
     """
     n = len(entries)
     if any(not e.dp for e in entries):
@@ -387,10 +402,101 @@ def compose_runs(entries: Sequence, *, delta: float, accountant: str = DEFAULT_A
                                        "do not compose into either (removing one image of a multi-image user replaces "
                                        "that user's unit), so no finite total is claimed"}
     hist = [s for e in entries for s in e.segments]
-    eps = get_accountant(accountant).epsilon(history=hist, delta=delta).epsilon if hist else 0.0
     unit = "user" if entries and all(e.privacy_unit == "user" for e in entries) else "example"
-    return {"epsilon": eps, "delta": delta, "runs": n, "unit": unit, "accountant": accountant,
-            "steps": sum(s.steps for s in hist), "note": None}
+    groups, rest = selection_members(entries, procedures or {})
+    out = {"delta": delta, "runs": n, "unit": unit, "accountant": accountant,
+           "steps": sum(s.steps for s in hist), "note": None}
+    if extra_rdp is None:
+        out["epsilon"] = get_accountant(accountant).epsilon(history=hist, delta=delta).epsilon if hist else 0.0
+    if groups or extra_rdp is not None:
+        from dpdiff.privacy.selection import rdp_of, rdp_to_epsilon
+
+        curve = rdp_of([s for e in rest for s in e.segments])
+        for pid, members in groups.items():
+            curve = curve + selection_group_rdp(procedures[pid], members)
+        if extra_rdp is not None:
+            curve = curve + np.asarray(extra_rdp, dtype=float)
+        eps, _ = rdp_to_epsilon(curve, delta=delta)
+        out["epsilon"] = min(out.get("epsilon", math.inf), eps)
+        out["selection_procedures"] = len(groups)
+    return out
+
+
+# ------------------------------------------------------------------------------ tuning procedures
+SELECTION = "private_selection"
+CANDIDATE_PREFIX = "candidate-"  # a procedure's candidates train into <its run dir>/candidate-*
+
+
+def selection_procedures(entries: Iterable[AttemptEntry]) -> dict[str, AttemptEntry]:
+    """The tuning procedures (``dpdiff tune``'s ledger lines) whose candidates are charged as one private
+    selection: those that finished (every one of their K candidates trained and scored, only the best released),
+    and those still running (their run dir locked by the tuning process: a candidate's budget check counts the
+    procedure as the selection it is becoming). A procedure that ended early or crashed released no winner and
+    left its candidates to their owner: its candidates are charged as what they are, separate runs (composition)."""
+    from dpdiff.runtime import run_dir_locked
+
+    out = {}
+    for e in entries:
+        p = e.procedure or {}
+        if p.get("kind") != SELECTION:
+            continue
+        if e.status == "finished" or (e.status == "planned" and run_dir_locked(Path(e.run_dir))):
+            out[e.attempt_id] = e
+    return out
+
+
+def selection_members(entries: Sequence, procedures: Mapping[str, AttemptEntry]) -> tuple[dict[str, list], list]:
+    """(procedure id -> its entries among ``entries``, the other entries). A procedure's entries are its own line
+    (the score releases) and its candidates: fresh attempts (no parent: a candidate continued later is a new run)
+    in a ``candidate-*`` dir of the procedure's run dir, recorded before the procedure's finishing line (or while
+    it runs). Nothing a config or a command line sets makes a run a candidate."""
+    by_dir = {Path(p.run_dir): p for p in procedures.values()}
+    groups: dict[str, list] = {}
+    rest = []
+    for e in entries:
+        pid = None
+        if getattr(e, "attempt_id", None) in procedures:
+            pid = e.attempt_id
+        elif isinstance(e, AttemptEntry) and e.parent_attempt is None and not e.procedure:
+            rd = Path(e.run_dir)
+            p = by_dir.get(rd.parent)
+            if p is not None and rd.name.startswith(CANDIDATE_PREFIX) and (p.status == "planned" or e.seq < p.seq):
+                pid = p.attempt_id
+        (groups.setdefault(pid, []) if pid is not None else rest).append(e)
+    return groups, rest
+
+
+def selection_group_rdp(procedure: AttemptEntry, members: Sequence[AttemptEntry]) -> np.ndarray:
+    """The RDP curve (at ``dpdiff.privacy.selection.ORDERS``) one tuning procedure charges a record whose charge
+    holds ``members`` of it: order by order the smaller of
+
+    * Papernot & Steinke's Theorem 2 (``selection_rdp``) for candidates each at most ``one``: the worst of the
+      record's candidate runs (and, while the procedure runs, of every grid point: the candidates still to come)
+      plus one score release if the record is scored; K ~ TNB(eta, gamma), unpublished;
+    * the composition of what ran: every member candidate and the K score releases (K is drawn from fresh entropy,
+      independently of the data, so the realised K's composition also bounds the release; it is the smaller one
+      when few candidates ran).
+    """
+    from dpdiff.privacy.selection import TruncatedNegativeBinomial, rdp_of, selection_rdp
+
+    spec = procedure.procedure
+    score = next((m for m in members if m.attempt_id == procedure.attempt_id), None)
+    runs: dict[str, list[MechanismSegment]] = {}
+    for m in members:
+        if m is not score:
+            runs.setdefault(m.run_id, []).extend(m.segments)
+    per_run = [rdp_of(segs) for segs in runs.values()]
+    one = np.max(np.stack(per_run), axis=0) if per_run else rdp_of([])
+    if per_run and procedure.status == "planned":  # candidates still to come: the worst grid point
+        for segs in spec.get("grid", []):
+            one = np.maximum(one, rdp_of([MechanismSegment(**g) for g in segs]))
+    comp = sum(per_run, rdp_of([]))
+    if score is not None and score.segments:
+        release = score.segments[0]
+        one = one + rdp_of([MechanismSegment(release.noise_multiplier, release.sample_rate, 1)])
+        comp = comp + rdp_of(score.segments)
+    dist = TruncatedNegativeBinomial(float(spec["eta"]), float(spec["gamma"]))
+    return np.minimum(selection_rdp(one, dist), comp)
 
 
 def charge_attempt(led: DatasetLedger, make: Callable[[dict | None], AttemptEntry], current, *, delta: float,
@@ -431,7 +537,8 @@ def charge_attempt(led: DatasetLedger, make: Callable[[dict | None], AttemptEntr
                     "account this run in a separate ledger with privacy.dataset_ledger=PATH")
         worst = charges.worst
         if planned and budget is not None and worst.epsilon > budget:
-            spent = compose_runs([a for a in worst.attempts if a is not entry], delta=delta, accountant=accountant)
+            spent = compose_runs([a for a in worst.attempts if a is not entry], delta=delta, accountant=accountant,
+                                 procedures=charges.procedures)
             over = sum(c.records for c in held if c.epsilon > budget)
             shown = "inf" if worst.epsilon == float("inf") else f"{worst.epsilon:.3f}"
             raise UserError(
@@ -444,6 +551,17 @@ def charge_attempt(led: DatasetLedger, make: Callable[[dict | None], AttemptEntr
             entry = make(led.store_records(entry.attempt_id, current, users=unit == "user"))
         led.record(entry)
     return charges
+
+
+def worst_with_curve(led: DatasetLedger, current, *, curve, delta: float, accountant: str) -> float:
+    """The worst epsilon over the records of ``current`` of what the ledger charged each, composed with one more
+    mechanism given by its RDP curve at ``dpdiff.privacy.selection.ORDERS`` (a tuning procedure about to start,
+    whose K candidates cost at most its selection bound)."""
+    with led.lock():
+        ch = record_charges(led, led.entries(), current, delta=delta, accountant=accountant, absent=False)
+    held = [c for c in ch.charges if c.records] or [Charge((), 0, 0, {})]
+    return max(float(compose_runs(c.attempts, delta=delta, accountant=accountant, procedures=ch.procedures,
+                                  extra_rdp=curve)["epsilon"]) for c in held)
 
 
 # ------------------------------------------------------------------------------ per-record charges
@@ -473,6 +591,7 @@ class RecordCharges:
     delta: float
     accountant: str
     extra: AttemptEntry | None = None  # the run about to train on every record of the set
+    procedures: Mapping[str, AttemptEntry] = field(default_factory=dict)  # charged as private selections
 
     @property
     def worst(self) -> Charge:
@@ -547,6 +666,7 @@ def record_charges(ledger: DatasetLedger, entries: Sequence[AttemptEntry], curre
     labels = np.zeros(m, dtype=np.int64)
     sigs: list[tuple[int, ...]] = [()]
     everyone = [*entries, *([extra] if extra is not None else [])]
+    procedures = selection_procedures(everyone)
     legacy: list[AttemptEntry] = []
     touching: dict[str, int] = {}
 
@@ -595,10 +715,10 @@ def record_charges(ledger: DatasetLedger, entries: Sequence[AttemptEntry], curre
             continue
         attempts = tuple(everyone[i] for i in sig)
         out.append(Charge(attempts, int(cur_counts[lab]), int(abs_counts[lab]),
-                          compose_runs(attempts, delta=delta, accountant=accountant)))
+                          compose_runs(attempts, delta=delta, accountant=accountant, procedures=procedures)))
     out.sort(key=lambda c: (-c.epsilon, -c.records, -len(c.attempts)))
     return RecordCharges(charges=tuple(out), records=n, absent=m - n, legacy=tuple(legacy), touching=touching,
-                         delta=delta, accountant=accountant, extra=extra)
+                         delta=delta, accountant=accountant, extra=extra, procedures=procedures)
 
 
 def charges_summary(charges: RecordCharges, *, per_record: bool = True, limit: int = 50) -> dict:

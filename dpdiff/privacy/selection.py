@@ -93,17 +93,23 @@ class TruncatedNegativeBinomial:
         return max_k
 
 
-def candidate_rdp(segments: Sequence[MechanismSegment], *, score_noise_multiplier: float | None = None,
-                  orders: Sequence[float] = ORDERS) -> np.ndarray:
-    """RDP of one candidate at ``orders``: its DP-SGD ledger plus its score's Gaussian mechanism (sensitivity 1 in
-    units of the score's clip, noise ``score_noise_multiplier`` times it; None: a score that reads no private
-    data)."""
+def rdp_of(segments: Sequence[MechanismSegment], *, orders: Sequence[float] = ORDERS) -> np.ndarray:
+    """RDP at ``orders`` of the composed Poisson-subsampled Gaussian ``segments`` (Opacus' ``compute_rdp``)."""
     from opacus.accountants.analysis.rdp import compute_rdp
 
     rdp = np.zeros(len(orders))
     for s in segments:
         if s.steps > 0:
             rdp += compute_rdp(q=s.sample_rate, noise_multiplier=s.noise_multiplier, steps=s.steps, orders=list(orders))
+    return np.where(np.isnan(rdp), np.inf, rdp)
+
+
+def candidate_rdp(segments: Sequence[MechanismSegment], *, score_noise_multiplier: float | None = None,
+                  orders: Sequence[float] = ORDERS) -> np.ndarray:
+    """RDP of one candidate at ``orders``: its DP-SGD ledger plus its score's Gaussian mechanism (sensitivity 1 in
+    units of the score's clip, noise ``score_noise_multiplier`` times it; None: a score that reads no private
+    data)."""
+    rdp = rdp_of(segments, orders=orders)
     if score_noise_multiplier is not None:
         if not score_noise_multiplier > 0:
             raise ValueError("a score read from private data needs noise (score_noise_multiplier > 0)")

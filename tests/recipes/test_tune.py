@@ -42,6 +42,44 @@ def test_tune_runs_a_random_number_of_candidates_and_publishes_the_procedures_gu
     assert (seg.noise_multiplier, seg.sample_rate, seg.steps) == (4.0, 1.0, len(cands))
     trained = runs[0].record_set["records"]
     assert score[0].record_set["records"] == min(16 - trained, 8) > 0  # every held-out record, at most 8 units
+    # ... as one private selection: never more than the candidates composed (the smaller of the two bounds)
+    assert score[0].procedure["kind"] == "private_selection" and score[0].procedure["gamma"] == pytest.approx(
+        sel["gamma"])
+    from dpdiff.privacy.dataset_ledger import compose_runs
+
+    charged = owner["dataset_ledger"]
+    assert charged["selection_procedures"] == 1 and charged["records"] == trained + score[0].record_set["records"]
+    assert charged["epsilon"] <= compose_runs(runs, delta=charged["delta"])["epsilon"] * (1 + 1e-9)
+
+
+def test_tune_refuses_before_training_what_would_pass_the_dataset_budget(tmp_path):
+    """A budget the procedure alone fits in, an earlier run plus the procedure does not: refused before any
+    candidate trains, nothing charged, nothing left in the way of a retry."""
+    import numpy as np
+
+    from dpdiff.privacy.dataset_ledger import DatasetLedger, ledger_location
+    from dpdiff.privacy.selection import TruncatedNegativeBinomial, rdp_of, rdp_to_epsilon, selection_rdp
+    from recipes.tune import build_parser, grid_mechanisms, parse_grid
+
+    data = write_image_folder(tmp_path / "imgs", n=16)
+    args = ["--grid", "train.lr=0.01,0.02", "--mean-candidates", "1.5", "--score-units", "8", "debug=fast",
+            f"data.path={data}", "data.holdout_fraction=0.4", "privacy.target_epsilon=2"]
+    earlier = run_cli("finetune", "debug=fast", "probes=none", "eval=none", f"data.path={data}",
+                      "data.holdout_fraction=0.4", "privacy.target_epsilon=2", f"hydra.run.dir={tmp_path / 'r'}")
+    assert earlier.returncode == 0, earlier.stderr[-3000:]
+    ns = build_parser().parse_intermixed_args([str(tmp_path / "x"), *args])
+    segments, delta, _, _ = grid_mechanisms([*ns.overrides, "probes=none", "eval=none"], parse_grid(ns.grid))
+    dist = TruncatedNegativeBinomial.with_mean(1.5)
+    one = np.max([rdp_of([g]) for g in segments], axis=0)
+    with_score = rdp_to_epsilon(selection_rdp(one + rdp_of([type(segments[0])(4.0, 1.0, 1)]), dist), delta=delta)[0]
+    combined = rdp_to_epsilon(rdp_of([segments[0]]) + selection_rdp(one, dist), delta=delta)[0]
+    budget = (with_score + combined) / 2
+    assert with_score < budget < combined
+    out = tmp_path / "t"
+    res = run_cli("tune", str(out), *args, f"privacy.dataset_budget={budget}")
+    assert res.returncode == 2 and "most-charged training record" in res.stderr, res.stderr[-2000:]
+    assert not out.exists()  # nothing trained, and a retry is not blocked by a half-made directory
+    assert not [e for e in DatasetLedger(ledger_location(data_root=data)).entries() if e.procedure]
 
 
 def test_tune_refuses_a_grid_over_the_privacy_settings(tmp_path):
