@@ -17,15 +17,13 @@ What the data owner keeps to themselves: K and every candidate (OUT_DIR/candidat
 the bound averages over K, so K must not be published; publish OUT_DIR/best (the winner) and selection.json.
 
 The dataset ledger follows every record the procedure touched: each candidate is a ``dpdiff finetune`` attempt
-charged on the records it trains on, and the procedure's own line charges the K score releases on the held-out
-records they read and names the procedure. Once it finished, the ledger charges a record the procedure's
-candidates and scores as one private selection: order by order the smaller of Papernot & Steinke's bound and the
-composition of what ran (K is drawn independently of the data, so the realised K's composition is also a valid
-charge, and the smaller one when few candidates ran). A procedure that ends early (a candidate failed, or the
-process died) releases no winner and leaves its candidates to their owner: they are charged as separate runs.
-Before the first candidate trains, the training records' history composed with the procedure's bound, and the
-held-out records' history with the scores, are checked against ``privacy.dataset_budget``; each candidate's own
-check counts the running procedure as the selection it is becoming.
+on the records it trains on, and the procedure's own line charges the score releases on the held-out records they
+read, names the procedure and lists its candidate dirs. The ledger charges a record the procedure's candidates and
+scores together as the one mechanism they are: Papernot & Steinke's bound for the worst grid point (the training
+records) and one score release (the scored ones), whatever K and the outcome, never their composition as runs
+(``dpdiff.privacy.dataset_ledger.selection_group_rdp``). Before the first candidate trains, the training records'
+history composed with that bound, and the held-out records' history with the scores', are checked against
+``privacy.dataset_budget``.
 """
 
 from __future__ import annotations
@@ -136,16 +134,15 @@ class ScoreCharge:
     own ``dpdiff finetune`` attempt); this line charges the held-out records the scores read: K Gaussian releases
     (noise multiplier ``score_noise``, sensitivity one unit's clipped loss) on the scored units' records, planned
     for the K drawn before the first candidate trains (refused past ``privacy.dataset_budget``), corrected to
-    the scores released when the procedure ends. It also names the procedure (``procedure``: the TNB and every
-    grid point's mechanism), so that the ledger charges its candidates and scores, once it finished, as one
-    private selection (``dpdiff.privacy.dataset_ledger.selection_group_rdp``: the smaller of Papernot & Steinke's
-    bound and the composition of what ran), and while it runs counts it as the selection it is becoming."""
+    the scores released when the procedure ends. It also names the procedure (``procedure``: the TNB, every grid
+    point's mechanism and the candidate dirs, each listed before its candidate starts), so that the ledger charges
+    its candidates and scores as one private selection (``dpdiff.privacy.dataset_ledger.selection_group_rdp``)."""
 
     def __init__(self, out: Path, data, settings, units: list[int], *, score_noise: float, delta: float,
                  dist: TruncatedNegativeBinomial, grid: list[MechanismSegment]):
         self.ids = ids_of([data.records[i] for u in units for i in data.units.members[u]])
         self.procedure = {"kind": SELECTION, "eta": dist.eta, "gamma": dist.gamma,
-                          "grid": [[g.to_dict()] for g in grid]}
+                          "grid": [[g.to_dict()] for g in grid], "candidates": []}
         self.priv, self.data, self.out, self.noise = settings.privacy, data, out, score_noise
         self.delta = float(self.priv.dataset_delta or delta)
         self.led = DatasetLedger(ledger_location(data_root=data.root, source_fingerprint=data.source_fingerprint,
@@ -169,6 +166,13 @@ class ScoreCharge:
         charge_attempt(self.led, make, self.ids, delta=self.delta, accountant=self.priv.accountant,
                        unit=self.priv.unit, planned=status == "planned", budget=self.priv.dataset_budget,
                        what="the tuning scores", noun="held-out record")
+
+    def add_candidate(self, name: str, scores: int) -> None:
+        """List a candidate dir in the procedure's line before its candidate starts (the ledger counts the fresh
+        attempt there as the procedure's)."""
+        self.procedure = {**self.procedure, "candidates": [*self.procedure["candidates"], name]}
+        with self.led.lock():
+            self.led.record(self._entry("planned", scores))
 
     def check_training_records(self, curve) -> float:
         """Before any candidate trains: the training records' worst epsilon once the procedure (RDP ``curve``:
@@ -221,8 +225,12 @@ def noisy_score(run_dir: Path, *, units: list[int], clip: float, noise: float, r
     return {"score": float(clipped.sum() + rng.normal(0.0, noise * clip))}
 
 
+def candidate_dir(i: int) -> str:
+    return f"{CANDIDATE_PREFIX}{i:03d}"
+
+
 def run_candidate(out: Path, i: int, overrides: list[str]) -> Path:
-    run_dir = out / f"{CANDIDATE_PREFIX}{i:03d}"
+    run_dir = out / candidate_dir(i)
     cmd = [sys.executable, "-m", "dpdiff.cli", "finetune", *overrides, f"hydra.run.dir={run_dir}"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -290,6 +298,7 @@ def tune(args) -> dict:
         try:
             for i in range(k):
                 point = grid[int(rng.integers(len(grid)))]
+                ledger.add_candidate(candidate_dir(i), k)
                 run_dir = run_candidate(out, i, base + point)
                 sc = noisy_score(run_dir, units=units, clip=args.score_clip, noise=args.score_noise, rng=rng)
                 cands.append({"run_dir": run_dir.name, "overrides": point, **sc})

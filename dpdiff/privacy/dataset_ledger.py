@@ -380,12 +380,11 @@ def compose_runs(entries: Sequence, *, delta: float, accountant: str = DEFAULT_A
     ``entries`` are objects with ``dp``, ``segments``, ``privacy_unit`` and ``reproducible_noise``
     (``AttemptEntry``, or the sweep report's rows). The one cross-run composer of dpdiff.
 
-    ``procedures`` (``selection_procedures``): tuning procedures that released only their best candidate. The
-    entries of one (its candidates' attempts and its score releases) are charged as one mechanism whose RDP curve
-    is, order by order, the smaller of Papernot & Steinke's private-selection bound and their composition
-    (``selection_group_rdp``); the total is then the smaller of the accountant's composition of every entry and
-    the RDP composition with those curves. ``extra_rdp``: one more mechanism given by its RDP curve at
-    ``dpdiff.privacy.selection.ORDERS`` (a planned tuning procedure), composed by RDP.
+    ``procedures`` (``selection_procedures``): tuning procedures that release only their best candidate. The
+    entries of one (its candidates' attempts and its score releases) are charged together as one mechanism, by
+    its RDP curve (``selection_group_rdp``: Papernot & Steinke's bound), and the total is the RDP composition of
+    that curve with every other entry. ``extra_rdp``: one more mechanism given by its RDP curve at
+    ``dpdiff.privacy.selection.ORDERS`` (a tuning procedure about to start), composed by RDP as well.
     """
     n = len(entries)
     if any(not e.dp for e in entries):
@@ -406,19 +405,20 @@ def compose_runs(entries: Sequence, *, delta: float, accountant: str = DEFAULT_A
     groups, rest = selection_members(entries, procedures or {})
     out = {"delta": delta, "runs": n, "unit": unit, "accountant": accountant,
            "steps": sum(s.steps for s in hist), "note": None}
-    if extra_rdp is None:
+    if not groups and extra_rdp is None:
         out["epsilon"] = get_accountant(accountant).epsilon(history=hist, delta=delta).epsilon if hist else 0.0
-    if groups or extra_rdp is not None:
-        from dpdiff.privacy.selection import rdp_of, rdp_to_epsilon
+        return out
+    # RDP: the procedures' bounds are RDP curves, which the PRV and PLD accountants cannot compose. Never the
+    # smaller of this and the candidates composed as runs: which charge applies is fixed before K is drawn
+    from dpdiff.privacy.selection import rdp_of, rdp_to_epsilon
 
-        curve = rdp_of([s for e in rest for s in e.segments])
-        for pid, members in groups.items():
-            curve = curve + selection_group_rdp(procedures[pid], members)
-        if extra_rdp is not None:
-            curve = curve + np.asarray(extra_rdp, dtype=float)
-        eps, _ = rdp_to_epsilon(curve, delta=delta)
-        out["epsilon"] = min(out.get("epsilon", math.inf), eps)
-        out["selection_procedures"] = len(groups)
+    curve = rdp_of([s for e in rest for s in e.segments])
+    for pid, members in groups.items():
+        curve = curve + selection_group_rdp(procedures[pid], members)
+    if extra_rdp is not None:
+        curve = curve + np.asarray(extra_rdp, dtype=float)
+    out["epsilon"], _ = rdp_to_epsilon(curve, delta=delta)
+    out.update(accountant="rdp", selection_procedures=len(groups))
     return out
 
 
@@ -427,30 +427,23 @@ SELECTION = "private_selection"
 CANDIDATE_PREFIX = "candidate-"  # a procedure's candidates train into <its run dir>/candidate-*
 
 
-def selection_procedures(entries: Iterable[AttemptEntry]) -> dict[str, AttemptEntry]:
-    """The tuning procedures (``dpdiff tune``'s ledger lines) whose candidates are charged as one private
-    selection: those that finished (every one of their K candidates trained and scored, only the best released),
-    and those still running (their run dir locked by the tuning process: a candidate's budget check counts the
-    procedure as the selection it is becoming). A procedure that ended early or crashed released no winner and
-    left its candidates to their owner: its candidates are charged as what they are, separate runs (composition)."""
-    from dpdiff.runtime import run_dir_locked
-
-    out = {}
-    for e in entries:
-        p = e.procedure or {}
-        if p.get("kind") != SELECTION:
-            continue
-        if e.status == "finished" or (e.status == "planned" and run_dir_locked(Path(e.run_dir))):
-            out[e.attempt_id] = e
-    return out
+def selection_procedures(entries: Iterable) -> dict[str, AttemptEntry]:
+    """The tuning procedures among ``entries`` (``dpdiff tune``'s ledger lines), by attempt id."""
+    return {e.attempt_id: e for e in entries
+            if isinstance(e, AttemptEntry) and (e.procedure or {}).get("kind") == SELECTION}
 
 
 def selection_members(entries: Sequence, procedures: Mapping[str, AttemptEntry]) -> tuple[dict[str, list], list]:
     """(procedure id -> its entries among ``entries``, the other entries). A procedure's entries are its own line
-    (the score releases) and its candidates: fresh attempts (no parent: a candidate continued later is a new run)
-    in a ``candidate-*`` dir of the procedure's run dir, recorded before the procedure's finishing line (or while
-    it runs). Nothing a config or a command line sets makes a run a candidate."""
+    (the score releases) and its candidates: the fresh attempts (no parent: a candidate continued later is a run
+    of its own) in the candidate dirs the procedure's line lists (it lists a dir before launching a candidate
+    there), recorded before the procedure's latest line or while the procedure's process still runs (its run dir locked).
+    A crashed procedure's last candidate may therefore be charged as a run of its own as well: more, never less.
+    Nothing a config or a command line sets makes a run a candidate."""
+    from dpdiff.runtime import run_dir_locked
+
     by_dir = {Path(p.run_dir): p for p in procedures.values()}
+    alive: dict[str, bool] = {}
     groups: dict[str, list] = {}
     rest = []
     for e in entries:
@@ -460,43 +453,37 @@ def selection_members(entries: Sequence, procedures: Mapping[str, AttemptEntry])
         elif isinstance(e, AttemptEntry) and e.parent_attempt is None and not e.procedure:
             rd = Path(e.run_dir)
             p = by_dir.get(rd.parent)
-            if p is not None and rd.name.startswith(CANDIDATE_PREFIX) and (p.status == "planned" or e.seq < p.seq):
-                pid = p.attempt_id
+            if p is not None and rd.name in (p.procedure.get("candidates") or ()):
+                if p.attempt_id not in alive:
+                    alive[p.attempt_id] = p.status == "planned" and run_dir_locked(rd.parent)
+                if e.seq < p.seq or alive[p.attempt_id]:
+                    pid = p.attempt_id
         (groups.setdefault(pid, []) if pid is not None else rest).append(e)
     return groups, rest
 
 
 def selection_group_rdp(procedure: AttemptEntry, members: Sequence[AttemptEntry]) -> np.ndarray:
-    """The RDP curve (at ``dpdiff.privacy.selection.ORDERS``) one tuning procedure charges a record whose charge
-    holds ``members`` of it: order by order the smaller of
+    """The RDP curve (at ``dpdiff.privacy.selection.ORDERS``) a tuning procedure charges a record whose charge
+    holds ``members`` of it: Papernot & Steinke's Theorem 2 (``selection_rdp``, K ~ TNB(eta, gamma) unpublished)
+    for candidates each at most ``one``: the worst grid point's training if a candidate trained on the record,
+    plus one score release if the record is scored.
 
-    * Papernot & Steinke's Theorem 2 (``selection_rdp``) for candidates each at most ``one``: the worst of the
-      record's candidate runs (and, while the procedure runs, of every grid point: the candidates still to come)
-      plus one score release if the record is scored; K ~ TNB(eta, gamma), unpublished;
-    * the composition of what ran: every member candidate and the K score releases (K is drawn from fresh entropy,
-      independently of the data, so the realised K's composition also bounds the release; it is the smaller one
-      when few candidates ran).
-    """
+    Fixed before the procedure runs, whatever K, the grid points drawn or the outcome: the bound averages over
+    K and the draws, so charging less after seeing them (the composition of the few candidates a small K ran, or
+    the realised grid points) would condition on the procedure's own randomness, which no guarantee covers. A
+    procedure that ended early is charged the same (its candidates stay with the owner; publishing one is a
+    release the selection does not cover)."""
     from dpdiff.privacy.selection import TruncatedNegativeBinomial, rdp_of, selection_rdp
 
     spec = procedure.procedure
-    score = next((m for m in members if m.attempt_id == procedure.attempt_id), None)
-    runs: dict[str, list[MechanismSegment]] = {}
-    for m in members:
-        if m is not score:
-            runs.setdefault(m.run_id, []).extend(m.segments)
-    per_run = [rdp_of(segs) for segs in runs.values()]
-    one = np.max(np.stack(per_run), axis=0) if per_run else rdp_of([])
-    if per_run and procedure.status == "planned":  # candidates still to come: the worst grid point
+    one = rdp_of([])
+    if any(m.attempt_id != procedure.attempt_id for m in members):
         for segs in spec.get("grid", []):
             one = np.maximum(one, rdp_of([MechanismSegment(**g) for g in segs]))
-    comp = sum(per_run, rdp_of([]))
-    if score is not None and score.segments:
-        release = score.segments[0]
+    if any(m.attempt_id == procedure.attempt_id for m in members) and procedure.segments:
+        release = procedure.segments[0]
         one = one + rdp_of([MechanismSegment(release.noise_multiplier, release.sample_rate, 1)])
-        comp = comp + rdp_of(score.segments)
-    dist = TruncatedNegativeBinomial(float(spec["eta"]), float(spec["gamma"]))
-    return np.minimum(selection_rdp(one, dist), comp)
+    return selection_rdp(one, TruncatedNegativeBinomial(float(spec["eta"]), float(spec["gamma"])))
 
 
 def charge_attempt(led: DatasetLedger, make: Callable[[dict | None], AttemptEntry], current, *, delta: float,

@@ -42,14 +42,14 @@ def test_tune_runs_a_random_number_of_candidates_and_publishes_the_procedures_gu
     assert (seg.noise_multiplier, seg.sample_rate, seg.steps) == (4.0, 1.0, len(cands))
     trained = runs[0].record_set["records"]
     assert score[0].record_set["records"] == min(16 - trained, 8) > 0  # every held-out record, at most 8 units
-    # ... as one private selection: never more than the candidates composed (the smaller of the two bounds)
-    assert score[0].procedure["kind"] == "private_selection" and score[0].procedure["gamma"] == pytest.approx(
-        sel["gamma"])
-    from dpdiff.privacy.dataset_ledger import compose_runs
-
+    # ... as one private selection: the procedure's bound (for a training record without its score), fixed
+    # before K was drawn, between the winner's own epsilon and selection.json's
+    proc = score[0].procedure
+    assert proc["kind"] == "private_selection" and proc["gamma"] == pytest.approx(sel["gamma"])
+    assert sorted(proc["candidates"]) == cands
     charged = owner["dataset_ledger"]
     assert charged["selection_procedures"] == 1 and charged["records"] == trained + score[0].record_set["records"]
-    assert charged["epsilon"] <= compose_runs(runs, delta=charged["delta"])["epsilon"] * (1 + 1e-9)
+    assert priv["epsilon"] < charged["epsilon"] < sel["epsilon"]
 
 
 def test_tune_refuses_before_training_what_would_pass_the_dataset_budget(tmp_path):
