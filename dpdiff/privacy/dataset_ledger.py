@@ -50,6 +50,11 @@ every attempt draws its noise and sampling masks from fresh entropy (``dpdiff.pr
 non-private attempt, or several attempts of which one used seeded (reproducible) noise, leave no finite
 guarantee, and the total says so.
 
+**Tuning procedures.** ``dpdiff tune`` releases only the best of a random number of candidates. Its own line
+(its score releases) and its candidates' attempts are charged together as the one mechanism they are, by
+Papernot & Steinke's bound over the worst grid point, fixed before the number of candidates is drawn
+(``selection_group_rdp``), composed with a record's other charges by RDP; never as the sum of the candidates.
+
 **Location.** ``privacy.dataset_ledger=PATH`` if set, else ``.dpdiff-ledger.jsonl`` in the dataset folder,
 else (folder not writable) ``$DPDIFF_HOME/ledgers/<sha256 of the folder's resolved path>.jsonl``; reads cover
 all of them, and the file named by the folder's source fingerprint that earlier versions wrote there.
@@ -437,8 +442,9 @@ def selection_members(entries: Sequence, procedures: Mapping[str, AttemptEntry])
     """(procedure id -> its entries among ``entries``, the other entries). A procedure's entries are its own line
     (the score releases) and its candidates: the fresh attempts (no parent: a candidate continued later is a run
     of its own) in the candidate dirs the procedure's line lists (it lists a dir before launching a candidate
-    there), recorded before the procedure's latest line or while the procedure's process still runs (its run dir locked).
-    A crashed procedure's last candidate may therefore be charged as a run of its own as well: more, never less.
+    there), recorded before the procedure's latest line or while the procedure's process still runs (its run dir
+    locked). A crashed procedure's last candidate may therefore be charged as a run of its own as well: more, never
+    less.
     Nothing a config or a command line sets makes a run a candidate."""
     from dpdiff.runtime import run_dir_locked
 

@@ -69,6 +69,9 @@ def budget_command(dataset: str, *, ledger: str | None = None, delta: float | No
     for e in shown_entries:
         eps = "NO DP (unbounded)" if not e.dp else f"{e.epsilon:.4g}" if e.epsilon is not None else "?"
         flag = " (reproducible noise)" if e.reproducible_noise else ""
+        if e.procedure:
+            flag += (f" (tuning procedure: its score releases; it and its {len(e.procedure.get('candidates') or [])} "
+                     "candidates are charged together as one private selection)")
         if e.attempt_id in legacy:
             recs = "all*"
         else:
@@ -83,7 +86,9 @@ def budget_command(dataset: str, *, ledger: str | None = None, delta: float | No
     print(f"worst-charged record: epsilon {show(worst['epsilon'])} at delta {delta:.3g} ({worst['runs']} attempts "
           f"composed, {worst.get('accountant', '')}, "
           f"{'units mixed' if worst['unit'] == 'mixed' else 'per ' + worst['unit']})"
-          + (f"; {worst['note']}" if worst.get("note") else ""))
+          + (f"; {worst['note']}" if worst.get("note") else "")
+          + (f"; {worst['selection_procedures']} tuning procedure(s) charged as private selections, by RDP"
+             if worst.get("selection_procedures") else ""))
     print("records carrying each charge (worst first):")
     rows: dict[tuple[str, int], int] = {}
     for h in ch.histogram():
