@@ -2,19 +2,22 @@
 costs and claims.
 
     python benchmarks/tuning.py [--lrs 5e-3,1e-2,2e-2,4e-2] [--mean-candidates 3] [--epsilon 8] [--eta 1]
+                                [--repeats 3]
 
-Runs ``dpdiff tune`` as a user would (the grid over the learning rate, every candidate at ``--epsilon``, the demo's
-auto schedule), then scores every candidate with the demo's utility (the requested digit in the private look, the
-evaluation ``dpdiff finetune`` runs) in this process. The claims, measured in one run of this script:
+Runs ``dpdiff tune`` as a user would, ``--repeats`` times (each a procedure of its own, with its own ledger): the grid
+over the learning rate, every candidate at ``--epsilon``, the demo's auto schedule. Every candidate is then scored in
+this process with the demo's utility (the requested digit in the private look, the evaluation ``dpdiff finetune``
+runs) and with its score without noise (the clipped held-out loss the procedure noised; owner-side diagnostics). The
+claims, measured in one run of this script:
 
-* the winner's utility against the best candidate's and against the best full-size grid point of
-  ``results/cheap_search.json`` (the same demo, schedule and epsilon; other runs of it, so a cell moves by ~0.05);
-* the procedure's epsilon (Papernot & Steinke's bound, selection.json) beside what the alternatives would state:
-  one run's epsilon (what a sweep that keeps its best run usually publishes, which is not the procedure's cost), the
-  composition of the candidates that ran (what the dataset ledger charges each training record), and the
+* how often the released run is the best of the candidates that ran, and its utility against the best full-size grid
+  point of ``results/cheap_search.json`` (the same demo, schedule and epsilon; other runs, so a cell moves by ~0.05);
+* whether the score ranks by signal: the spread of the candidates' noiseless scores against the score noise's std;
+* the procedure's epsilon (Papernot & Steinke's bound, selection.json) and the dataset ledger's charge on a training
+  record (the same bound without the score, fixed before K is drawn), beside what the alternatives would state: one
+  run's epsilon (what a sweep that keeps its best run usually publishes, which is not the procedure's cost) and the
   composition of the whole grid run once each (a plain sweep, accounted).
 
-The number of candidates is random (its mean is ``--mean-candidates``); one draw is one run of the procedure.
 Results: benchmarks/results/tuning.json and .md.
 """
 
@@ -30,6 +33,8 @@ import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
+
+import numpy as np
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -65,20 +70,15 @@ def composed(privacy_records: list[dict], *, delta: float) -> float:
     return compose_runs(entries, delta=delta)["epsilon"]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--lrs", default="5e-3,1e-2,2e-2,4e-2")
-    ap.add_argument("--mean-candidates", type=float, default=3.0)
-    ap.add_argument("--eta", type=float, default=1.0)
-    ap.add_argument("--epsilon", type=float, default=8.0)
-    ap.add_argument("--out", default=None, help="the tuning directory (default: a new temporary one)")
-    args = ap.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="dpdiff-tuning-"))
-    out = Path(args.out) if args.out else work / "tune"
-    env = {**os.environ, "DPDIFF_HOME": str(work / "home"), "WANDB_MODE": "offline"}  # a ledger of its own
+def one_procedure(args, i: int) -> dict:
+    """One ``dpdiff tune`` in a fresh directory with a ledger of its own; every candidate scored."""
+    work = Path(tempfile.mkdtemp(prefix=f"dpdiff-tuning-{i}-"))
+    out = work / "tune"
+    env = {**os.environ, "DPDIFF_HOME": str(work / "home"), "WANDB_MODE": "offline"}
     cmd = [sys.executable, "-m", "dpdiff.cli", "tune", str(out), "--grid", f"train.lr={args.lrs}",
            "--mean-candidates", str(args.mean_candidates), "--eta", str(args.eta),
-           f"privacy.target_epsilon={args.epsilon}", "train.progress=false"]
+           f"privacy.target_epsilon={args.epsilon}", "train.progress=false",
+           f"privacy.dataset_ledger={work / 'ledger.jsonl'}"]
     t0 = time.time()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -87,78 +87,101 @@ def main() -> None:
     print(proc.stdout, flush=True)
     sel = json.loads((out / "selection.json").read_text())
     owner = json.loads((out / "tuning_owner.json").read_text())
-    os.environ["DPDIFF_HOME"] = env["DPDIFF_HOME"]
+    from recipes.tune import noisy_score
+
     cands = []
     for c in owner["candidates"]:
         run_dir = out / c["run_dir"]
         priv = json.loads((run_dir / "privacy.json").read_text())
+        clean = noisy_score(run_dir, units=owner["score_units"], clip=owner["score_clip"], noise=0.0,
+                            rng=np.random.default_rng(0))
         cands.append({"run_dir": c["run_dir"], "lr": c["overrides"][0].split("=", 1)[1], "noisy_score": c["score"],
-                      "epsilon": priv["epsilon"], **utility(run_dir)})
-        print(json.dumps(cands[-1]), flush=True)
+                      "score": clean["score"], "epsilon": priv["epsilon"], "privacy": priv, **utility(run_dir)})
+        print(json.dumps({k: v for k, v in cands[-1].items() if k != "privacy"}), flush=True)
     winner = min(cands, key=lambda c: c["noisy_score"])
     best = max(cands, key=lambda c: c["accuracy_in_style"])
-    privs = [json.loads((out / c["run_dir"] / "privacy.json").read_text()) for c in cands]
-    delta = sel["delta"]
-    one = privs[0]
-    grid_eps = composed([one] * len(args.lrs.split(",")), delta=delta)
-    frontier = None
+    return {"tune_wall_seconds": round(wall, 1), "selection": sel, "candidates": cands, "winner": winner["run_dir"],
+            "best_candidate": best["run_dir"], "ledger_training_record": owner["dataset_ledger"]["epsilon"],
+            "score_noise_std": sel["score"]["noise_multiplier"] * owner["score_clip"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--lrs", default="5e-3,1e-2,2e-2,4e-2")
+    ap.add_argument("--mean-candidates", type=float, default=3.0)
+    ap.add_argument("--eta", type=float, default=1.0)
+    ap.add_argument("--epsilon", type=float, default=8.0)
+    ap.add_argument("--repeats", type=int, default=3, help="independent runs of the procedure")
+    args = ap.parse_args()
+    sys.path.insert(0, str(ROOT))
+    import torch
+
+    res = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch "
+           f"{torch.__version__}", "lrs": args.lrs.split(","), "epsilon": args.epsilon,
+           "mean_candidates": args.mean_candidates, "eta": args.eta, "procedures": []}
     cheap = RESULTS / "cheap_search.json"
     if cheap.exists():
         full = [r for r in json.loads(cheap.read_text())["runs"] if r.get("size") == "full" and "error" not in r]
         if full:
             b = max(full, key=lambda r: r["accuracy_in_style"])
-            frontier = {"lr": b["lr"], "accuracy_in_style": b["accuracy_in_style"],
-                        "by_lr": {r["lr"]: r["accuracy_in_style"] for r in full}}
-    import torch
-
-    res = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch "
-           f"{torch.__version__}", "lrs": args.lrs.split(","), "epsilon": args.epsilon,
-           "mean_candidates": args.mean_candidates, "eta": args.eta, "tune_wall_seconds": round(wall, 1),
-           "selection": sel, "candidates": cands, "winner": winner, "best_candidate": best,
-           "epsilon_one_run": one["epsilon"], "epsilon_candidates_composed": composed(privs, delta=delta),
-           "epsilon_grid_composed": grid_eps, "cheap_search_full_size": frontier}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "tuning.json").write_text(json.dumps(res, indent=2) + "\n")
-    (RESULTS / "tuning.md").write_text(markdown(res))
+            res["cheap_search_full_size"] = {"lr": b["lr"], "accuracy_in_style": b["accuracy_in_style"],
+                                             "by_lr": {r["lr"]: r["accuracy_in_style"] for r in full}}
+    for i in range(args.repeats):
+        res["procedures"].append(one_procedure(args, i))
+        p0 = res["procedures"][0]
+        one = p0["candidates"][0]["privacy"]
+        res.update(epsilon_one_run=one["epsilon"],
+                   epsilon_grid_composed=composed([one] * len(res["lrs"]), delta=p0["selection"]["delta"]))
+        RESULTS.mkdir(parents=True, exist_ok=True)  # after every procedure: an interrupted run keeps what it measured
+        (RESULTS / "tuning.json").write_text(json.dumps(res, indent=2, default=str) + "\n")
+        (RESULTS / "tuning.md").write_text(markdown(res))
     print(markdown(res))
 
 
 def markdown(res: dict) -> str:
-    sel, w, b, fr = res["selection"], res["winner"], res["best_candidate"], res["cheap_search_full_size"]
+    procs, fr = res["procedures"], res.get("cheap_search_full_size")
+    sel = procs[0]["selection"]
     lines = [f"# Tuning whose cost is accounted: `dpdiff tune` on the built-in demo, epsilon {res['epsilon']:g} per "
              "candidate", "",
-             f"Measured {res['date']} on {res['machine']} (`python benchmarks/tuning.py`): grid train.lr in "
-             f"{{{', '.join(res['lrs'])}}}, the demo's auto schedule, {res['mean_candidates']:g} candidates expected "
-             f"(truncated negative binomial, eta {res['eta']:g}), score: clipped held-out loss plus Gaussian noise "
-             f"(noise multiplier {sel['score']['noise_multiplier']:g}); `dpdiff tune` took "
-             f"{res['tune_wall_seconds'] / 60:.0f} min. Utility: the requested digit in the private look (the demo's "
-             "evaluation; a cell's standard error is about 0.05). One run of the procedure: its K is random "
-             "(P(K = 1) = 1/3 at mean 3), and a draw of K = 1 compares no candidates.", "",
-             "| candidate | lr | noisy score (lower wins) | utility | right digit | look rate |",
-             "|---|---|---|---|---|---|"]
-    for c in res["candidates"]:
-        mark = " (released)" if c["run_dir"] == w["run_dir"] else ""
-        lines.append(f"| {c['run_dir']}{mark} | {c['lr']} | {c['noisy_score']:.3f} | {c['accuracy_in_style']:.0%} | "
-                     f"{c['prompt_accuracy']:.0%} | {c['style_rate']:.0%} |")
-    lines += ["", f"| what is published | epsilon (delta {sel['delta']:.2g}) |", "|---|---|",
+             f"Measured {res['date']} on {res['machine']} (`python benchmarks/tuning.py --repeats {len(procs)}`): "
+             f"grid train.lr in {{{', '.join(res['lrs'])}}}, the demo's auto schedule, {res['mean_candidates']:g} "
+             f"candidates expected (truncated negative binomial, eta {res['eta']:g}; P(K = 1) = 1/3 at mean 3, and a "
+             "draw of K = 1 compares nothing), score: clipped held-out loss summed over the scored units plus "
+             f"Gaussian noise of std {procs[0]['score_noise_std']:g}. {len(procs)} independent procedures. Utility: "
+             "the requested digit in the private look (the demo's evaluation; a cell's standard error is about 0.05). "
+             "The score without noise is an owner-side diagnostic (it is never released).", "",
+             "| procedure | candidate | lr | score (no noise) | noisy score (lower wins) | utility | right digit | "
+             "look rate |", "|---|---|---|---|---|---|---|---|"]
+    for i, p in enumerate(procs):
+        for c in p["candidates"]:
+            mark = " (released)" if c["run_dir"] == p["winner"] else ""
+            lines.append(f"| {i + 1} | {c['run_dir']}{mark} | {c['lr']} | {c['score']:.3f} | {c['noisy_score']:.3f} | "
+                         f"{c['accuracy_in_style']:.0%} | {c['prompt_accuracy']:.0%} | {c['style_rate']:.0%} |")
+    compared = [p for p in procs if len(p["candidates"]) > 1]
+    picked = sum(p["winner"] == p["best_candidate"] for p in compared)
+    rel = [next(c for c in p["candidates"] if c["run_dir"] == p["winner"])["accuracy_in_style"] for p in procs]
+    lines += ["", f"Candidates per procedure: {', '.join(str(len(p['candidates'])) for p in procs)}. Of the "
+              f"{len(compared)} procedure(s) that compared candidates, {picked} released the best by utility. "
+              f"Released utility: {', '.join(f'{r:.0%}' for r in rel)}."]
+    spreads = [max(c["score"] for c in p["candidates"]) - min(c["score"] for c in p["candidates"]) for p in compared]
+    if spreads:
+        lines.append(f"Spread of the noiseless scores within a procedure: {', '.join(f'{s:.2f}' for s in spreads)}, "
+                     f"against the score noise's std {procs[0]['score_noise_std']:g}.")
+    if fr:
+        top = fr["accuracy_in_style"]
+        lines.append(f"Against the full-size grid of `cheap_search.md` (other runs of the same configs: "
+                     f"{', '.join(f'{k} {v:.0%}' for k, v in fr['by_lr'].items())}): the released runs reach "
+                     f"{', '.join(f'{r / top:.0%}' for r in rel)} of its best ({fr['lr']}, "
+                     f"{fr['accuracy_in_style']:.0%}).")
+    lines += ["", f"| what is stated | epsilon (delta {sel['delta']:.2g}) |", "|---|---|",
               f"| the released run alone (what a sweep that keeps its best run usually states; not the "
               f"procedure's cost) | {res['epsilon_one_run']:.2f} |",
               f"| **`dpdiff tune`: the whole procedure (Papernot & Steinke, Theorem 2; selection.json)** | "
               f"**{sel['epsilon']:.2f}** |",
-              f"| the {len(res['candidates'])} candidate(s) that ran, composed (what the dataset ledger charges each "
-              f"training record: K is drawn independently of the data, so the realised K's composition bounds it "
-              f"too, for the owner's own accounting) | {res['epsilon_candidates_composed']:.2f} |",
+              "| the dataset ledger's charge on a training record (the same bound without the score, fixed before K "
+              f"is drawn, whatever K came out) | {procs[0]['ledger_training_record']:.2f} |",
               f"| the whole grid run once each and the best kept, composed (a plain sweep, accounted) | "
               f"{res['epsilon_grid_composed']:.2f} |", ""]
-    lines.append(f"Released: lr {w['lr']} at {w['accuracy_in_style']:.0%}; the best candidate by utility: lr "
-                 f"{b['lr']} at {b['accuracy_in_style']:.0%} (the released one reaches "
-                 f"{w['accuracy_in_style'] / b['accuracy_in_style']:.0%} of it)."
-                 if b["accuracy_in_style"] else "")
-    if fr:
-        lines.append(f"Against the full-size grid of `cheap_search.md` (other runs of the same configs: "
-                     f"{', '.join(f'{k} {v:.0%}' for k, v in fr['by_lr'].items())}): the released run reaches "
-                     f"{w['accuracy_in_style'] / fr['accuracy_in_style']:.0%} of its best ({fr['lr']}, "
-                     f"{fr['accuracy_in_style']:.0%}).")
     return "\n".join(lines) + "\n"
 
 

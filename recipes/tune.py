@@ -311,6 +311,7 @@ def tune(args) -> dict:
         owner = out / "tuning_owner.json"
         write_json_atomic(owner, {"not_for_publication": "the number of candidates and their scores: the guarantee "
                                   "averages over K, which must not be published", "candidates": cands,
+                                  "score_units": units, "score_clip": args.score_clip,
                                   "dataset_ledger": ledger.summary()})
         os.chmod(owner, 0o600)
         win = out / best["run_dir"]
