@@ -471,8 +471,9 @@ def selection_members(entries: Sequence, procedures: Mapping[str, AttemptEntry])
 def selection_group_rdp(procedure: AttemptEntry, members: Sequence[AttemptEntry]) -> np.ndarray:
     """The RDP curve (at ``dpdiff.privacy.selection.ORDERS``) a tuning procedure charges a record whose charge
     holds ``members`` of it: Papernot & Steinke's Theorem 2 (``selection_rdp``, K ~ TNB(eta, gamma) unpublished)
-    for candidates each at most ``one``: the worst grid point's training if a candidate trained on the record,
-    plus one score release if the record is scored.
+    for candidates each at most ``one``: the worst grid point's training if a candidate trained on the record
+    (or a candidate's own ledger, if worse than the grid it was drawn from), plus one score release if the record
+    is scored.
 
     Fixed before the procedure runs, whatever K, the grid points drawn or the outcome: the bound averages over
     K and the draws, so charging less after seeing them (the composition of the few candidates a small K ran, or
@@ -483,9 +484,12 @@ def selection_group_rdp(procedure: AttemptEntry, members: Sequence[AttemptEntry]
 
     spec = procedure.procedure
     one = rdp_of([])
-    if any(m.attempt_id != procedure.attempt_id for m in members):
+    candidates = [m for m in members if m.attempt_id != procedure.attempt_id]
+    if candidates:
         for segs in spec.get("grid", []):
             one = np.maximum(one, rdp_of([MechanismSegment(**g) for g in segs]))
+        for m in candidates:  # never below a candidate's own ledger (a grid point resolved otherwise than planned)
+            one = np.maximum(one, rdp_of(m.segments))
     if any(m.attempt_id == procedure.attempt_id for m in members) and procedure.segments:
         release = procedure.segments[0]
         one = one + rdp_of([MechanismSegment(release.noise_multiplier, release.sample_rate, 1)])

@@ -119,6 +119,13 @@ def test_the_worst_grid_point_is_charged_whichever_points_were_drawn(tmp_path):
     assert worst(tmp_path, TRAIN) == pytest.approx(selected(rdp_of([seg(2 * STEPS)])), rel=1e-9)
 
 
+def test_a_candidate_worse_than_its_grid_is_charged_its_own_ledger(tmp_path):
+    p = Procedure(tmp_path, 4)
+    p.candidates(1, steps=3 * STEPS)  # not what the grid said a candidate would spend
+    p.end("finished")
+    assert worst(tmp_path, TRAIN) == pytest.approx(selected(rdp_of([seg(3 * STEPS)])), rel=1e-9)
+
+
 def test_only_fresh_attempts_in_listed_dirs_before_its_last_line_are_candidates(tmp_path):
     k = 8
     p = Procedure(tmp_path, k)
