@@ -149,7 +149,8 @@ def levers_markdown(res: dict) -> str:
     keys = ("look_rate", "prompt_accuracy", "in_look_and_correct")
     lines = [f"# Levers for prompt accuracy under noise: {res['images']} printed digits, epsilon {res['epsilon']:g}",
              "", f"Machine: {res['machine']}. The look-shift set of `auto_defaults.md` (seed {SEED}); every run the "
-             "auto schedule (512 x 75 for this N), LoRA rank 4, one change per row. Each DP row is the mean of "
+             "auto schedule (512 x 75 for this N), LoRA rank 4, one change per row (or the levers named, combined). "
+             "Each DP row is the mean of "
              f"{res['seeds']} seeds on common random numbers (every row of one seed draws the same sampling masks and "
              "noise: `privacy.reproducible_noise=true train.seed=s`), the seeds' values in brackets; the difference "
              "to the default row, seed by seed, is the lever's effect. Scored from "
