@@ -25,6 +25,7 @@ conservative choice). The conversion to (eps, delta) is Opacus' ``get_privacy_sp
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -95,13 +96,22 @@ class TruncatedNegativeBinomial:
 
 def rdp_of(segments: Sequence[MechanismSegment], *, orders: Sequence[float] = ORDERS) -> np.ndarray:
     """RDP at ``orders`` of the composed Poisson-subsampled Gaussian ``segments`` (Opacus' ``compute_rdp``)."""
-    from opacus.accountants.analysis.rdp import compute_rdp
-
     rdp = np.zeros(len(orders))
     for s in segments:
         if s.steps > 0:
-            rdp += compute_rdp(q=s.sample_rate, noise_multiplier=s.noise_multiplier, steps=s.steps, orders=list(orders))
+            rdp += _one_step_rdp(float(s.sample_rate), float(s.noise_multiplier), tuple(orders)) * s.steps
     return np.where(np.isnan(rdp), np.inf, rdp)
+
+
+@functools.lru_cache(maxsize=1024)
+def _one_step_rdp(q: float, sigma: float, orders: tuple[float, ...]) -> np.ndarray:
+    """One step's RDP (composition is linear in the steps): the dataset ledger evaluates the same few mechanisms
+    for every charge signature, and Opacus' series at fractional orders is slow."""
+    from opacus.accountants.analysis.rdp import compute_rdp
+
+    out = np.asarray(compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=list(orders)), dtype=float)
+    out.setflags(write=False)
+    return out
 
 
 def candidate_rdp(segments: Sequence[MechanismSegment], *, score_noise_multiplier: float | None = None,
