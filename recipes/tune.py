@@ -70,6 +70,8 @@ from dpdiff.privacy.selection import (
     selection_rdp,
 )
 from dpdiff.probes.context import record_losses
+from dpdiff.report.privacy_json import republish, with_selection
+from dpdiff.report.run_report import write_run_report
 from dpdiff.runtime import RunDirLock
 from dpdiff.schema import compose
 from dpdiff.settings import RunSettings
@@ -315,16 +317,19 @@ def tune(args) -> dict:
                                   "dataset_ledger": ledger.summary()})
         os.chmod(owner, 0o600)
         win = out / best["run_dir"]
-        priv = json.loads((win / "privacy.json").read_text())
-        priv["selection"] = {k2: public[k2] for k2 in ("epsilon", "delta", "method", "eta", "gamma",
-                                                       "expected_candidates", "one_candidate_epsilon")}
-        priv["guarantee"] = (f"({eps:.4g}, {delta:.3g})-DP for each {priv.get('privacy_unit', 'unit')} for the tuning "
-                             f"procedure that selected this run (this run alone: {priv['guarantee']})")
-        write_json_atomic(win / "privacy.json", priv)
+        priv = with_selection(json.loads((win / "privacy.json").read_text()),
+                              {k2: public[k2] for k2 in ("epsilon", "delta", "method", "eta", "gamma",
+                                                         "expected_candidates", "one_candidate_epsilon")},
+                              grid_keys=[spec.partition("=")[0] for spec in args.grid])
+        republish(win, priv)  # privacy.json and the model card state the procedure's guarantee
+        write_run_report(win)  # and so does the winner's report
         link = out / "best"
         link.symlink_to(best["run_dir"])
+        weights = json.loads((win / "run.json").read_text())["weights"]
         print(f"best: {' '.join(best['overrides'])} -> {link} ; the procedure: ({eps:.3g}, {delta:.2g})-DP "
-              f"(selection.json); keep candidate-* and tuning_owner.json private", flush=True)
+              f"(selection.json). Publish {link / weights} (weights and model card), {link / 'privacy.json'} and "
+              "selection.json; keep the rest of the candidate dirs and tuning_owner.json private (the winner's "
+              "dir name and report say how many candidates ran)", flush=True)
     finally:
         lock.release()
     return public

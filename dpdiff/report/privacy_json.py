@@ -270,6 +270,36 @@ def model_card(record: dict, *, base_name: str, adapter: str | None = None) -> s
     return "\n".join(lines) + "\n"
 
 
+#: the caveat of a run whose hyperparameters nobody accounted (``caveats``), and its replacement for a tune winner
+_UNACCOUNTED_CHOICE = "The data checks (validation, deduplication) and the choice of hyperparameters read the private"
+
+
+def with_selection(record: dict, selection: dict, *, grid_keys: list[str]) -> dict:
+    """A tune winner's privacy.json: ``selection`` (the procedure's guarantee, ``dpdiff tune``'s selection.json
+    fields) added, the guarantee restated as the procedure's, and the caveat on unaccounted hyperparameter choices
+    replaced (they were chosen inside the procedure's guarantee, over ``grid_keys``)."""
+    out = dict(record)
+    out["selection"] = selection
+    eps, delta = selection["epsilon"], selection["delta"]
+    out["guarantee"] = (f"({eps:.4g}, {delta:.3g})-DP for each {record.get('privacy_unit', 'unit')} for the tuning "
+                        f"procedure that selected this run (this run alone: {record['guarantee']})")
+    out["caveats"] = [(f"{', '.join(grid_keys)} were chosen by dpdiff tune (private selection: a random number of "
+                       "candidates, each scored by a noisy held-out loss), inside the guarantee above; the number "
+                       "of candidates and their scores are not published. The data checks (validation, "
+                       "deduplication) and the other settings read the private data without privacy accounting.")
+                      if c.startswith(_UNACCOUNTED_CHOICE) else c for c in record.get("caveats") or []]
+    return out
+
+
+def republish(run_dir: Path, record: dict) -> None:
+    """Write a changed privacy.json and the model card next to the run's weights from it (``run.json`` names the
+    weights, the base model and the adapter): what is published must state the same guarantee."""
+    run_dir = Path(run_dir)
+    run = json.loads((run_dir / "run.json").read_text())
+    write_privacy_json(run_dir, record)
+    write_model_card(run_dir / run["weights"], record, base_name=run["base_model"], adapter=run.get("adapter"))
+
+
 _ADAPTER_TAGS = {"lora": "lora", "full": "full-finetune", "attn": "attention-finetune"}
 
 

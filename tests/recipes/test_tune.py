@@ -31,6 +31,14 @@ def test_tune_runs_a_random_number_of_candidates_and_publishes_the_procedures_gu
     priv = json.loads((best / "privacy.json").read_text())
     assert priv["selection"]["epsilon"] == pytest.approx(sel["epsilon"]) and "tuning procedure" in priv["guarantee"]
     assert priv["epsilon"] <= 2 and priv["epsilon"] < sel["epsilon"]  # the run alone vs the procedure
+    # the model card published with the weights states the procedure's guarantee, not the run's alone, and no
+    # longer says the hyperparameters were chosen without accounting
+    card = (best / "lora" / "README.md").read_text()
+    headline = next(line for line in card.splitlines() if line.startswith("**The released weights"))
+    assert f"({sel['epsilon']:.4g}, " in headline and "tuning procedure" in headline
+    assert "train.lr were chosen by dpdiff tune" in card and "choice of hyperparameters read" not in card
+    assert any(c.startswith("train.lr were chosen") for c in priv["caveats"])
+    assert f"({sel['epsilon']:.4g}, " in (best / "report.md").read_text()
     # the dataset ledger: each candidate charged its training records, the scores their held-out records
     from dpdiff.privacy.dataset_ledger import DatasetLedger, ledger_location
 
