@@ -131,7 +131,7 @@ def score_units(data, max_units: int, rng) -> list[int]:
     return held
 
 
-class ScoreCharge:
+class ProcedureLine:
     """The procedure's line in the dataset ledger. The candidates' runs charge the records they train on (each its
     own ``dpdiff finetune`` attempt); this line charges the held-out records the scores read: K Gaussian releases
     (noise multiplier ``score_noise``, sensitivity one unit's clipped loss) on the scored units' records, planned
@@ -277,7 +277,7 @@ def tune(args) -> dict:
     rng = np.random.default_rng()  # fresh OS entropy: K, the grid draws, the scored units and the score noise
     k = dist.sample(rng)
     units = score_units(data, args.score_units, rng)
-    ledger = ScoreCharge(out, data, s0, units, score_noise=args.score_noise, delta=delta, dist=dist, grid=segments)
+    ledger = ProcedureLine(out, data, s0, units, score_noise=args.score_noise, delta=delta, dist=dist, grid=segments)
     # before any candidate trains, both refused past privacy.dataset_budget: the training records' history with
     # the procedure's bound, and the held-out records' history with the scores (the procedure's ledger line)
     worst_train = ledger.check_training_records(train_curve)

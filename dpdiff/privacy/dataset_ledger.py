@@ -158,8 +158,8 @@ class AttemptEntry:
     # written before per-record ledgers): charged to every record
     record_set: dict | None = None
     # a tuning procedure's own line (``dpdiff tune``: its score releases): {"kind": "private_selection", "eta",
-    # "gamma", "grid": [segments of each grid point]}; its candidates are the fresh attempts in its run dir's
-    # candidate-* dirs (``selection_members``)
+    # "gamma", "grid": [segments of each grid point], "candidates": [the candidate dirs in its run dir, each listed
+    # before its candidate starts]} (``selection_members``)
     procedure: dict | None = None
     origin: Path | None = field(default=None, compare=False, repr=False)  # the ledger file it was read from
 
@@ -444,8 +444,7 @@ def selection_members(entries: Sequence, procedures: Mapping[str, AttemptEntry])
     of its own) in the candidate dirs the procedure's line lists (it lists a dir before launching a candidate
     there), recorded before the procedure's latest line or while the procedure's process still runs (its run dir
     locked). A crashed procedure's last candidate may therefore be charged as a run of its own as well: more, never
-    less.
-    Nothing a config or a command line sets makes a run a candidate."""
+    less. Nothing a config or a command line sets makes a run a candidate."""
     from dpdiff.runtime import run_dir_locked
 
     by_dir = {Path(p.run_dir): p for p in procedures.values()}
