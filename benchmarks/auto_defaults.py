@@ -204,13 +204,6 @@ def markdown(res: dict) -> str:
                      f"{r['wall_seconds']:.0f} |")
     lines += ["", f"Base: look rate {res['base']['look_rate']:.2f}, right digit {res['base']['prompt_accuracy']:.2f}.",
               ""]
-    if res.get("recheck"):
-        rc = res["recheck"]
-        same = all(abs(rc["then"][k] - rc["now"][k]) < 1e-9 for k in rc["then"])
-        lines += [f"Rows added later (`--add`) are paired with the earlier ones only if one seed still draws the same "
-                  f"noise: {rc['name']}, seed {rc['seed']}, re-run then: "
-                  + ", ".join(f"{k} {rc['then'][k]:.3f} -> {rc['now'][k]:.3f}" for k in rc["then"])
-                  + (" (identical)." if same else " (NOT identical: the added rows are not paired)."), ""]
     return "\n".join(lines)
 
 
