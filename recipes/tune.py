@@ -249,6 +249,12 @@ def tune(args) -> dict:
         raise UserError("--score-noise and --score-clip must be > 0, --score-units >= 1")
     grid = parse_grid(args.grid)
     base = [*args.overrides, "probes=none", "eval=none"]
+    tracker = compose(base + grid[0]).tracker
+    if str(tracker.get("kind")) != "local":
+        raise UserError(f"dpdiff tune with tracker={tracker.get('kind')}: every candidate would be a tracked run, "
+                        "which tells anyone who sees the tracker (now, or after a sync) how many candidates ran; the "
+                        "procedure's guarantee averages over that number and needs it unpublished. Use "
+                        "tracker=local (each candidate's metrics stay in its dir)")
     dist = TruncatedNegativeBinomial.with_mean(args.mean_candidates, eta=args.eta)
     segments, delta, data, s0 = grid_mechanisms(base, grid)
     n = data.num_train_units

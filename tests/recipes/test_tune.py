@@ -90,6 +90,12 @@ def test_tune_refuses_before_training_what_would_pass_the_dataset_budget(tmp_pat
     assert not [e for e in DatasetLedger(ledger_location(data_root=data)).entries() if e.procedure]
 
 
+def test_tune_refuses_a_tracker_that_would_publish_how_many_candidates_ran(tmp_path):
+    res = run_cli("tune", str(tmp_path / "t"), "--grid", "train.lr=0.01,0.02", "debug=fast", "tracker=wandb")
+    assert res.returncode == 2 and "tracker=local" in res.stderr and "how many candidates ran" in res.stderr
+    assert not (tmp_path / "t").exists()
+
+
 def test_tune_refuses_a_grid_over_the_privacy_settings(tmp_path):
     res = run_cli("tune", str(tmp_path / "t"), "--grid", "privacy.target_epsilon=1,2", "debug=fast")
     assert res.returncode == 2 and "only train.* and adapter.*" in res.stderr
