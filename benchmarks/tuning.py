@@ -93,8 +93,8 @@ def one_procedure(args, i: int) -> dict:
     for c in owner["candidates"]:
         run_dir = out / c["run_dir"]
         priv = json.loads((run_dir / "privacy.json").read_text())
-        clean = noisy_score(run_dir, units=owner["score_units"], clip=owner["score_clip"], noise=0.0,
-                            rng=np.random.default_rng(0))
+        clean = noisy_score(run_dir, units=owner["score_units"], clip=owner["score_clip"],
+                            floor=owner.get("score_floor", 0.0), noise=0.0, rng=np.random.default_rng(0))
         cands.append({"run_dir": c["run_dir"], "lr": c["overrides"][0].split("=", 1)[1], "noisy_score": c["score"],
                       "score": clean["score"], "epsilon": priv["epsilon"], "privacy": priv, **utility(run_dir)})
         print(json.dumps({k: v for k, v in cands[-1].items() if k != "privacy"}), flush=True)
@@ -102,7 +102,7 @@ def one_procedure(args, i: int) -> dict:
     best = max(cands, key=lambda c: c["accuracy_in_style"])
     return {"tune_wall_seconds": round(wall, 1), "selection": sel, "candidates": cands, "winner": winner["run_dir"],
             "best_candidate": best["run_dir"], "ledger_training_record": owner["dataset_ledger"]["epsilon"],
-            "score_noise_std": sel["score"]["noise_multiplier"] * owner["score_clip"]}
+            "score_noise_std": sel["score"]["noise_multiplier"] * (owner["score_clip"] - owner.get("score_floor", 0.0))}
 
 
 def main() -> None:

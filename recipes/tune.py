@@ -1,14 +1,16 @@
 """dpdiff tune: hyperparameter tuning whose cost is accounted (private selection, Papernot & Steinke 2022).
 
     dpdiff tune OUT_DIR --grid train.lr=0.005,0.01,0.02 --grid adapter.rank=2,4 [--mean-candidates 8]
-                [--eta 1] [--score-noise 4] [--score-clip 0.5] [--score-units 256] [OVERRIDE ...]
+                [--eta 1] [--score-noise 4] [--score-clip 0.5] [--score-floor 0] [--score-units 256]
+                [OVERRIDE ...]
 
 Keeping the best of several private runs by a score computed on private data leaks beyond each run's epsilon. Here
 the number of candidates K is random (a truncated negative binomial with the mean asked, drawn from fresh OS
 entropy), each candidate is a grid point drawn uniformly at random and trained as ``dpdiff finetune`` trains (the
 same overrides otherwise), and scored by a DP score: its denoising loss on held-out units (never trained on), each
-unit's loss clipped to [0, score_clip], summed, one Gaussian draw N(0, (score_noise x score_clip)^2) added (the
-candidates share the held-out units, so the noisy sums rank them). Only the best is released. The guarantee of the
+unit's loss clipped to [score_floor, score_clip] and centred on the range's middle, summed, one Gaussian draw
+N(0, (score_noise x (score_clip - score_floor))^2) added (the candidates share the held-out units, so the noisy sums
+rank them). Only the best is released. The guarantee of the
 whole procedure (``dpdiff.privacy.selection``: Theorem 2 of Papernot & Steinke over the worst grid point's ledger
 plus the score's Gaussian mechanism) is computed before anything trains, written to OUT_DIR/selection.json and to
 the winner's privacy.json (``selection``), and refused if it exceeds ``privacy.dataset_budget``.
@@ -201,9 +203,17 @@ class ProcedureLine:
         return {**charges_summary(ch), "path": str(self.led.path)}
 
 
-def noisy_score(run_dir: Path, *, units: list[int], clip: float, noise: float, rng) -> dict:
+def noisy_score(run_dir: Path, *, units: list[int], clip: float, noise: float, rng, floor: float = 0.0) -> dict:
     """The candidate's DP score: the sum over the held-out ``units`` (``score_units``) of each unit's denoising
-    loss clipped to [0, clip], plus N(0, (noise x clip)^2). Lower is better."""
+    loss clipped to [floor, clip] minus the range's middle, plus N(0, (noise x (clip - floor))^2). Lower is better.
+
+    Sensitivity clip - floor: replacing one scored unit by another (the scored units are a fixed-size draw from
+    the held-out ones, so a neighbouring dataset's draw can be coupled to differ in one unit) moves one term by at
+    most the range; adding or removing one, by at most half of it (centred terms). Centring shifts every
+    candidate's sum alike (same units), so it never changes their order; it is what lets a floor shrink the
+    noise. A floor and clip that bracket the losses (the demo's unit losses lie in 0.13-0.21) cut the noise at
+    the same privacy: [0, 0.5] draws std 2 at --score-noise 4, [0.1, 0.25] 0.6 (on the built-in demo the unit
+    losses measured 0.13-0.21; a user picks the range from public knowledge of the loss's scale)."""
 
     recipe = ProbeRecipe(run_dir, [])
     recipe.setup()
@@ -221,10 +231,15 @@ def noisy_score(run_dir: Path, *, units: list[int], clip: float, noise: float, r
     loss = record_losses(ctx, ids, timesteps=ev.timesteps, noise_draws=ev.noise_draws)["model"]
     per_record = dict(zip(ids, loss.tolist()))
     unit_loss = np.array([np.mean([per_record[i] for i in by_unit[k]]) for k in keys])
-    clipped = np.clip(unit_loss, 0.0, clip)
-    # the released statistic is the noisy sum (sensitivity: one unit's clipped loss); every candidate sums over the
-    # same held-out units, so the sums rank the candidates as the means would, without dividing by a private count
-    return {"score": float(clipped.sum() + rng.normal(0.0, noise * clip))}
+    # every candidate sums over the same held-out units, so the sums rank the candidates as the means would,
+    # without dividing by a private count
+    return {"score": score_sum(unit_loss, floor=floor, clip=clip) + float(rng.normal(0.0, noise * (clip - floor)))}
+
+
+def score_sum(unit_loss, *, floor: float, clip: float) -> float:
+    """The score's statistic before noise: each unit's loss clipped to [floor, clip], centred, summed
+    (sensitivity clip - floor; ``noisy_score``)."""
+    return float((np.clip(np.asarray(unit_loss, dtype=float), floor, clip) - (floor + clip) / 2).sum())
 
 
 def candidate_dir(i: int) -> str:
@@ -247,6 +262,8 @@ def tune(args) -> dict:
         raise UserError(f"{out} is not empty: dpdiff tune writes a new directory")
     if args.score_noise <= 0 or args.score_clip <= 0 or args.score_units < 1:
         raise UserError("--score-noise and --score-clip must be > 0, --score-units >= 1")
+    if not 0 <= args.score_floor < args.score_clip:
+        raise UserError("--score-floor must be >= 0 and below --score-clip")
     grid = parse_grid(args.grid)
     base = [*args.overrides, "probes=none", "eval=none"]
     tracker = compose(base + grid[0]).tracker
@@ -269,7 +286,8 @@ def tune(args) -> dict:
               "gamma": dist.gamma, "expected_candidates": dist.mean(), "grid_points": len(grid),
               "one_candidate_epsilon": one, "score": {"what": "held-out denoising loss per unit, clipped, summed, "
                                                       "plus Gaussian noise (lower is better)",
-                                                      "clip": args.score_clip, "noise_multiplier": args.score_noise,
+                                                      "clip": args.score_clip, "floor": args.score_floor,
+                                                      "noise_multiplier": args.score_noise,
                                                       "max_units": args.score_units}}
     # (the scored units' count stays with the owner: it is drawn from the private held-out split's size)
 
@@ -308,7 +326,8 @@ def tune(args) -> dict:
                 point = grid[int(rng.integers(len(grid)))]
                 ledger.add_candidate(candidate_dir(i), k)
                 run_dir = run_candidate(out, i, base + point)
-                sc = noisy_score(run_dir, units=units, clip=args.score_clip, noise=args.score_noise, rng=rng)
+                sc = noisy_score(run_dir, units=units, clip=args.score_clip, floor=args.score_floor,
+                                 noise=args.score_noise, rng=rng)
                 cands.append({"run_dir": run_dir.name, "overrides": point, **sc})
                 print(f"  candidate {i}: {' '.join(point)}  noisy score {sc['score']:.4f}", flush=True)
         finally:  # the scores actually released (a failed candidate ends the procedure)
@@ -320,6 +339,7 @@ def tune(args) -> dict:
         write_json_atomic(owner, {"not_for_publication": "the number of candidates and their scores: the guarantee "
                                   "averages over K, which must not be published", "candidates": cands,
                                   "score_units": units, "score_clip": args.score_clip,
+                                  "score_floor": args.score_floor,
                                   "dataset_ledger": ledger.summary()})
         os.chmod(owner, 0o600)
         win = out / best["run_dir"]
@@ -349,10 +369,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mean-candidates", type=float, default=8.0, help="expected number of candidates E[K] (> 1)")
     p.add_argument("--eta", type=float, default=1.0, help="the TNB's eta (1: geometric, 0: logarithmic)")
     p.add_argument("--score-noise", type=float, default=4.0,
-                   help="noise multiplier of the held-out score: its noise std is this x --score-clip, to compare "
+                   help="noise multiplier of the held-out score: its noise std is this x (--score-clip - "
+                        "--score-floor), to compare "
                         "with how much the candidates' summed losses differ (which grows with --score-units)")
     p.add_argument("--score-clip", type=float, default=0.5,
                    help="each held-out unit's loss is clipped to this (near the denoising loss's scale)")
+    p.add_argument("--score-floor", type=float, default=0.0,
+                   help="each held-out unit's loss is also clipped from below to this; the score's sensitivity, "
+                        "and its noise, are --score-clip minus this (choose both from public knowledge of the loss "
+                        "scale, never from the private held-out losses)")
     p.add_argument("--score-units", type=int, default=256, help="held-out units scored per candidate (at most)")
     p.add_argument("overrides", nargs="*", help="finetune overrides shared by every candidate, key=value")
     return p

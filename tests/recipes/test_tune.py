@@ -90,6 +90,30 @@ def test_tune_refuses_before_training_what_would_pass_the_dataset_budget(tmp_pat
     assert not [e for e in DatasetLedger(ledger_location(data_root=data)).entries() if e.procedure]
 
 
+def test_score_sensitivity_is_the_clip_range():
+    """The score's noise is calibrated to clip - floor: replacing one scored unit moves the sum by at most that,
+    adding or removing one by at most half (checked on losses inside, below and above the range; deterministic)."""
+    import numpy as np
+
+    from recipes.tune import score_sum
+
+    rng = np.random.default_rng(0)
+    floor, clip = 0.1, 0.25
+    for _ in range(200):
+        loss = rng.uniform(-0.2, 0.6, size=int(rng.integers(2, 30)))
+        other = rng.uniform(-0.2, 0.6)
+        s = score_sum(loss, floor=floor, clip=clip)
+        replaced = score_sum(np.r_[loss[:-1], other], floor=floor, clip=clip)
+        removed = score_sum(loss[:-1], floor=floor, clip=clip)
+        assert abs(s - replaced) <= clip - floor + 1e-12 and abs(s - removed) <= (clip - floor) / 2 + 1e-12
+    # the bound is attained: a unit at the floor replaced by one at the clip
+    assert score_sum([0.0, 1.0], floor=floor, clip=clip) - score_sum([0.0, 0.0], floor=floor, clip=clip) == \
+        pytest.approx(clip - floor)
+    # centring changes no ranking: two candidates on the same units keep their order
+    a, b = rng.uniform(0.1, 0.25, 50), rng.uniform(0.1, 0.25, 50)
+    assert (score_sum(a, floor=floor, clip=clip) < score_sum(b, floor=floor, clip=clip)) == (a.sum() < b.sum())
+
+
 def test_tune_refuses_a_tracker_that_would_publish_how_many_candidates_ran(tmp_path):
     res = run_cli("tune", str(tmp_path / "t"), "--grid", "train.lr=0.01,0.02", "debug=fast", "tracker=wandb")
     assert res.returncode == 2 and "tracker=local" in res.stderr and "how many candidates ran" in res.stderr
