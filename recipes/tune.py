@@ -284,8 +284,9 @@ def tune(args) -> dict:
     public = {"epsilon": eps, "delta": delta, "rdp_order": order, "method": "private selection (Papernot & Steinke "
               "2022, Theorem 2): a random number of candidates, only the best released", "eta": dist.eta,
               "gamma": dist.gamma, "expected_candidates": dist.mean(), "grid_points": len(grid),
-              "one_candidate_epsilon": one, "score": {"what": "held-out denoising loss per unit, clipped, summed, "
-                                                      "plus Gaussian noise (lower is better)",
+              "one_candidate_epsilon": one, "score": {"what": "held-out denoising loss per unit, clipped to [floor, "
+                                                      "clip] and centred, summed, plus Gaussian noise of std "
+                                                      "noise_multiplier x (clip - floor) (lower is better)",
                                                       "clip": args.score_clip, "floor": args.score_floor,
                                                       "noise_multiplier": args.score_noise,
                                                       "max_units": args.score_units}}

@@ -283,7 +283,8 @@ def with_selection(record: dict, selection: dict, *, grid_keys: list[str]) -> di
     eps, delta = selection["epsilon"], selection["delta"]
     out["guarantee"] = (f"({eps:.4g}, {delta:.3g})-DP for each {record.get('privacy_unit', 'unit')} for the tuning "
                         f"procedure that selected this run (this run alone: {record['guarantee']})")
-    out["caveats"] = [(f"{', '.join(grid_keys)} were chosen by dpdiff tune (private selection: a random number of "
+    out["caveats"] = [(f"The tuned settings ({', '.join(grid_keys)}) were chosen by dpdiff tune (private selection: "
+                       "a random number of "
                        "candidates, each scored by a noisy held-out loss), inside the guarantee above; the number "
                        "of candidates and their scores are not published. The data checks (validation, "
                        "deduplication) and the other settings read the private data without privacy accounting.")

@@ -36,8 +36,8 @@ def test_tune_runs_a_random_number_of_candidates_and_publishes_the_procedures_gu
     card = (best / "lora" / "README.md").read_text()
     headline = next(line for line in card.splitlines() if line.startswith("**The released weights"))
     assert f"({sel['epsilon']:.4g}, " in headline and "tuning procedure" in headline
-    assert "train.lr were chosen by dpdiff tune" in card and "choice of hyperparameters read" not in card
-    assert any(c.startswith("train.lr were chosen") for c in priv["caveats"])
+    assert "settings (train.lr) were chosen by dpdiff tune" in card and "choice of hyperparameters read" not in card
+    assert any(c.startswith("The tuned settings (train.lr) were chosen") for c in priv["caveats"])
     assert f"({sel['epsilon']:.4g}, " in (best / "report.md").read_text()
     # the dataset ledger: each candidate charged its training records, the scores their held-out records
     from dpdiff.privacy.dataset_ledger import DatasetLedger, ledger_location
