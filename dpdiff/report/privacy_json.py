@@ -51,6 +51,11 @@ OWNER_NOTICE = ("data_owner.json: statistics of the private training data outsid
                 "publish it; publish privacy.json and the model card.")
 
 
+#: the caveat of a run whose hyperparameters nobody accounted (``caveats``; a tune winner's replaces it)
+UNACCOUNTED_CHOICE = ("The data checks (validation, deduplication) and the choice of hyperparameters read the private "
+                      "data without privacy accounting.")
+
+
 def caveats(*, dp: bool, data, resumed: bool, reproducible_noise: bool) -> list[str]:
     """What the (epsilon, delta) guarantee does not cover: the public caveats of privacy.json and the model
     card. They depend on the config and N only, never on other statistics of the data (those are in
@@ -75,8 +80,7 @@ def caveats(*, dp: bool, data, resumed: bool, reproducible_noise: bool) -> list[
     if data.holdout_units:
         out.append("Some privacy units were held out (never trained on); the probes (as non-members) and the "
                    "utility metrics read them, outside the guarantee: the report is for the data owner.")
-    out.append("The data checks (validation, deduplication) and the choice of hyperparameters read the private "
-               "data without privacy accounting." if not data.builtin else
+    out.append(UNACCOUNTED_CHOICE if not data.builtin else
                "Hyperparameters of the built-in demo were chosen on data generated like this demo data (not "
                "accounted).")
     if data.dedup and data.dedup.get("mode") in ("group", "drop"):
@@ -270,10 +274,6 @@ def model_card(record: dict, *, base_name: str, adapter: str | None = None) -> s
     return "\n".join(lines) + "\n"
 
 
-#: the caveat of a run whose hyperparameters nobody accounted (``caveats``), and its replacement for a tune winner
-_UNACCOUNTED_CHOICE = "The data checks (validation, deduplication) and the choice of hyperparameters read the private"
-
-
 def with_selection(record: dict, selection: dict, *, grid_keys: list[str]) -> dict:
     """A tune winner's privacy.json: ``selection`` (the procedure's guarantee, ``dpdiff tune``'s selection.json
     fields) added, the guarantee restated as the procedure's, and the caveat on unaccounted hyperparameter choices
@@ -283,12 +283,13 @@ def with_selection(record: dict, selection: dict, *, grid_keys: list[str]) -> di
     eps, delta = selection["epsilon"], selection["delta"]
     out["guarantee"] = (f"({eps:.4g}, {delta:.3g})-DP for each {record.get('privacy_unit', 'unit')} for the tuning "
                         f"procedure that selected this run (this run alone: {record['guarantee']})")
-    out["caveats"] = [(f"The tuned settings ({', '.join(grid_keys)}) were chosen by dpdiff tune (private selection: "
-                       "a random number of "
-                       "candidates, each scored by a noisy held-out loss), inside the guarantee above; the number "
-                       "of candidates and their scores are not published. The data checks (validation, "
-                       "deduplication) and the other settings read the private data without privacy accounting.")
-                      if c.startswith(_UNACCOUNTED_CHOICE) else c for c in record.get("caveats") or []]
+    tuned = (f"The tuned settings ({', '.join(grid_keys)}) were chosen by dpdiff tune (private selection: a random "
+             "number of candidates, each scored by a noisy held-out loss), inside the guarantee above; the number of "
+             "candidates and their scores are not published. The data checks (validation, deduplication) and the "
+             "other settings read the private data without privacy accounting.")
+    kept = list(record.get("caveats") or [])
+    at = kept.index(UNACCOUNTED_CHOICE) if UNACCOUNTED_CHOICE in kept else len(kept)
+    out["caveats"] = [*kept[:at], tuned, *kept[at + 1:]]
     return out
 
 

@@ -140,3 +140,18 @@ def test_run_record_names_the_contract(tmp_path):
     for key in ("base_model", "dpdiff_version", "git_commit", "wall_seconds"):
         assert key in rec
     assert rec["base_model"] == "/abs/base" and rec["wall_seconds"] == 1.23
+
+
+def test_a_tune_winners_record_states_the_procedure_and_its_tuned_keys():
+    """The unaccounted-choice caveat is replaced where it stands; a record without it (the built-in demo's) gains
+    the tuned-settings caveat; the guarantee becomes the procedure's."""
+    from dpdiff.report.privacy_json import UNACCOUNTED_CHOICE, with_selection
+
+    sel = {"epsilon": 11.69, "delta": 1e-5}
+    rec = with_selection({"guarantee": "(7.97, 1e-05)-DP", "privacy_unit": "example",
+                          "caveats": ["first", UNACCOUNTED_CHOICE, "last"]}, sel, grid_keys=["train.lr"])
+    assert rec["caveats"][0] == "first" and rec["caveats"][2] == "last" and UNACCOUNTED_CHOICE not in rec["caveats"]
+    assert rec["caveats"][1].startswith("The tuned settings (train.lr) were chosen by dpdiff tune")
+    assert rec["guarantee"].startswith("(11.69, 1e-05)-DP for each example") and "(7.97, 1e-05)" in rec["guarantee"]
+    demo = with_selection({"guarantee": "g", "caveats": ["demo"]}, sel, grid_keys=["train.lr", "adapter.rank"])
+    assert demo["caveats"][0] == "demo" and "(train.lr, adapter.rank)" in demo["caveats"][1]
