@@ -17,6 +17,19 @@ def init(rank: int, world: int, port: int) -> None:
     torch.set_num_threads(1)
 
 
+def leave() -> None:
+    """Wait for every rank, then exit without tearing gloo down. torch's gloo teardown can abort a rank
+    (SIGABRT, "terminate called without an active exception") while a peer still closes its pair: seen once in a
+    loaded `make test` after a barrier and destroy_process_group. The library never destroys the process group
+    either (the process exits); an exception still goes through the callers' ``finally``."""
+    import sys
+
+    dist.barrier()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def engine_step(rank: int, world: int, port: int, out_dir: str, sigma: float, zero: bool) -> None:
     """One DP step of a Linear model; units 0..7 are split over ranks by index parity."""
     from torch import nn
@@ -40,7 +53,7 @@ def engine_step(rank: int, world: int, port: int, out_dir: str, sigma: float, ze
                          num_units=len(mine))
         eng.finalize()
         torch.save(model.weight.grad, os.path.join(out_dir, f"grad{rank}.pt"))
-        dist.barrier()  # no rank tears gloo down while another is still in a collective (SIGABRT)
+        leave()
     finally:
         dist.destroy_process_group()
 
@@ -55,8 +68,7 @@ def context_world(rank: int, world: int, port: int, out_dir: str) -> None:
     got = [ctx.rank, ctx.world_size, int(dist.is_initialized() and dist.get_world_size()), str(ctx.device)]
     with open(os.path.join(out_dir, f"ctx{rank}.txt"), "w") as f:
         f.write(" ".join(map(str, got)))
-    dist.barrier()
-    dist.destroy_process_group()
+    leave()
 
 
 def plans_agree(rank: int, world: int, port: int, out_dir: str, differ: bool) -> None:
@@ -87,6 +99,6 @@ def plans_agree(rank: int, world: int, port: int, out_dir: str, differ: bool) ->
             outcome = f"refused: {err}"
         with open(os.path.join(out_dir, f"plan{rank}.txt"), "w") as f:
             f.write(outcome)
-        dist.barrier()  # neither rank tears gloo down while the other is still in a collective (SIGABRT)
+        leave()
     finally:
         dist.destroy_process_group()
