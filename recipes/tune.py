@@ -348,13 +348,13 @@ def tune(args) -> dict:
                               {k2: public[k2] for k2 in ("epsilon", "delta", "method", "eta", "gamma",
                                                          "expected_candidates", "one_candidate_epsilon")},
                               grid_keys=[spec.partition("=")[0] for spec in args.grid])
-        republish(win, priv)  # privacy.json and the model card state the procedure's guarantee
+        weights = republish(win, priv)  # privacy.json and the model card state the procedure's guarantee
         write_run_report(win)  # and so does the winner's report
         link = out / "best"
         link.symlink_to(best["run_dir"])
-        weights = json.loads((win / "run.json").read_text())["weights"]
         print(f"best: {' '.join(best['overrides'])} -> {link} ; the procedure: ({eps:.3g}, {delta:.2g})-DP "
-              f"(selection.json). Publish {link / weights} (weights and model card), {link / 'privacy.json'} and "
+              f"(selection.json). Publish {link / weights.relative_to(win)} (weights and model card), "
+              f"{link / 'privacy.json'} and "
               "selection.json; keep the rest of the candidate dirs and tuning_owner.json private (the winner's "
               "dir name and report say how many candidates ran)", flush=True)
     finally:

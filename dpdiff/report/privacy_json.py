@@ -293,13 +293,15 @@ def with_selection(record: dict, selection: dict, *, grid_keys: list[str]) -> di
     return out
 
 
-def republish(run_dir: Path, record: dict) -> None:
+def republish(run_dir: Path, record: dict) -> Path:
     """Write a changed privacy.json and the model card next to the run's weights from it (``run.json`` names the
-    weights, the base model and the adapter): what is published must state the same guarantee."""
+    weights, the base model and the adapter): what is published must state the same guarantee. Returns the
+    weights dir."""
     run_dir = Path(run_dir)
     run = json.loads((run_dir / "run.json").read_text())
     write_privacy_json(run_dir, record)
     write_model_card(run_dir / run["weights"], record, base_name=run["base_model"], adapter=run.get("adapter"))
+    return run_dir / run["weights"]
 
 
 _ADAPTER_TAGS = {"lora": "lora", "full": "full-finetune", "attn": "attention-finetune"}

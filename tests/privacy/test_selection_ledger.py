@@ -9,6 +9,8 @@ groups, and how."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 from privacy.test_record_ledger import DELTA, SIGMA, B, N, charges, ids, ledger, run
 
@@ -67,6 +69,16 @@ class Procedure:
 
     def end(self, status: str, scores: int | None = None) -> None:
         self.led.record(self.entry(status=status, scores=scores))
+
+    @contextlib.contextmanager
+    def running(self):
+        """The tuning process alive: its run dir locked."""
+        lock = RunDirLock(self.out)
+        assert lock.acquire()
+        try:
+            yield
+        finally:
+            lock.release()
 
 
 def worst(tmp_path, records) -> float:
@@ -141,14 +153,10 @@ def test_only_fresh_attempts_in_listed_dirs_before_its_last_line_are_candidates(
 
 def test_a_crashed_procedures_candidate_recorded_after_its_last_line_is_a_run(tmp_path):
     p = Procedure(tmp_path, 8)
-    lock = RunDirLock(p.out)
-    assert lock.acquire()
-    try:
+    with p.running():
         p.candidates(3)
         # running: all three are its candidates
         assert worst(tmp_path, TRAIN) == pytest.approx(selected(rdp_of([seg()])), rel=1e-9)
-    finally:
-        lock.release()
     # the process died after its third candidate: the third was recorded after the line listing it
     curve = selection_rdp(rdp_of([seg()]), DIST)
     assert worst(tmp_path, TRAIN) == pytest.approx(rdp_to_epsilon(curve + rdp_of([seg()]), delta=DELTA)[0],
@@ -178,16 +186,12 @@ def test_a_procedure_about_to_start_is_checked_with_its_bound(tmp_path):
 
 def test_candidates_budget_checks_charge_the_procedure_not_the_runs(tmp_path):
     p = Procedure(tmp_path, 8)
-    lock = RunDirLock(p.out)
-    assert lock.acquire()
-    try:
+    with p.running():
         p.candidates(5)
         sel = worst(tmp_path, TRAIN)
         budget = (sel + composed(*[seg()] * 6)) / 2  # above the selection, below six runs' composition
         p.spec["candidates"].append("candidate-005")
         p.led.record(p.entry())
         run(tmp_path, "tune/candidate-005", TRAIN, steps=STEPS, dataset_budget=budget)  # passes as a candidate
-    finally:
-        lock.release()
     with pytest.raises(UserError, match="dataset_budget"):  # a run of its own: past the budget
         run(tmp_path, "tune/candidate-006", TRAIN, steps=STEPS, dataset_budget=budget)
